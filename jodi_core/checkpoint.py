@@ -1,0 +1,210 @@
+"""Reading checkpoint files and loading them strictly into modules.
+
+One place for the file formats (safetensors, torch pickles read with ``weights_only=True``), for recognising what a
+state dict holds (so a user who picks an SDXL file in the Jodi loader gets told so), and for strict, copy-free
+loading into modules built on the meta device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Training checkpoints wrap the weights; the official Jodi.pth is ``{'state_dict': ...}``.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, of another model, or with wrong keys."""
+
+
+def read_state_dict(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu") -> dict[str, torch.Tensor]:
+    """Read all tensors of a checkpoint file.
+
+    ``.safetensors`` is memory-mapped; ``.pth/.pt/.bin/.ckpt`` go through ``torch.load(weights_only=True, mmap=True)``
+    so no arbitrary code runs and a large file is not copied into memory before it is used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"Checkpoint file is empty (0 bytes): {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        sd = _read_safetensors(path, device)
+    elif suffix in PICKLE_SUFFIXES:
+        sd = _read_pickle(path, device)
+    else:
+        raise CheckpointError(
+            f"Unsupported checkpoint extension {suffix!r} for {path.name}; expected one of "
+            f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}."
+        )
+    if not sd:
+        raise CheckpointError(f"Checkpoint {path.name} holds no tensors.")
+    return sd
+
+
+def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"Checkpoint {path.name} is corrupt or truncated (safetensors: {e}).") from e
+
+
+def _read_pickle(path: Path, device) -> dict[str, torch.Tensor]:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"Checkpoint {path.name} is corrupt or truncated: it is not a torch zip archive "
+            "(legacy pickles are refused because they cannot be read safely)."
+        )
+    try:
+        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, zip errors) for bad files
+        raise CheckpointError(f"Checkpoint {path.name} could not be read safely ({type(e).__name__}: {e}).") from e
+    return unwrap_state_dict(obj, name=path.name)
+
+
+def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the tensor mapping inside a training checkpoint (``{'state_dict': ...}`` and friends)."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name} does not contain a state dict (found {type(obj).__name__}).")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{name} contains no tensors (top-level keys: {sorted(obj)[:8]}).")
+    # DataParallel / DDP prefixes
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is this checkpoint?
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Signature keys of model families people have in their ComfyUI folders, checked in order (most specific first).
+_FOREIGN_FAMILIES: tuple[tuple[str, Callable[[Mapping[str, torch.Tensor]], bool]], ...] = (
+    ("Flux", lambda sd: _has_any(sd, "double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
+    ("SD3", lambda sd: _has_any(sd, "joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight")),
+    ("SDXL", lambda sd: _has_any(sd, "conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight")),
+    ("Stable Diffusion 1.x/2.x", lambda sd: _has_any(sd, "model.diffusion_model.input_blocks.0.0.weight")),
+    ("Sana (single-domain, not Jodi)", lambda sd: "x_embedder.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd),
+    ("a ControlNet", lambda sd: _has_any(sd, "control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
+    ("an SD/SDXL VAE", lambda sd: _has_any(sd, "encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.conv_in.weight")),
+    ("a text encoder (Gemma/T5/CLIP)", lambda sd: _has_any(sd, "model.embed_tokens.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "text_model.embeddings.token_embedding.weight", "shared.weight")),
+    ("Janus", lambda sd: any(k.startswith(("language_model.", "gen_vision_model.", "model.vqmodel.")) for k in sd)),
+)  # fmt: skip
+
+
+def _has_any(sd: Mapping[str, torch.Tensor], *keys: str) -> bool:
+    return any(k in sd for k in keys)
+
+
+def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Name what a state dict holds: ``"jodi"``, ``"dcae"``, ``"dcae-diffusers"``, a foreign family, or None."""
+    if "role_embedder.weight" in sd and "x_embedders.0.proj.weight" in sd:
+        return "jodi"
+    if "encoder.project_in.conv.weight" in sd and "decoder.project_in.main.conv.weight" in sd:
+        return "dcae"
+    if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and any(".attn.to_q" in k for k in sd):
+        return "dcae-diffusers"
+    for family, matches in _FOREIGN_FAMILIES:
+        if matches(sd):
+            return family
+    return None
+
+
+def expect_checkpoint(sd: Mapping[str, torch.Tensor], expected: tuple[str, ...], *, name: str, what: str) -> str:
+    """Check that ``sd`` is one of the ``expected`` kinds; otherwise say what it looks like instead."""
+    kind = identify_checkpoint(sd)
+    if kind in expected:
+        return kind
+    if kind is not None:
+        raise CheckpointError(f"{name} looks like {kind} checkpoint, not {what}. Pick the {what} file instead.")
+    sample = ", ".join(sorted(sd)[:5])
+    raise CheckpointError(f"{name} is not {what}: its keys are not recognised (first keys: {sample}).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building and strict loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return factory()
+
+
+def load_state_dict_strict(
+    module: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    dtype: torch.dtype | None = None,
+    device: "str | torch.device | None" = None,
+) -> nn.Module:
+    """Load ``sd`` into ``module`` with every key and shape checked, then report all problems at once.
+
+    Tensors are assigned (``assign=True``), so a module built on the meta device takes the checkpoint's storage with
+    no intermediate copy. Floating tensors are cast to ``dtype`` when given; buffers that the module does not persist
+    are left as they are.
+    """
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"The checkpoint does not match the {what} model:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
+                lines.append(f"  {len(items)} {label}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+    converted = {}
+    for k, v in sd.items():
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        if device is not None:
+            v = v.to(device)
+        converted[k] = v
+    module.load_state_dict(converted, strict=True, assign=True)
+    # Non-persistent buffers (none today) would still sit on meta: materialise them so the module is usable.
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise CheckpointError(f"The {what} model has a buffer {name!r} that the checkpoint cannot provide.")
+    return module
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], *, name: str) -> None:
+    """Fail on NaN/inf weights (a sign of a broken conversion or a bad fp16 export)."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{name}: tensor {k!r} contains NaN or infinite values.")

@@ -1,0 +1,232 @@
+"""The 8 Jodi domains: one registry, their roles, post-processing and condition pre-processing.
+
+Domain order is the official one (``configs/inference.yaml: conditions``) and indexes dim 1 of every latent stack
+``(B, 8, 32, h, w)``. Post-processors take decoded images in [-1, 1] shaped ``(B, 3, H, W)`` and return [0, 1]
+images, exactly as the reference ``model/postprocess`` classes do.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_ASSETS = Path(__file__).parent / "assets"
+
+
+class Role(enum.IntEnum):
+    """What the model does with a domain in one forward pass."""
+
+    GENERATE = 0  # denoised from noise
+    CONDITION = 1  # the clean latent is given
+    IGNORE = 2  # absent: zero tokens whose keys drop out of attention
+
+    @classmethod
+    def parse(cls, value: "Role | int | str") -> "Role":
+        if isinstance(value, Role):
+            return value
+        if isinstance(value, str):
+            key = value.strip().upper()
+            if key in cls.__members__:
+                return cls[key]
+            raise ValueError(f"Unknown role {value!r}; expected one of generate, condition, ignore (or 0, 1, 2).")
+        if isinstance(value, bool) or int(value) != value or int(value) not in (0, 1, 2):
+            raise ValueError(f"Role {value!r} is outside {{0, 1, 2}} (0 = generate, 1 = condition, 2 = ignore).")
+        return cls(int(value))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Post-processing (decoded [-1, 1] -> displayable [0, 1]); each matches the reference post-processor of its domain.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_range(x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"Post-processing expects (B, 3, H, W) images, got shape {tuple(x.shape)}.")
+    if torch.isnan(x).any():
+        raise ValueError("Post-processing got NaN values; the decoded images are invalid.")
+    if x.min() < -1 or x.max() > 1:
+        raise ValueError(
+            f"Post-processing expects values in [-1, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]; "
+            "clamp decoded images first."
+        )
+
+
+def postprocess_rgb(x: torch.Tensor) -> torch.Tensor:
+    """image, albedo, openpose: ``(x + 1) / 2``."""
+    _check_range(x)
+    return (x + 1) / 2
+
+
+def postprocess_gray(x: torch.Tensor) -> torch.Tensor:
+    """lineart, edge: channel mean, to [0, 1], repeated to 3 channels."""
+    _check_range(x)
+    return ((x.mean(dim=1, keepdim=True) + 1) / 2).repeat(1, 3, 1, 1)
+
+
+def postprocess_depth(x: torch.Tensor) -> torch.Tensor:
+    """depth: channel mean, min-max normalised per sample, repeated to 3 channels.
+
+    The reference divides by ``max - min`` and returns NaN for a constant map; we return mid-grey (0.5) there instead,
+    which is what its intent (a normalised map) gives in the limit of a vanishing range.
+    """
+    _check_range(x)
+    m = x.mean(dim=1, keepdim=True)
+    lo = m.amin(dim=(1, 2, 3), keepdim=True)
+    hi = m.amax(dim=(1, 2, 3), keepdim=True)
+    span = hi - lo
+    out = torch.where(span > 0, (m - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.full_like(m, 0.5))
+    return out.repeat(1, 3, 1, 1)
+
+
+def postprocess_normal(x: torch.Tensor) -> torch.Tensor:
+    """normal: unit vectors over channels (eps 1e-12, so zero vectors give 0.5), then to [0, 1]."""
+    _check_range(x)
+    return (F.normalize(x, p=2, dim=1) + 1) / 2
+
+
+@functools.lru_cache(maxsize=None)
+def _palettes() -> dict:
+    with open(_ASSETS / "palettes.json") as f:
+        return json.load(f)
+
+
+def seg_palette(scheme: str = "colors12") -> torch.Tensor:
+    """Palette as float32 RGB in 0..255: ``colors12`` (12 Jodi classes) or ``colors150`` (black + 150 ADE20K)."""
+    p = _palettes()
+    if scheme == "colors12":
+        return torch.tensor(p["colors12"], dtype=torch.float32)
+    if scheme == "colors150":
+        return torch.tensor([[0, 0, 0]] + p["colors150"], dtype=torch.float32)
+    raise ValueError(f"Unknown segmentation palette {scheme!r}; expected 'colors12' or 'colors150'.")
+
+
+SEG12_CLASSES = (
+    "unlabeled", "person", "animal", "plant", "water", "mountain",
+    "sky", "building", "vehicle", "wall", "road", "furniture",
+)  # fmt: skip
+
+
+def ade150_to_seg12() -> torch.Tensor:
+    """Index map (151,) from ADE20K classes (0 = unlabelled) to the 12 Jodi classes."""
+    return torch.tensor(_palettes()["map150to12"], dtype=torch.long)
+
+
+def seg_to_index(x: torch.Tensor, scheme: str = "colors12") -> torch.Tensor:
+    """Nearest palette colour by squared RGB distance on ``(x + 1) / 2 * 255``; ties take the first index.
+
+    Returns the class-index map ``(B, H, W)`` int64.
+    """
+    _check_range(x)
+    palette = seg_palette(scheme).to(x.device)
+    rgb = ((x.float() + 1) / 2 * 255).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    dist = ((rgb[..., None, :] - palette) ** 2).sum(-1)  # (B, H, W, P)
+    return dist.argmin(dim=-1)
+
+
+def index_to_seg(index: torch.Tensor, scheme: str = "colors12") -> torch.Tensor:
+    """Class-index map ``(B, H, W)`` to a palette image ``(B, 3, H, W)`` in [0, 1]."""
+    palette = seg_palette(scheme).to(index.device) / 255
+    return palette[index].permute(0, 3, 1, 2)
+
+
+def postprocess_seg(x: torch.Tensor, scheme: str = "colors12") -> torch.Tensor:
+    """segmentation: snapped to the palette; the class map is :func:`seg_to_index`."""
+    return index_to_seg(seg_to_index(x, scheme), scheme)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    index: int
+    dataset_folder: str  # Joint-1.6M layout: ``annotation_<dataset_folder>/`` (``image/`` for the image)
+    postprocess: Callable[[torch.Tensor], torch.Tensor]
+    description: str
+
+    @property
+    def metadata_key(self) -> str:
+        return "image" if self.index == 0 else f"annotation_{self.dataset_folder}"
+
+
+DOMAINS: tuple[Domain, ...] = (
+    Domain("image", 0, "image", postprocess_rgb, "the RGB image"),
+    Domain("lineart", 1, "lineart", postprocess_gray, "line drawing, white lines on black"),
+    Domain("edge", 2, "edge", postprocess_gray, "edge map, white edges on black"),
+    Domain("depth", 3, "depth", postprocess_depth, "relative depth, near is bright"),
+    Domain("normal", 4, "normal", postprocess_normal, "surface normals as RGB"),
+    Domain("albedo", 5, "albedo", postprocess_rgb, "shading-free base colour"),
+    Domain("segmentation", 6, "seg_12colors", postprocess_seg, "12-class semantic map in the Jodi palette"),
+    Domain("openpose", 7, "openpose", postprocess_rgb, "OpenPose skeletons on black"),
+)
+NUM_DOMAINS = len(DOMAINS)
+DOMAIN_NAMES: tuple[str, ...] = tuple(d.name for d in DOMAINS)
+LABEL_NAMES: tuple[str, ...] = DOMAIN_NAMES[1:]
+_ALIASES = {"seg": "segmentation", "seg_12colors": "segmentation", "pose": "openpose", "rgb": "image"}
+
+
+def get_domain(key: "str | int") -> Domain:
+    """Look a domain up by name, alias (``seg``, ``seg_12colors``, ``pose``) or index."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if 0 <= key < NUM_DOMAINS:
+            return DOMAINS[key]
+        raise ValueError(f"Domain index {key} is outside 0..{NUM_DOMAINS - 1}.")
+    name = _ALIASES.get(str(key).strip().lower(), str(key).strip().lower())
+    for d in DOMAINS:
+        if d.name == name:
+            return d
+    raise ValueError(f"Unknown domain {key!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
+
+
+def parse_roles(roles: "Sequence | torch.Tensor", batch: int | None = None) -> torch.Tensor:
+    """Validate roles and return them as a ``(B, 8)`` int64 tensor.
+
+    Accepts one row of 8 roles (names, ints or :class:`Role`) or a ``(B, 8)`` table, or a mapping-free tensor.
+    A single row is repeated to ``batch`` rows when ``batch`` is given.
+    """
+    if isinstance(roles, torch.Tensor):
+        table = roles.detach().to("cpu")
+        if table.dim() == 1:
+            table = table[None]
+        if table.dim() != 2 or table.shape[1] != NUM_DOMAINS:
+            raise ValueError(f"Roles must have {NUM_DOMAINS} entries per sample, got shape {tuple(roles.shape)}.")
+        if table.is_floating_point() and not torch.equal(table, table.round()):
+            raise ValueError(f"Roles must be integers in {{0, 1, 2}}, got {table.tolist()}.")
+        table = table.long()
+        bad = ~((table >= 0) & (table <= 2))
+        if bad.any():
+            raise ValueError(f"Role value {table[bad][0].item()} is outside {{0, 1, 2}} (0 generate, 1 condition, 2 ignore).")
+    else:
+        rows = list(roles)
+        if rows and not isinstance(rows[0], (list, tuple, torch.Tensor)):
+            rows = [rows]
+        for row in rows:
+            if len(row) != NUM_DOMAINS:
+                raise ValueError(
+                    f"Expected {NUM_DOMAINS} roles (one per domain: {', '.join(DOMAIN_NAMES)}), got {len(row)}."
+                )
+        table = torch.tensor([[int(Role.parse(r)) for r in row] for row in rows], dtype=torch.long)
+    if batch is not None and table.shape[0] != batch:
+        if table.shape[0] != 1:
+            raise ValueError(f"Got {table.shape[0]} rows of roles for a batch of {batch}.")
+        table = table.repeat(batch, 1)
+    if (table == Role.IGNORE).all(dim=1).any():
+        raise ValueError("Every domain is ignored; at least one domain must be generated or given as a condition.")
+    if not (table == Role.GENERATE).any(dim=1).all():
+        raise ValueError("No domain is set to generate; at least one domain per sample must have the role 'generate'.")
+    return table
+
+
+def postprocess(domain: "str | int", x: torch.Tensor) -> torch.Tensor:
+    """Post-process decoded images of one domain (clamped to [-1, 1] first)."""
+    return get_domain(domain).postprocess(x.float().clamp(-1, 1))

@@ -1,0 +1,36 @@
+"""Shared test configuration: where the golden fixtures and the real example data live."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("JODI_SHARED", REPO_ROOT.parent / "shared"))
+FIXTURES_DIR = Path(os.environ.get("JODI_FIXTURES", SHARED_DIR / "fixtures" / "jodi"))
+TEST_IMAGES_DIR = SHARED_DIR / "data" / "jodi_test_images"
+EXAMPLE_DATA_DIR = SHARED_DIR / "data" / "jodi_example_data"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES_DIR.is_dir():
+        pytest.fail(f"Golden fixtures not found at {FIXTURES_DIR}; set JODI_FIXTURES.")
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def test_images_dir() -> Path:
+    return TEST_IMAGES_DIR
+
+
+@pytest.fixture(scope="session")
+def example_data_dir() -> Path:
+    return EXAMPLE_DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
