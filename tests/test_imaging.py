@@ -1,0 +1,56 @@
+"""Aspect buckets and condition resizing."""
+
+import pytest
+import torch
+
+from jodi_core.imaging import (
+    ASPECT_BUCKETS,
+    aspect_preset_size,
+    center_crop,
+    check_size,
+    resize_and_crop,
+    snap_to_bucket,
+)
+
+
+def test_fifteen_official_buckets_are_multiples_of_32_near_one_megapixel():
+    assert len(ASPECT_BUCKETS) == 15
+    for ratio, (h, w) in ASPECT_BUCKETS.items():
+        assert h % 32 == 0 and w % 32 == 0
+        assert abs(h / w - ratio) < 0.02
+        assert 0.85e6 < h * w < 1.1e6
+
+
+@pytest.mark.parametrize(
+    "hw,expected",
+    [((1024, 1024), (1024, 1024)), ((1280, 1024), (1088, 896)), ((1024, 1280), (896, 1088)), ((720, 1280), (704, 1408)), ((100, 1000), (512, 2048))],
+)
+def test_snap_matches_reference_binning(hw, expected):
+    assert snap_to_bucket(*hw) == expected
+
+
+def test_snap_scales_to_other_base_sizes():
+    h, w = snap_to_bucket(1280, 1024, base_size=512)
+    assert (h, w) == (544, 448) and h % 32 == 0 and w % 32 == 0
+    assert aspect_preset_size("16:9") == (704, 1408)
+    with pytest.raises(ValueError, match="Unknown aspect preset"):
+        aspect_preset_size("7:3")
+
+
+def test_check_size_names_the_problem():
+    check_size(64, 96)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        check_size(100, 64)
+    with pytest.raises(ValueError, match="positive"):
+        check_size(0, 64)
+
+
+def test_resize_and_crop_covers_then_crops_centre():
+    img = torch.arange(4 * 8, dtype=torch.float32).reshape(1, 1, 4, 8).expand(1, 3, 4, 8)
+    out = resize_and_crop(img, 4, 4)  # same height, crop the middle columns
+    assert out.shape == (1, 3, 4, 4)
+    torch.testing.assert_close(out, img[..., 2:6])
+    tall = torch.rand(2, 3, 90, 40)
+    assert resize_and_crop(tall, 64, 64).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="Cannot crop"):
+        center_crop(tall, 100, 10)
