@@ -1,0 +1,108 @@
+"""Domain registry, roles and post-processing against the official post-processors (postprocess fixture)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jodi_core.domains import (
+    DOMAIN_NAMES,
+    DOMAINS,
+    Role,
+    ade150_to_seg12,
+    get_domain,
+    index_to_seg,
+    parse_roles,
+    postprocess_depth,
+    seg_palette,
+    seg_to_index,
+)
+
+# Flattened positions of the deliberate near-tie pixels in struct sample 1 (fixture README §4).
+TIE_PIXELS = slice(163, 563)
+
+
+@pytest.fixture(scope="module")
+def post(fixtures_dir):
+    meta = json.loads((fixtures_dir / "postprocess.json").read_text())
+    return meta, load_file(fixtures_dir / "postprocess.safetensors")
+
+
+def test_official_domain_order():
+    assert DOMAIN_NAMES == ("image", "lineart", "edge", "depth", "normal", "albedo", "segmentation", "openpose")
+    assert [d.index for d in DOMAINS] == list(range(8))
+    assert get_domain("segmentation").metadata_key == "annotation_seg_12colors"
+    assert get_domain("seg").name == "segmentation" and get_domain(3).name == "depth"
+
+
+@pytest.mark.parametrize("prefix", ["rand", "struct"])
+@pytest.mark.parametrize("domain", ["image", "lineart", "edge", "depth", "normal", "albedo", "openpose"])
+def test_postprocess_matches_official(post, prefix, domain):
+    _, t = post
+    out = get_domain(domain).postprocess(t[f"{prefix}.input"])
+    torch.testing.assert_close(out, t[f"{prefix}.{domain}"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prefix", ["rand", "struct"])
+@pytest.mark.parametrize("scheme,key", [("colors12", "seg12"), ("colors150", "seg150")])
+def test_segmentation_matches_official(post, prefix, scheme, key):
+    _, t = post
+    x = t[f"{prefix}.input"]
+    index = seg_to_index(x, scheme)
+    # The same distance formula as the reference, so even the deliberate ties must agree.
+    assert torch.equal(index, t[f"{prefix}.{key}.index"])
+    torch.testing.assert_close(index_to_seg(index, scheme), t[f"{prefix}.{key}"], atol=1e-6, rtol=0)
+
+
+def test_palettes_match_fixture(post):
+    _, t = post
+    assert torch.equal(seg_palette("colors12"), t["palette.colors12"])
+    assert torch.equal(seg_palette("colors150"), t["palette.colors150_with_black"])
+    assert torch.equal(ade150_to_seg12(), t["palette.map150to12"])
+
+
+def test_constant_depth_is_mid_grey_not_nan():
+    # The reference divides by (max - min) and returns NaN for a constant map; we return 0.5 (documented deviation).
+    x = torch.full((1, 3, 4, 4), 0.3)
+    out = postprocess_depth(x)
+    assert not torch.isnan(out).any()
+    assert torch.all(out == 0.5)
+
+
+def test_postprocess_rejects_out_of_range_and_nan():
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        get_domain("image").postprocess(torch.full((1, 3, 2, 2), 1.5))
+    with pytest.raises(ValueError, match="NaN"):
+        get_domain("depth").postprocess(torch.full((1, 3, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        get_domain("normal").postprocess(torch.zeros(3, 2, 2))
+
+
+def test_parse_roles_accepts_names_ints_and_tables():
+    assert parse_roles(["generate"] * 8).tolist() == [[0] * 8]
+    assert parse_roles([1, 0, 0, 2, 0, 0, 0, 0], batch=2).shape == (2, 8)
+    assert parse_roles(torch.tensor([[Role.CONDITION] + [Role.GENERATE] * 7])).tolist() == [[1] + [0] * 7]
+
+
+@pytest.mark.parametrize(
+    "roles,match",
+    [
+        ([0] * 7, "Expected 8 roles"),
+        ([0] * 9, "Expected 8 roles"),
+        ([3] + [0] * 7, r"outside \{0, 1, 2\}"),
+        (["maybe"] + [0] * 7, "Unknown role"),
+        ([2] * 8, "Every domain is ignored"),
+        ([1] + [2] * 7, "No domain is set to generate"),
+        (torch.tensor([[0, 0, 0, 0, 0, 0, 0, -1]]), r"outside \{0, 1, 2\}"),
+        (torch.zeros(2, 7, dtype=torch.long), "8 entries"),
+    ],
+)
+def test_parse_roles_errors(roles, match):
+    with pytest.raises(ValueError, match=match):
+        parse_roles(roles)
+
+
+def test_parse_roles_batch_mismatch():
+    with pytest.raises(ValueError, match="rows of roles for a batch of 3"):
+        parse_roles(torch.zeros(2, 8, dtype=torch.long), batch=3)
