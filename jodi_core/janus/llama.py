@@ -168,6 +168,8 @@ class LlamaModel(nn.Module):
         """
         b, t, _ = inputs_embeds.shape
         start = cache.length if cache is not None else 0
+        if cache is not None and start + t > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start + t} positions in a cache of {cache.max_len}.")
         attn_mask, is_causal = self._attention_mask(b, t, start, cache, attention_mask, inputs_embeds.device)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds

@@ -183,7 +183,7 @@ class JanusProcessor:
         return text.strip()
 
     def understanding_prompt(self, question: str, num_images: int) -> str:
-        content = f"{IMAGE}\n" * num_images + question
+        content = f"{IMAGE}\n" * num_images + question.strip()
         user, assistant = self.roles
         return self.format_conversation([(user, content), (assistant, "")], self.system_prompt)
 
