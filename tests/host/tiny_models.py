@@ -27,8 +27,9 @@ TINY_PROMPTS = (
 
 # Sizes of the tiny Gemma-2. head_dim and the query scale must agree between HF (query_pre_attn_scalar) and
 # ComfyUI (which scales by head_dim**-0.5, as the real model does with 256 == head_dim).
+# At least 3 layers: ComfyUI asserts its default layer index -2 is inside the model.
 TINY_GEMMA = dict(
-    hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
     head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
 )
 TINY_VOCAB = 384
@@ -129,3 +130,19 @@ def reference_caption(tokenizer, encoder, prompt: str, chi: bool = True, max_len
     hidden = encoder(tok.input_ids, tok.attention_mask)[0]
     index = [0] + list(range(-max_length + 1, 0))
     return hidden[:, index].float(), tok.attention_mask[:, index], tok.input_ids
+
+
+def round_like_comfy_bf16_(encoder: torch.nn.Module) -> None:
+    """Make an fp32 HF Gemma-2 compute what ComfyUI computes from a bf16 file.
+
+    ComfyUI computes in float32 from bf16 weights, with one exception: its Gemma RMSNorm forms ``1 + w`` in the
+    weight dtype, so the norm scales are rounded to bf16. HF forms ``1 + w`` in float32. Rounding the weights,
+    then storing ``bf16(1 + w) - 1`` as the norm weights, reproduces ComfyUI's numbers exactly in HF.
+    """
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            w = p.to(torch.bfloat16)
+            if "norm" in name:
+                p.copy_((1.0 + w).to(torch.bfloat16).float() - 1.0)
+            else:
+                p.copy_(w.float())

@@ -1,0 +1,115 @@
+"""Fixtures for the host tests: ONE real ComfyUI 0.3.75 server per test session, with this pack installed.
+
+The server runs from a cached copy of ComfyUI (see comfy_server.py), with ``--cpu``, an in-memory database and a
+temporary base directory. Its model folders point (through an extra_model_paths.yaml) at a temporary directory
+holding tiny random-weight models in the official file formats:
+
+- ``diffusion_models/jodi-tiny.safetensors`` and ``jodi/jodi-tiny.pth``: a tiny Jodi DiT (official keys);
+- ``vae/dcae-tiny.safetensors``: a tiny DC-AE (official mit-han-lab keys);
+- ``text_encoders/gemma-2-2b-it-tiny.safetensors``: a tiny Gemma-2 made by ``convert_gemma`` from a Hugging Face
+  folder (its captions are 48 wide, the tiny DiT's caption width).
+
+A test-only probe pack (tests/host/probe_pack) adds an output node that dumps tensors, and shrinks ComfyUI's fixed
+Gemma-2-2B config to the tiny one so the real CLIPLoader can load the tiny file.
+
+The fixture skips only when ComfyUI cannot be obtained at all; missing Python dependencies are an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from .comfy_server import ComfyServer, ComfyUnavailable, ensure_comfyui, missing_startup_modules, \
+    write_extra_model_paths
+from .tiny_models import comfy_gemma_overrides, write_tiny_gemma_folder
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+PROBE_NODE = "JodiTestSaveTensors"
+
+
+@dataclass
+class HostModels:
+    root: Path  # the models folder the server sees
+    gemma_hf: Path  # Hugging Face folder the Gemma file was converted from (for HF references)
+    gemma_file: str = "gemma-2-2b-it-tiny.safetensors"
+    jodi_file: str = "jodi-tiny.safetensors"
+    jodi_pth_file: str = "jodi-tiny.pth"
+    vae_file: str = "dcae-tiny.safetensors"
+
+
+def _fixture_dir() -> Path:
+    shared = Path(os.environ.get("JODI_SHARED", REPO_ROOT.parent / "shared"))
+    return Path(os.environ.get("JODI_FIXTURES", shared / "fixtures" / "jodi"))
+
+
+def _write_jodi_models(models: Path) -> tuple[Path, Path]:
+    """Tiny DiT and DC-AE in the official formats (the golden-fixture weights, which use the official keys)."""
+    from safetensors.torch import load_file, save_file
+
+    fixtures = _fixture_dir()
+    dit_src, vae_src = fixtures / "dit_tiny_weights.safetensors", fixtures / "dcae_tiny_weights.safetensors"
+    if not dit_src.is_file() or not vae_src.is_file():
+        pytest.fail(f"tiny model weights not found in {fixtures}; set JODI_FIXTURES")
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    (models / "jodi").mkdir(parents=True, exist_ok=True)
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    dit = models / "diffusion_models" / HostModels.jodi_file
+    shutil.copyfile(dit_src, dit)
+    # The official release is a pickled {'state_dict': ...}; keep one in that form too.
+    torch.save({"state_dict": load_file(dit_src)}, models / "jodi" / HostModels.jodi_pth_file)
+    vae = models / "vae" / HostModels.vae_file
+    save_file(load_file(vae_src), vae)
+    return dit, vae
+
+
+@pytest.fixture(scope="session")
+def host_models(tmp_path_factory) -> HostModels:
+    from jodi_core.gemma import convert_gemma
+
+    root = tmp_path_factory.mktemp("host_models")
+    models = root / "models"
+    _write_jodi_models(models)
+    gemma_hf = write_tiny_gemma_folder(root / "hf" / "gemma-2-2b-it-tiny")
+    convert_gemma(gemma_hf, models / "text_encoders" / HostModels.gemma_file)
+    return HostModels(root=models, gemma_hf=gemma_hf)
+
+
+@pytest.fixture(scope="session")
+def comfy_dir() -> Path:
+    try:
+        return ensure_comfyui()
+    except ComfyUnavailable as e:
+        pytest.skip(f"ComfyUI {e}")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_dir, host_models, tmp_path_factory) -> ComfyServer:
+    missing = missing_startup_modules()
+    if missing:
+        pytest.fail("the test environment lacks modules ComfyUI needs at start-up: " + ", ".join(missing))
+    base = tmp_path_factory.mktemp("comfy_base")
+    write_extra_model_paths(base / "extra_model_paths.yaml", host_models.root, {
+        "diffusion_models": "diffusion_models", "jodi": "jodi", "vae": "vae", "text_encoders": "text_encoders"})
+    server = ComfyServer(
+        comfy_dir=comfy_dir, base_dir=base, models_dir=host_models.root,
+        extra_custom_nodes={"jodi_host_probe": HERE / "probe_pack"},
+        env={"JODI_TEST_GEMMA_CONFIG": json.dumps(comfy_gemma_overrides()), "OMP_NUM_THREADS": "2"},
+    )
+    server.start(ready_node=PROBE_NODE)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def probe_dir(comfy) -> Path:
+    return comfy.output_dir / "jodi_probe"
