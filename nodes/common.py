@@ -1,0 +1,269 @@
+"""Glue shared by the Jodi nodes: socket types, model files, ComfyUI memory management, progress and previews.
+
+Only ComfyUI plumbing lives here; everything model-related is in jodi_core. Heavy jodi_core modules (model code,
+Triton kernels) are imported inside functions, so importing the pack stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+from comfy_api.latest import io
+
+from ..jodi_core import nodekit
+from ..jodi_core.domains import DOMAIN_NAMES, DOMAINS
+
+log = logging.getLogger(__name__)
+
+# Socket types. JODI_VAE is the DC-AE: core's VAE type would let users plug an SD VAE into Jodi, or the DC-AE into
+# core VAEDecode; neither works, so the type keeps those links from being drawn.
+JodiModel = io.Custom("JODI_MODEL")
+JodiVAE = io.Custom("JODI_VAE")
+JodiRolesType = io.Custom("JODI_ROLES")
+JodiLatentType = io.Custom("JODI_LATENT")
+
+JODI_FOLDERS = ("jodi", "diffusion_models")  # where Jodi DiT checkpoints are listed from, in lookup order
+VAE_FOLDER = "vae"
+
+DOMAIN_TOOLTIPS = {d.name: d.description for d in DOMAINS}
+
+
+def _folder_paths():
+    import folder_paths  # ComfyUI's; imported late so this module imports under a test stub too
+
+    return folder_paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _list_folder(name: str) -> list[str]:
+    try:
+        return list(_folder_paths().get_filename_list(name))
+    except KeyError:  # folder name not registered (the pack's __init__ registers 'jodi')
+        return []
+
+
+def dit_choices() -> list[str]:
+    names: list[str] = []
+    for folder in JODI_FOLDERS:
+        names += [n for n in _list_folder(folder) if n not in names]
+    return [nodekit.DEMO_MODEL_CHOICE, *sorted(names)]
+
+
+def vae_choices() -> list[str]:
+    return [nodekit.DEMO_MODEL_CHOICE, *sorted(_list_folder(VAE_FOLDER))]
+
+
+def demo_paths() -> tuple[str, str]:
+    """(dit, vae) files of the built-in demo model, or a clear error while it is not installed."""
+    try:
+        from ..jodi_core import demo
+    except ImportError as e:
+        raise FileNotFoundError(
+            "The built-in Jodi demo model is not part of this installation yet (jodi_core.demo is missing). Pick a "
+            "Jodi checkpoint from models/diffusion_models or models/jodi instead."
+        ) from e
+    finder = getattr(demo, "demo_model_paths", None)
+    if finder is not None:
+        dit, vae = finder()
+    else:
+        dit, vae = getattr(demo, "DEMO_MODEL_PATHS")
+    return str(dit), str(vae)
+
+
+def resolve_dit_path(name: str) -> str:
+    if name == nodekit.DEMO_MODEL_CHOICE:
+        return demo_paths()[0]
+    for folder in JODI_FOLDERS:
+        path = _folder_paths().get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(
+        f"Jodi checkpoint {name!r} was not found in models/jodi or models/diffusion_models (or the folders that "
+        "extra_model_paths.yaml adds); refresh the node list or check the file name."
+    )
+
+
+def resolve_vae_path(name: str) -> str:
+    if name == nodekit.DEMO_MODEL_CHOICE:
+        return demo_paths()[1]
+    path = _folder_paths().get_full_path(VAE_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"DC-AE file {name!r} was not found in models/vae; refresh the node list.")
+    return path
+
+
+def file_fingerprint(path_resolver, name: str):
+    """Changes when the file behind a combo entry changes, so a replaced checkpoint is reloaded."""
+    try:
+        path = path_resolver(name)
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return name  # validation/execution reports the problem
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory management: jodi_core modules wrapped in ComfyUI ModelPatchers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pick_dtype(choice: str, auto_dtype: torch.dtype) -> torch.dtype:
+    dtype = nodekit.torch_dtype(choice)
+    if dtype is None:
+        dtype = auto_dtype
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        # fp8/fp64 flags of ComfyUI are for its own models; jodi_core computes in the weight dtype.
+        log.warning("Jodi: dtype %s from ComfyUI's flags is not supported; using float32.", dtype)
+        dtype = torch.float32
+    return dtype
+
+
+def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from ..jodi_core.loading import load_jodi
+
+    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+    path = resolve_dit_path(ckpt_name)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    # fp16 is only used when asked for: Sana-style DiTs were trained in bf16 and can overflow in fp16.
+    dtype = _pick_dtype(dtype_choice, mm.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32]))
+    model = load_jodi(path, dtype=dtype, device=offload_device, attention_backend=attention)
+    model.eval()
+    log.info("Jodi: loaded %s (%s) for %s", os.path.basename(path), dtype, load_device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_vae_patcher(vae_name: str, dtype_choice: str):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from ..jodi_core.loading import load_dcae
+
+    path = resolve_vae_path(vae_name)
+    load_device = mm.vae_device()
+    offload_device = mm.vae_offload_device()
+    dtype = _pick_dtype(dtype_choice, mm.vae_dtype(load_device, [torch.bfloat16]))
+    vae = load_dcae(path, dtype=dtype, device=offload_device)
+    vae.eval()
+    log.info("Jodi: loaded DC-AE %s (%s) for %s", os.path.basename(path), dtype, load_device)
+    return comfy.model_patcher.ModelPatcher(vae, load_device=load_device, offload_device=offload_device)
+
+
+def check_patcher(value, what: str, expected: str):
+    if value is None or not hasattr(value, "model") or not hasattr(value, "load_device"):
+        raise TypeError(f"{what} must come from {expected}, got {type(value).__name__}.")
+    return value
+
+
+def activation_bytes(model: torch.nn.Module, batch: int, domains: int, h: int, w: int, cfg: bool) -> int:
+    """Rough working-memory estimate for one DiT step, so ComfyUI frees enough room before loading."""
+    cfg_obj = getattr(model, "config", None)
+    hidden = int(getattr(cfg_obj, "hidden_size", 2240))
+    tokens = domains * h * w + 300
+    rows = batch * (2 if cfg else 1)
+    return int(rows * tokens * hidden * 4 * 12)  # float32 activations, ~12 live (B, N, D) tensors in a block
+
+
+def load_for_run(model_patcher, vae_patcher, memory_required: int = 0) -> None:
+    import comfy.model_management as mm
+
+    patchers = [p for p in (model_patcher, vae_patcher) if p is not None]
+    mm.load_models_gpu(patchers, memory_required=memory_required)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress, previews, interrupt
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def previews_enabled() -> bool:
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return False
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def preview_size() -> int:
+    try:
+        from comfy.cli_args import args
+
+        return int(args.preview_size)
+    except (ImportError, AttributeError):
+        return 512
+
+
+def to_pil(image_bchw: torch.Tensor):
+    """First image of a (B, 3, H, W) [0, 1] batch as a PIL image."""
+    from PIL import Image
+
+    arr = (image_bchw[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+class StepReporter:
+    """The sampler callback: interrupt check, progress bar, and (if ComfyUI previews are on) a decoded preview of one
+    generated domain, throttled so previews cost little next to the DiT steps."""
+
+    def __init__(self, total: int, pipe, roles_row: torch.Tensor, min_interval_s: float = 1.0):
+        import comfy.utils
+
+        self.pbar = comfy.utils.ProgressBar(total)
+        self.pipe = pipe
+        self.total = total
+        self.min_interval_s = min_interval_s
+        self.last_preview = 0.0
+        self.preview_domain: Optional[int] = None
+        if previews_enabled():
+            generated = [i for i in range(len(DOMAIN_NAMES)) if int(roles_row[i]) == 0]
+            self.preview_domain = generated[0] if generated else None  # the image when it is generated
+
+    def __call__(self, step: int, x0: torch.Tensor, x_t: torch.Tensor, total: int) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        preview = None
+        now = time.monotonic()
+        last = step + 1 >= total
+        if self.preview_domain is not None and (last or now - self.last_preview >= self.min_interval_s):
+            preview = self._preview(x0)
+            self.last_preview = time.monotonic()
+        self.pbar.update_absolute(step + 1, total, preview)
+
+    def _preview(self, x0: torch.Tensor):
+        try:
+            with torch.no_grad():
+                images, _ = self.pipe.decode_latents(
+                    x0[:1].float(), torch.zeros(1, len(DOMAIN_NAMES), dtype=torch.long),
+                    x0.shape[-2] * self.pipe.compression, x0.shape[-1] * self.pipe.compression,
+                    domains=[self.preview_domain],
+                )
+            image = next(iter(images.values()))
+            return ("JPEG", to_pil(image), preview_size())
+        except Exception as e:  # a preview must never break sampling
+            log.warning("Jodi: preview failed (%s); previews are off for this run.", e)
+            self.preview_domain = None
+            return None
+
+
+def interrupt_check() -> None:
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+
+
+def intermediate_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.intermediate_device()

@@ -1,0 +1,109 @@
+"""Loader nodes: the Jodi DiT and the DC-AE, each wrapped in a ComfyUI ModelPatcher (loaded on use, offloaded when
+ComfyUI needs the room, unloaded by 'Free model and node cache')."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..jodi_core import nodekit
+from . import common
+
+_DTYPE_TIP = (
+    "Weight and compute precision. auto: what ComfyUI picks for this device (bf16 on recent GPUs, fp32 on CPU and "
+    "with --cpu). fp16 may overflow with Jodi; use it only on GPUs without bf16."
+)
+
+
+class JodiModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JodiModelLoader",
+            display_name="Load Jodi Model",
+            category="Jodi/loaders",
+            description=(
+                "Loads a Jodi diffusion transformer (the official Jodi.pth or a .safetensors conversion; the "
+                "configuration is read from the weights) from models/diffusion_models or models/jodi. "
+                f"'{nodekit.DEMO_MODEL_CHOICE}' is a tiny model shipped with the pack that runs on CPU."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "ckpt_name", options=common.dit_choices(), default=nodekit.DEMO_MODEL_CHOICE,
+                    tooltip="Jodi checkpoint file from models/diffusion_models or models/jodi (extra_model_paths.yaml "
+                            "folders included), or the built-in demo model."),
+                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input(
+                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
+                    tooltip="Linear-attention kernels. auto: fused Triton kernels on CUDA when Triton works, else "
+                            "plain PyTorch. torch: always PyTorch (any device). triton: ask for the Triton kernels "
+                            "(falls back to PyTorch with a warning where they cannot run)."),
+            ],
+            outputs=[common.JodiModel.Output(
+                display_name="jodi_model", tooltip="The Jodi DiT, managed by ComfyUI (moved to the GPU when used).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name=None, dtype=None, attention=None):
+        try:
+            if ckpt_name is not None:
+                nodekit.check_choice("ckpt_name", ckpt_name, common.dit_choices())
+            if dtype is not None:
+                nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+            if attention is not None:
+                nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name, dtype="auto", attention="auto"):
+        return (common.file_fingerprint(common.resolve_dit_path, ckpt_name), dtype, attention)
+
+    @classmethod
+    def execute(cls, ckpt_name, dtype="auto", attention="auto") -> io.NodeOutput:
+        return io.NodeOutput(common.load_dit_patcher(ckpt_name, dtype, attention))
+
+
+class JodiVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JodiVAELoader",
+            display_name="Load Jodi DC-AE",
+            category="Jodi/loaders",
+            description=(
+                "Loads the DC-AE f32c32 autoencoder Jodi works in (mit-han-lab dc-ae-f32c32-sana-1.0 in its original "
+                "or diffusers format) from models/vae. It encodes condition maps and decodes all 8 domains."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "vae_name", options=common.vae_choices(), default=nodekit.DEMO_MODEL_CHOICE,
+                    tooltip="DC-AE file from models/vae (e.g. dc-ae-f32c32-sana-1.0.safetensors), or the built-in "
+                            "demo autoencoder that matches the demo model."),
+                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+            ],
+            outputs=[common.JodiVAE.Output(
+                display_name="jodi_vae", tooltip="The DC-AE, managed by ComfyUI. Not a core VAE: use Jodi Decode.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae_name=None, dtype=None):
+        try:
+            if vae_name is not None:
+                nodekit.check_choice("vae_name", vae_name, common.vae_choices())
+            if dtype is not None:
+                nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, dtype="auto"):
+        return (common.file_fingerprint(common.resolve_vae_path, vae_name), dtype)
+
+    @classmethod
+    def execute(cls, vae_name, dtype="auto") -> io.NodeOutput:
+        return io.NodeOutput(common.load_vae_patcher(vae_name, dtype))
+
+
+NODES = [JodiModelLoader, JodiVAELoader]

@@ -1,0 +1,162 @@
+"""One Jodi run from node inputs: checks, captions, memory management, the jodi_core pipeline, decoding.
+
+Shared by Jodi Sampler, Jodi Decode and the one-node shortcuts so that they behave identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..jodi_core import nodekit
+from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES
+from . import common
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+MAX_CFG = 100.0
+MAX_BATCH = 64
+
+
+@dataclass
+class RunSettings:
+    aspect: str = nodekit.ASPECT_AUTO
+    width: int = 1024
+    height: int = 1024
+    steps: int = 20
+    cfg: float = 4.5
+    seed: int = 0
+    sampler: str = "dpm++2m-flow"
+    flow_shift: float = 3.0
+    batch_size: int = 1
+
+    def check(self) -> "RunSettings":
+        nodekit.check_choice("aspect", self.aspect, nodekit.ASPECT_CHOICES)
+        nodekit.check_choice("sampler", self.sampler, tuple(nodekit.SAMPLERS))
+        self.steps = nodekit.check_number("steps", self.steps, 1, MAX_STEPS, integer=True)
+        self.cfg = nodekit.check_number("cfg", self.cfg, 0.0, MAX_CFG)
+        self.seed = nodekit.check_number("seed", self.seed, 0, nodekit.MAX_SEED, integer=True)
+        self.flow_shift = nodekit.check_number("flow_shift", self.flow_shift, 0.01, 100.0)
+        self.batch_size = nodekit.check_number("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
+        if self.aspect in (nodekit.ASPECT_AUTO, nodekit.ASPECT_CUSTOM):
+            nodekit.check_number("width", self.width, 32, 8192, integer=True)
+            nodekit.check_number("height", self.height, 32, 8192, integer=True)
+        return self
+
+
+def check_combo_inputs(**values) -> "bool | str":
+    """validate_inputs body for the combos the server does not check (None = linked, checked at run time)."""
+    tables = {
+        "aspect": nodekit.ASPECT_CHOICES, "sampler": tuple(nodekit.SAMPLERS), "mask_class": SEG12_CLASSES,
+        "unconnected_labels": ("ignore", "generate"),
+    }
+    try:
+        for name, value in values.items():
+            if value is not None and name in tables:
+                nodekit.check_choice(name, value, tables[name])
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def _captions(model: torch.nn.Module, positive, negative):
+    if positive is None:
+        if negative is not None:
+            log.warning("Jodi: a negative prompt without a positive one has no effect (no CFG runs); ignoring it.")
+        return None, None, None
+    from .text_encode import caption_from_conditioning
+
+    emb, mask = caption_from_conditioning(positive, "positive")
+    neg = caption_from_conditioning(negative, "negative")[0] if negative is not None else None
+    channels = getattr(getattr(model, "config", None), "caption_channels", None)
+    for what, t in (("positive", emb), ("negative", neg)):
+        if t is not None and channels is not None and t.shape[-1] != channels:
+            raise ValueError(
+                f"The {what} caption has {t.shape[-1]} channels but this Jodi model takes {channels}: encode it with "
+                "Jodi Text Encode and the Gemma-2-2B-IT text encoder that belongs to the model."
+            )
+    return emb, mask, neg
+
+
+def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSettings, positive=None,
+           negative=None, decode: bool = False, tiled: bool = False):
+    """Run the sampler; returns (JodiLatent, JodiResult)."""
+    from ..jodi_core.pipeline import JodiPipeline
+
+    common.check_patcher(model_patcher, "model", "Load Jodi Model")
+    common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
+    if not isinstance(roles, nodekit.JodiRoles):
+        raise TypeError(f"roles must come from Jodi Roles / Conditions, got {type(roles).__name__}.")
+    settings.check()
+    common.interrupt_check()
+
+    transformer, vae = model_patcher.model, vae_patcher.model
+    emb, mask, neg = _captions(transformer, positive, negative)
+    batch = roles.batch_size(settings.batch_size)
+    conditions = roles.condition_tensors()
+    pipe = JodiPipeline(transformer, vae)
+    height, width = nodekit.resolve_size(settings.aspect, settings.width, settings.height,
+                                         roles.first_condition_size(), pipe.base_size, pipe.compression)
+    work_h, work_w = pipe.working_size(height, width)
+    active = sum(r != "ignore" for r in roles.roles)
+    use_cfg = emb is not None and settings.cfg != 1.0 and roles.roles[0] != "condition"
+    need = common.activation_bytes(transformer, batch, active, work_h // pipe.compression,
+                                   work_w // pipe.compression, use_cfg)
+    common.load_for_run(model_patcher, vae_patcher, need)
+
+    role_row = torch.tensor([["generate", "condition", "ignore"].index(r) for r in roles.roles])
+    reporter = common.StepReporter(settings.steps, pipe, role_row)
+    result = pipe(
+        list(roles.roles), height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
+        negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
+        sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
+        decode=decode, tiled_decode=tiled,
+    )
+    latent = nodekit.JodiLatent(result.latents.float().cpu(), result.roles.cpu(), height, width)
+    return latent, result
+
+
+def decode(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False):
+    """Decode every present domain; returns (images dict name -> (B, 3, H, W), seg_index (B, H, W) or None)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ..jodi_core.pipeline import JodiPipeline
+
+    common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
+    if not isinstance(latent, nodekit.JodiLatent):
+        raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(latent).__name__}.")
+    mm.load_models_gpu([vae_patcher])
+    pipe = JodiPipeline(None, vae_patcher.model)
+    pbar = comfy.utils.ProgressBar(latent.batch)
+    parts: list[tuple[dict, Optional[torch.Tensor]]] = []
+    for b in range(latent.batch):  # one sample at a time bounds the decoder's memory
+        common.interrupt_check()
+        parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
+                                         tiled=tiled))
+        pbar.update_absolute(b + 1, latent.batch)
+    images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
+    seg = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+    return images, seg
+
+
+def map_outputs(images: dict, seg_index: Optional[torch.Tensor], batch: int, height: int, width: int,
+                mask_class: str, domains=DOMAIN_NAMES) -> list:
+    """The maps as IMAGE outputs in domain order (black for domains the run did not produce), then the class-index
+    image and the chosen class's MASK."""
+    nodekit.check_choice("mask_class", mask_class, SEG12_CLASSES)
+    out = []
+    for name in domains:
+        img = images.get(name)
+        out.append(nodekit.bchw_to_image(img) if img is not None else nodekit.blank_image(batch, height, width))
+    if seg_index is None:
+        out.append(nodekit.blank_image(batch, height, width))
+        out.append(torch.zeros(batch, height, width))
+    else:
+        out.append(nodekit.index_to_index_image(seg_index))
+        out.append(nodekit.class_mask(seg_index, SEG12_CLASSES.index(mask_class)))
+    return out
