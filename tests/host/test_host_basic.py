@@ -1,0 +1,74 @@
+"""The pack inside a real ComfyUI 0.3.75: it imports quickly, registers its nodes, and /object_info describes them."""
+
+import pytest
+
+from .comfy_server import PACK_FOLDER_NAME
+
+pytestmark = pytest.mark.host
+
+PACK_MODULE = f"custom_nodes.{PACK_FOLDER_NAME}"
+IMPORT_BUDGET_S = 1.0  # the pack must not slow ComfyUI's start-up noticeably
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(comfy) -> dict:
+    info = comfy.object_info()
+    return {name: entry for name, entry in info.items() if entry.get("python_module") == PACK_MODULE}
+
+
+def test_server_is_comfyui_0_3_75_on_cpu(comfy):
+    stats = comfy.get_json("/system_stats")
+    assert stats["system"]["comfyui_version"] == "0.3.75"
+    assert [d["type"] for d in stats["devices"]] == ["cpu"]
+
+
+def test_pack_imports_without_error_and_fast(comfy):
+    log = comfy.log_text()
+    assert "Import times for custom nodes" in log
+    assert "(IMPORT FAILED): " not in "\n".join(l for l in log.splitlines() if PACK_FOLDER_NAME in l), \
+        comfy.log_tail()
+    assert "Cannot import" not in log or PACK_FOLDER_NAME not in log.split("Cannot import", 1)[1].splitlines()[0]
+    seconds = comfy.import_seconds()
+    assert seconds is not None, "no import-time line for the pack:\n" + comfy.log_tail()
+    assert seconds < IMPORT_BUDGET_S, f"pack import took {seconds:.1f} s (budget {IMPORT_BUDGET_S} s)"
+
+
+def test_object_info_answers_for_a_pack_node(comfy):
+    entry = comfy.object_info("JodiTextEncode")
+    assert entry, "JodiTextEncode is not registered:\n" + comfy.log_tail()
+    assert entry["python_module"] == PACK_MODULE
+    assert comfy.object_info("JodiNoSuchNode") == {}
+
+
+def test_every_pack_node_is_documented(pack_nodes):
+    assert pack_nodes, "the pack registered no nodes"
+    problems = []
+    for name, entry in sorted(pack_nodes.items()):
+        if not (name.startswith("Jodi") or name.startswith("Janus")):
+            problems.append(f"{name}: node id without a Jodi/Janus prefix")
+        if entry["category"].split("/")[0] not in ("Jodi", "Janus"):
+            problems.append(f"{name}: category {entry['category']!r} not in the Jodi or Janus menu")
+        if not entry.get("description"):
+            problems.append(f"{name}: no description")
+        for section in ("required", "optional"):
+            for input_name, spec in entry["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not opts.get("tooltip"):
+                    problems.append(f"{name}.{input_name}: no tooltip")
+        if len(entry["output"]) != len(entry["output_name"]):
+            problems.append(f"{name}: outputs and output names differ in length")
+    assert not problems, "\n".join(problems)
+
+
+def test_text_encode_schema(comfy):
+    entry = comfy.object_info("JodiTextEncode")
+    required = entry["input"]["required"]
+    assert entry["input_order"]["required"] == ["clip", "text", "complex_human_instruction"]
+    assert required["clip"][0] == "CLIP"
+    assert required["text"][0] == "STRING" and required["text"][1]["multiline"] is True
+    assert required["complex_human_instruction"][0] == "BOOLEAN"
+    assert required["complex_human_instruction"][1]["default"] is True
+    assert entry["output"] == ["CONDITIONING"]
+    # Users must be told plainly which Gemma to use.
+    for text in (required["clip"][1]["tooltip"], entry["description"]):
+        assert "Gemma-2-2B-IT" in text and "NOT the base Gemma-2-2B" in text
