@@ -44,10 +44,10 @@ def check_number(name: str, value, lo: float, hi: float, integer: bool = False):
     """Range check with a message naming the input (the server skips min/max for inputs validate_inputs names)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}.")
-    if integer and int(value) != value:
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
     if not (lo <= value <= hi):  # also false for NaN
         raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}.")
+    if integer and int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
     return int(value) if integer else float(value)
 
 

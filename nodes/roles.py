@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..jodi_core import nodekit
-from ..jodi_core.domains import DOMAIN_NAMES
+from ..jodi_core.domains import DOMAIN_NAMES, parse_roles
 from . import common
 
 _UNSET = object()  # validate_inputs: a linked input arrives as None, an unconnected one is absent
@@ -50,10 +50,13 @@ class JodiRoles(io.ComfyNode):
                         openpose_role=None):
         values = locals()
         try:
+            resolved = []
             for name in DOMAIN_NAMES:
                 choice = values[f"{name}_role"]
                 if choice is not None:  # None: the role comes from a link, checked when the node runs
-                    nodekit.resolve_role(name, choice, values[name] is not _UNSET)
+                    resolved.append(nodekit.resolve_role(name, choice, values[name] is not _UNSET))
+            if len(resolved) == len(DOMAIN_NAMES):
+                parse_roles([resolved])  # at least one domain generated, not all ignored
         except ValueError as e:
             return str(e)
         return True

@@ -1,0 +1,528 @@
+"""Fast tests of the ComfyUI node layer without ComfyUI.
+
+- jodi_core.nodekit (the pure helpers behind the nodes): layout conversions, roles, sizes, latents, map conventions;
+- the pack imported the way ComfyUI imports it, against a small stand-in for ``comfy_api`` / ``comfy`` /
+  ``folder_paths`` that records schemas and model-management calls: every node has a description, a category under
+  Jodi/ or Janus/, a tooltip on every input; the nodes run end to end (roles -> sampler -> decode, shortcuts,
+  utilities) on tiny stand-in modules; interrupts propagate; importing the pack stays light.
+The real host (ComfyUI 0.3.75 server) is exercised in tests/host/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from jodi_core import imaging, nodekit
+from jodi_core.domains import DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, ade150_to_seg12, seg_palette
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nodekit
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_image_layout_round_trip():
+    img = torch.rand(2, 5, 7, 3)
+    x = nodekit.image_to_bchw(img)
+    assert x.shape == (2, 3, 5, 7)
+    assert torch.equal(x[1, 2, 4, 6], img[1, 4, 6, 2])  # channel c of pixel (h, w) stays the same number
+    assert torch.equal(nodekit.bchw_to_image(x), img)
+
+
+def test_image_layout_grey_alpha_and_errors():
+    grey = torch.rand(1, 4, 4, 1)
+    assert torch.equal(nodekit.image_to_bchw(grey), grey.permute(0, 3, 1, 2).expand(1, 3, 4, 4))
+    rgba = torch.rand(1, 4, 4, 4)
+    assert torch.equal(nodekit.image_to_bchw(rgba), rgba[..., :3].permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="IMAGE shaped"):
+        nodekit.image_to_bchw(torch.rand(1, 3, 8, 8, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        nodekit.image_to_bchw(torch.full((1, 2, 2, 3), float("nan")))
+    with pytest.raises(TypeError):
+        nodekit.image_to_bchw([[0.5]])
+
+
+def test_resolve_role_rules():
+    assert nodekit.resolve_role("depth", "auto", True) == "condition"
+    assert nodekit.resolve_role("depth", "auto", False) == "generate"
+    assert nodekit.resolve_role("depth", "ignore", True) == "ignore"
+    with pytest.raises(ValueError, match="no depth image is connected"):
+        nodekit.resolve_role("depth", "condition", False)
+    with pytest.raises(ValueError, match="depth_role must be one of"):
+        nodekit.resolve_role("depth", "sometimes", True)
+
+
+def test_jodi_roles_from_choices_batch_and_size():
+    depth = torch.rand(3, 40, 24, 3)
+    roles = nodekit.JodiRoles.from_choices({"normal": "ignore"}, {"depth": depth, "edge": None})
+    assert roles.roles == ("generate", "generate", "generate", "condition", "ignore", "generate", "generate",
+                           "generate")
+    assert set(roles.conditions) == {"depth"}
+    assert roles.batch_size(1) == 3 and roles.batch_size(3) == 3
+    with pytest.raises(ValueError, match="batch_size is 2"):
+        roles.batch_size(2)
+    assert roles.first_condition_size() == (40, 24)
+    assert roles.condition_tensors()["depth"].shape == (3, 3, 40, 24)
+    with pytest.raises(ValueError, match="No domain is set to generate"):
+        nodekit.JodiRoles(("condition",) + ("ignore",) * 7, {"image": depth})
+
+
+def test_resolve_size_modes():
+    assert nodekit.resolve_size(nodekit.ASPECT_AUTO, 512, 256, (40, 24), 1024) == (40, 24)
+    assert nodekit.resolve_size(nodekit.ASPECT_AUTO, 512, 256, None, 1024) == (256, 512)
+    assert nodekit.resolve_size(nodekit.ASPECT_CUSTOM, 512, 256, (40, 24), 1024) == (256, 512)
+    assert nodekit.resolve_size("16:9", 1, 1, None, 1024) == imaging.aspect_preset_size("16:9", 1024, 32)
+    with pytest.raises(ValueError, match="aspect must be one of"):
+        nodekit.resolve_size("7:5", 64, 64, None, 1024)
+
+
+def test_jodi_latent_select_replace():
+    samples = torch.randn(2, 8, 4, 3, 5)
+    roles = torch.tensor([[0, 0, 2, 1, 0, 0, 0, 0]])
+    lat = nodekit.JodiLatent(samples, roles, 96, 160)
+    assert lat.roles.shape == (2, 8) and "edge" not in lat.present()
+    assert torch.equal(lat.select("depth"), samples[:, 3])
+    with pytest.raises(ValueError, match="holds no edge"):
+        lat.select("edge")
+    new = torch.randn(1, 4, 3, 5)
+    merged = lat.replace("edge", new)
+    assert torch.equal(merged.samples[:, 2], new.expand(2, -1, -1, -1))
+    assert torch.equal(merged.samples[:, 3], samples[:, 3]) and torch.equal(lat.samples, samples)
+    assert "edge" in merged.present()
+    with pytest.raises(ValueError, match="do not fit"):
+        lat.replace("edge", torch.randn(1, 4, 6, 10))
+    with pytest.raises(ValueError, match=r"\(B, 8, C, h, w\)"):
+        nodekit.JodiLatent(torch.randn(1, 7, 4, 3, 5), roles, 96, 160)
+
+
+def test_depth_for_controlnet_keeps_near_bright_and_stretches():
+    ramp = torch.linspace(0.2, 0.6, 16).reshape(1, 4, 4, 1).expand(1, 4, 4, 3)  # brighter = nearer in Jodi's maps
+    out = nodekit.depth_for_controlnet(ramp)
+    flat = out[0, ..., 0].flatten()
+    assert out.shape == (1, 4, 4, 3) and torch.all(flat[1:] > flat[:-1])  # order kept: near stays bright
+    assert flat.min() == 0 and flat.max() == 1
+    assert torch.allclose(nodekit.depth_for_controlnet(ramp, invert=True), 1 - out)
+    raw = nodekit.depth_for_controlnet(ramp, normalize=False)
+    assert torch.allclose(raw, ramp)
+
+
+def test_flip_normal_mirrors_only_chosen_axes():
+    n = torch.rand(1, 3, 3, 3)
+    out = nodekit.flip_normal(n, flip_green=True)
+    assert torch.allclose(out[..., 1], 1 - n[..., 1])
+    assert torch.equal(out[..., 0], n[..., 0]) and torch.equal(out[..., 2], n[..., 2])
+
+
+def test_seg12_to_ade150_picks_most_frequent_member():
+    to12 = ade150_to_seg12()
+    rep = nodekit.seg12_to_ade150()
+    assert rep[0] == 0
+    for c in range(1, 12):
+        members = [a for a in range(1, 151) if int(to12[a]) == c]
+        if members:
+            assert int(rep[c]) == min(members) and int(to12[rep[c]]) == c
+
+
+def test_seg_to_ade150_colours_and_index_image():
+    classes = torch.arange(12).reshape(1, 3, 4)  # every Jodi class once
+    seg = (seg_palette("colors12")[classes] / 255)  # (1, 3, 4, 3) IMAGE in the Jodi palette
+    assert torch.equal(nodekit.seg_index_from_image(seg), classes)
+    colours, ade = nodekit.seg_to_ade150(seg)
+    assert torch.equal(ade, nodekit.seg12_to_ade150()[classes])
+    assert torch.allclose(colours * 255, seg_palette("colors150")[ade], atol=1e-3)
+    index_img = nodekit.index_to_index_image(ade)
+    assert torch.equal((index_img[..., 0] * 255).round().long(), ade)
+    mask = nodekit.class_mask(classes, SEG12_CLASSES.index("sky"))
+    assert mask.sum() == 1 and mask[0, 1, 2] == 1  # class 6 sits at row 1, column 2
+
+
+def test_check_number_and_choice():
+    assert nodekit.check_number("steps", 20, 1, 100, integer=True) == 20
+    for bad in (0, 101, 2.5, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="steps"):
+            nodekit.check_number("steps", bad, 1, 100, integer=True)
+    assert nodekit.torch_dtype("bf16") is torch.bfloat16 and nodekit.torch_dtype("auto") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A small stand-in for the parts of ComfyUI the nodes use
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Rec:
+    def __init__(self, kind, io_type, id=None, *args, **kwargs):
+        self.kind, self.io_type, self.id, self.args, self.kwargs = kind, io_type, id, args, kwargs
+
+
+class _IOType:
+    def __init__(self, name):
+        self.name = name
+
+    def Input(self, id, *args, **kwargs):
+        return _Rec("input", self.name, id, *args, **kwargs)
+
+    def Output(self, id=None, **kwargs):
+        return _Rec("output", self.name, id, **kwargs)
+
+
+class _NodeOutput:
+    def __init__(self, *values, ui=None, **_):
+        self.result, self.ui = values, ui
+
+
+class _Events:
+    """What the stand-in comfy modules saw."""
+
+    def __init__(self):
+        self.loaded, self.progress, self.interrupt_after = [], [], None
+
+
+def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType]:
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        return m
+
+    io = types.SimpleNamespace(
+        ComfyNode=type("ComfyNode", (), {}), Schema=lambda **kw: types.SimpleNamespace(**kw),
+        NodeOutput=_NodeOutput, Custom=_IOType,
+        **{n: _IOType(n.upper()) for n in ("Image", "Mask", "Latent", "Conditioning", "Clip", "Int", "Float",
+                                           "Boolean", "String", "Combo")},
+    )
+
+    class ComfyExtension:
+        pass
+
+    folders = {"jodi": ([str(models_dir / "jodi")], set()), "diffusion_models": ([str(models_dir / "dm")], {".pth"}),
+               "vae": ([str(models_dir / "vae")], {".safetensors"})}
+
+    def get_filename_list(name):
+        paths, _ = folders[name]
+        return sorted(p.name for d in paths for p in Path(d).glob("*") if p.is_file())
+
+    def get_full_path(name, filename):
+        for d in folders[name][0]:
+            if (Path(d) / filename).is_file():
+                return str(Path(d) / filename)
+        return None
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    steps_seen = []
+
+    def throw_exception_if_processing_interrupted():
+        steps_seen.append(1)
+        if events.interrupt_after is not None and len(steps_seen) > events.interrupt_after:
+            raise InterruptProcessingException()
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, **_):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            events.progress.append((value, total or self.total, preview))
+
+    cpu = torch.device("cpu")
+    mm = module(
+        "comfy.model_management", get_torch_device=lambda: cpu, unet_offload_device=lambda: cpu,
+        vae_device=lambda: cpu, vae_offload_device=lambda: cpu, intermediate_device=lambda: cpu,
+        unet_dtype=lambda device=None, supported_dtypes=(), **_: torch.float32,
+        vae_dtype=lambda device=None, allowed_dtypes=(): torch.float32,
+        load_models_gpu=lambda models, memory_required=0, **_: events.loaded.append((list(models), memory_required)),
+        throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+        InterruptProcessingException=InterruptProcessingException,
+    )
+    comfy = module("comfy")
+    stubs = {
+        "comfy_api": module("comfy_api"),
+        "comfy_api.latest": module("comfy_api.latest", io=io, ui=types.SimpleNamespace(), ComfyExtension=ComfyExtension),
+        "folder_paths": module("folder_paths", models_dir=str(models_dir), folder_names_and_paths=folders,
+                               supported_pt_extensions={".safetensors", ".pth", ".pt", ".ckpt", ".bin"},
+                               get_filename_list=get_filename_list, get_full_path=get_full_path),
+        "comfy": comfy,
+        "comfy.model_management": mm,
+        "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
+        "comfy.utils": module("comfy.utils", ProgressBar=ProgressBar),
+        "comfy.cli_args": module("comfy.cli_args", args=types.SimpleNamespace(preview_method="auto", preview_size=64),
+                                 LatentPreviewMethod=types.SimpleNamespace(NoPreviews="none")),
+    }
+    comfy.model_management, comfy.model_patcher, comfy.utils = mm, stubs["comfy.model_patcher"], stubs["comfy.utils"]
+    return stubs
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class TinyDiT(nn.Module):
+    """Stand-in with the transformer interface JodiPipeline calls (prepare / forward_prepared / stored null caption)."""
+
+    def __init__(self, channels=4, caption=16):
+        super().__init__()
+        self.config = _Cfg(base_size=8, patch_size=1, in_channels=channels, caption_channels=caption, hidden_size=8)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.y_embedder = nn.Module()
+        self.y_embedder.register_buffer("y_embedding", torch.randn(300, caption))
+
+    def prepare(self, roles, y, mask):
+        return {"y": None if y is None else y.float().mean((1, 2, 3))}
+
+    def forward_prepared(self, x, timestep, ctx, clean_x=None):
+        B, L, C, h, w = x.shape
+        v = self.proj(x.reshape(B * L, C, h, w)).reshape(B, L, C, h, w)  # (B*L, C, h, w) -> (B, L, C, h, w)
+        return v if ctx["y"] is None else v + ctx["y"].reshape(-1, 1, 1, 1, 1)
+
+
+class TinyAE(nn.Module):
+    spatial_compression = 8
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.config = _Cfg(scaling_factor=0.41407)
+        self.enc = nn.Conv2d(3, channels, 8, 8)
+        self.dec = nn.ConvTranspose2d(channels, 3, 8, 8)
+
+    def encode(self, x, tiled=False):
+        return self.enc(x)
+
+    def decode(self, z, tiled=False):
+        return torch.tanh(self.dec(z))
+
+
+@pytest.fixture
+def pack(tmp_path, monkeypatch):
+    """The pack loaded like ComfyUI loads it (module named by its path), against the stand-ins."""
+    for d in ("jodi", "dm", "vae"):
+        (tmp_path / "models" / d).mkdir(parents=True)
+    (tmp_path / "models" / "jodi" / "tiny.pth").write_bytes(b"x")
+    (tmp_path / "models" / "vae" / "tiny-ae.safetensors").write_bytes(b"x")
+    events = _Events()
+    for name, mod in _make_stubs(tmp_path / "models", events).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    name = str(tmp_path / "custom_nodes" / "ComfyUI-Jodi")
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    loading = types.ModuleType(name + ".jodi_core.loading")
+    loading.load_jodi = lambda path, dtype=None, device="cpu", attention_backend="auto": TinyDiT().to(device, dtype)
+    loading.load_dcae = lambda path, dtype=None, device="cpu": TinyAE().to(device, dtype)
+    monkeypatch.setitem(sys.modules, loading.__name__, loading)
+    ext = asyncio.run(module.comfy_entrypoint())
+    nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
+    kit = sys.modules[name + ".jodi_core.nodekit"]  # the pack's own copy: its classes are what the nodes accept
+    yield types.SimpleNamespace(module=module, nodes=nodes, events=events, models=tmp_path / "models", kit=kit)
+    for key in [k for k in sys.modules if k.startswith(name)]:
+        sys.modules.pop(key, None)
+
+
+
+def test_every_node_is_documented(pack):
+    expected = {"JodiModelLoader", "JodiVAELoader", "JodiRoles", "JodiSampler", "JodiDecode", "JodiJointGeneration",
+                "JodiControllableGeneration", "JodiPerception", "JodiDepthToControlNet", "JodiNormalConvention",
+                "JodiSegToADE20K", "JodiSegClassMask", "JodiLatentSplit", "JodiLatentMerge", "JodiTextEncode"}
+    assert expected <= set(pack.nodes)
+    for node_id, cls in pack.nodes.items():
+        schema = cls.define_schema()
+        assert node_id.startswith(("Jodi", "Janus")), node_id
+        assert schema.category.split("/")[0] in ("Jodi", "Janus"), node_id
+        assert len(schema.description) > 40, node_id
+        ids = [i.id for i in schema.inputs]
+        assert len(ids) == len(set(ids)), node_id
+        for inp in schema.inputs:
+            assert inp.kwargs.get("tooltip"), f"{node_id}.{inp.id} has no tooltip"
+        for out in schema.outputs:
+            assert out.kwargs.get("tooltip") and out.kwargs.get("display_name"), node_id
+
+
+def test_model_folders_registered_and_listed(pack):
+    fp = sys.modules["folder_paths"]
+    assert str(pack.models / "Janus-Pro") in fp.folder_names_and_paths["Janus-Pro"][0]
+    assert fp.folder_names_and_paths["jodi"][1]  # restricted to weight files, not "everything"
+    combo = pack.nodes["JodiModelLoader"].define_schema().inputs[0]
+    assert combo.kwargs["options"] == [nodekit.DEMO_MODEL_CHOICE, "tiny.pth"]
+
+
+def test_loader_errors_are_clear(pack):
+    loader = pack.nodes["JodiModelLoader"]
+    assert "ckpt_name must be one of" in loader.validate_inputs(ckpt_name="missing.pth")
+    assert loader.validate_inputs(ckpt_name="tiny.pth", dtype="auto", attention="torch") is True
+    assert "attention" in loader.validate_inputs(attention="cuda")
+    try:
+        __import__("jodi_core.demo")
+        demo_installed = True
+    except ImportError:
+        demo_installed = False
+    if not demo_installed:
+        with pytest.raises(FileNotFoundError, match="demo model"):
+            loader.execute(nodekit.DEMO_MODEL_CHOICE, "auto", "auto")
+
+
+def _load(pack):
+    model = pack.nodes["JodiModelLoader"].execute("tiny.pth", "auto", "torch").result[0]
+    vae = pack.nodes["JodiVAELoader"].execute("tiny-ae.safetensors", "auto").result[0]
+    return model, vae
+
+
+SAMPLING = dict(steps=3, cfg=4.5, seed=5, sampler="dpm++2m-flow", flow_shift=3.0)
+
+
+def test_roles_sampler_decode_chain(pack):
+    model, vae = _load(pack)
+    roles_node = pack.nodes["JodiRoles"]
+    assert "no depth image is connected" in roles_node.validate_inputs(depth_role="condition")
+    assert roles_node.validate_inputs(depth=None, depth_role="condition") is True  # linked inputs arrive as None
+    depth = torch.rand(1, 40, 56, 3)
+    roles = roles_node.execute(depth=depth, normal_role="ignore").result[0]
+    latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+                                               batch_size=2, **SAMPLING).result[0]
+    assert (latent.height, latent.width, latent.batch) == (40, 56, 2)
+    assert pack.events.loaded and pack.events.loaded[-1][0] == [model, vae]
+    assert [p[0] for p in pack.events.progress] == [1, 2, 3]
+    assert pack.events.progress[-1][2][0] == "JPEG"  # previews are on in the stand-in's args
+    outs = pack.nodes["JodiDecode"].execute(vae, latent, False, "sky").result
+    assert len(outs) == 10
+    for img in outs[:9]:
+        assert img.shape == (2, 40, 56, 3) and img.dtype == torch.float32 and 0 <= img.min() <= img.max() <= 1
+    assert outs[4].abs().sum() == 0  # normal was ignored: black
+    assert outs[9].shape == (2, 40, 56) and set(outs[9].unique().tolist()) <= {0.0, 1.0}
+    # same seed, same result; the next seed differs
+    again = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+                                              batch_size=2, **SAMPLING).result[0]
+    assert torch.equal(again.samples, latent.samples)
+    assert not torch.equal(latent.samples[0, 0], latent.samples[1, 0])
+
+
+def test_sampler_rejects_bad_values_and_foreign_conditioning(pack):
+    model, vae = _load(pack)
+    roles = pack.kit.JodiRoles(("generate",) * 8)
+    sampler = pack.nodes["JodiSampler"]
+    assert "sampler must be one of" in sampler.validate_inputs(sampler="ddim")
+    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    with pytest.raises(ValueError, match="steps must be between"):
+        sampler.execute(model, vae, roles, **{**kwargs, "steps": 0})
+    with pytest.raises(ValueError, match="Jodi Text Encode"):
+        sampler.execute(model, vae, roles, positive=[[torch.randn(1, 77, 768), {}]], **kwargs)
+    with pytest.raises(TypeError, match="Jodi Roles"):
+        sampler.execute(model, vae, "roles", **kwargs)
+
+
+def test_sampler_with_caption_uses_cfg_and_checks_width(pack):
+    model, vae = _load(pack)
+    roles = pack.kit.JodiRoles(("generate",) * 8)
+    te = sys.modules[pack.module.__name__ + ".nodes.text_encode"]
+    cond = [[torch.randn(1, 300, 16), {"attention_mask": torch.ones(1, 300, dtype=torch.long), te.CAPTION_KEY: {}}]]
+    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    with_text = pack.nodes["JodiSampler"].execute(model, vae, roles, positive=cond, **kwargs).result[0]
+    without = pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs).result[0]
+    assert not torch.equal(with_text.samples, without.samples)
+    wide = [[torch.randn(1, 300, 32), cond[0][1]]]
+    with pytest.raises(ValueError, match="channels but this Jodi model takes 16"):
+        pack.nodes["JodiSampler"].execute(model, vae, roles, positive=wide, **kwargs)
+
+
+def test_interrupt_stops_sampling(pack):
+    model, vae = _load(pack)
+    pack.events.interrupt_after = 2
+    mm = sys.modules["comfy.model_management"]
+    with pytest.raises(mm.InterruptProcessingException):
+        pack.nodes["JodiJointGeneration"].execute(model, vae, aspect=nodekit.ASPECT_CUSTOM, width=64, height=64,
+                                                  batch_size=1, tiled_decode=False, mask_class="person",
+                                                  **{**SAMPLING, "steps": 10})
+    assert len(pack.events.progress) < 10
+
+
+def test_shortcuts(pack):
+    model, vae = _load(pack)
+    photo = torch.rand(2, 48, 80, 3)
+    outs = pack.nodes["JodiPerception"].execute(model, vae, photo, steps=2, seed=0, sampler="euler-flow",
+                                                flow_shift=3.0, depth=False, tiled_decode=False,
+                                                mask_class="person").result
+    assert len(outs) == len(LABEL_NAMES) + 2
+    assert all(o.shape[:3] == (2, 48, 80) for o in outs)
+    assert outs[LABEL_NAMES.index("depth")].abs().sum() == 0 and outs[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="at least one label"):
+        pack.nodes["JodiPerception"].execute(model, vae, photo, steps=2, seed=0, sampler="euler-flow",
+                                             flow_shift=3.0, **{n: False for n in LABEL_NAMES})
+    ctrl = pack.nodes["JodiControllableGeneration"]
+    outs = ctrl.execute(model, vae, edge=torch.rand(1, 64, 96, 3), aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+                        batch_size=1, tiled_decode=False, mask_class="person", unconnected_labels="ignore",
+                        **SAMPLING).result
+    assert outs[0].shape == (1, 64, 96, 3) and outs[0].abs().sum() > 0
+    assert outs[DOMAIN_NAMES.index("depth")].abs().sum() == 0  # unconnected label ignored
+    with pytest.raises(ValueError, match="at least one connected label"):
+        ctrl.execute(model, vae, aspect=nodekit.ASPECT_AUTO, width=64, height=64, batch_size=1, **SAMPLING)
+    joint = pack.nodes["JodiJointGeneration"].execute(model, vae, aspect="16:9", width=64, height=64, batch_size=1,
+                                                      tiled_decode=False, mask_class="person", **SAMPLING).result
+    h, w = imaging.aspect_preset_size("16:9", 64, 8)  # TinyDiT: base 8 latents x compression 8
+    assert all(o.shape[1:3] == (h, w) for o in joint[:9])
+
+
+def test_utility_nodes_and_latent_split_merge(pack):
+    n = pack.nodes
+    depth = torch.rand(1, 8, 8, 3)
+    assert n["JodiDepthToControlNet"].execute(depth, False, True).result[0].shape == (1, 8, 8, 3)
+    assert n["JodiNormalConvention"].execute(depth, True).result[0].shape == (1, 8, 8, 3)
+    seg = seg_palette("colors12")[torch.randint(0, 12, (1, 8, 8))] / 255
+    colours, index_img = n["JodiSegToADE20K"].execute(seg).result
+    assert colours.shape == index_img.shape == (1, 8, 8, 3)
+    mask = n["JodiSegClassMask"].execute(seg, "sky").result[0]
+    assert torch.equal(mask, (nodekit.seg_index_from_image(seg) == SEG12_CLASSES.index("sky")).float())
+    lat = pack.kit.JodiLatent(torch.randn(1, 8, 4, 2, 3), torch.tensor([[0, 2, 0, 0, 0, 0, 0, 0]]), 16, 24)
+    part = n["JodiLatentSplit"].execute(lat, "depth").result[0]
+    assert torch.equal(part["samples"], lat.samples[:, 3])
+    merged = n["JodiLatentMerge"].execute(lat, part, "lineart").result[0]
+    assert torch.equal(merged.samples[:, 1], lat.samples[:, 3]) and merged.roles[0, 1] != 2
+    assert "domain must be one of" in n["JodiLatentSplit"].validate_inputs(domain="rgb")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Import cost and the pytest guard
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_pack_import_is_light_and_guarded():
+    """Without ComfyUI the root __init__ imports nothing; with the stand-ins, importing the pack pulls in no heavy
+    optional library (transformers, diffusers, triton) and no model code."""
+    script = f"""
+import importlib.util, sys, json
+sys.path.insert(0, {str(REPO / 'tests')!r})
+spec = importlib.util.spec_from_file_location("packguard", {str(REPO / '__init__.py')!r},
+                                              submodule_search_locations=[{str(REPO)!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["packguard"] = m; spec.loader.exec_module(m)
+bare = not hasattr(m, "comfy_entrypoint") and "packguard.nodes" not in sys.modules
+from pathlib import Path
+import tempfile, test_nodes_unit as t
+tmp = Path(tempfile.mkdtemp())
+sys.modules.update(t._make_stubs(tmp, t._Events()))
+spec = importlib.util.spec_from_file_location("packreal", {str(REPO / '__init__.py')!r},
+                                              submodule_search_locations=[{str(REPO)!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["packreal"] = m; spec.loader.exec_module(m)
+heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("transformers", "diffusers", "triton")
+               or k.startswith("packreal.jodi_core.") and k.split(".")[-1] in ("transformer", "dcae", "loading",
+               "pipeline", "janus", "gemma"))
+print(json.dumps({{"bare": bare, "entry": hasattr(m, "comfy_entrypoint"), "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"bare": True, "entry": True, "heavy": []}
