@@ -147,6 +147,10 @@ class JodiRoles:
         conditions = {d: images[d] for d, r in zip(DOMAIN_NAMES, roles) if r == "condition"}
         return cls(roles, conditions)
 
+    def get_ram_usage(self) -> int:
+        """Bytes held, for hosts that weigh cached outputs by size (ComfyUI's RAM-pressure cache)."""
+        return sum(t.numel() * t.element_size() for t in self.conditions.values() if isinstance(t, torch.Tensor))
+
     def condition_tensors(self) -> dict[str, torch.Tensor]:
         """Condition images as ``(B, 3, H, W)`` in [0, 1], keyed by domain name."""
         return {d: image_to_bchw(img, f"the {d} condition image") for d, img in self.conditions.items()}
@@ -220,6 +224,9 @@ class JodiLatent:
     @property
     def batch(self) -> int:
         return self.samples.shape[0]
+
+    def get_ram_usage(self) -> int:
+        return self.samples.numel() * self.samples.element_size()
 
     def present(self) -> list[str]:
         """Domains with content in at least one sample (generated or given as a condition)."""
