@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from .comfy_server import ComfyServer, ComfyUnavailable, ensure_comfyui, missing_startup_modules, \
+from .comfy_server import ComfyServer, ComfyUnavailable, cache_dir, ensure_comfyui, missing_startup_modules, \
     write_extra_model_paths
 from .tiny_models import comfy_gemma_overrides, write_tiny_gemma_folder
 
@@ -97,7 +99,8 @@ def comfy(comfy_dir, host_models, tmp_path_factory) -> ComfyServer:
         pytest.fail("the test environment lacks modules ComfyUI needs at start-up: " + ", ".join(missing))
     base = tmp_path_factory.mktemp("comfy_base")
     write_extra_model_paths(base / "extra_model_paths.yaml", host_models.root, {
-        "diffusion_models": "diffusion_models", "jodi": "jodi", "vae": "vae", "text_encoders": "text_encoders"})
+        "diffusion_models": "diffusion_models", "jodi": "jodi", "vae": "vae", "text_encoders": "text_encoders",
+        "checkpoints": "checkpoints", "controlnet": "controlnet"})
     server = ComfyServer(
         comfy_dir=comfy_dir, base_dir=base, models_dir=host_models.root,
         extra_custom_nodes={"jodi_host_probe": HERE / "probe_pack"},
@@ -113,3 +116,30 @@ def comfy(comfy_dir, host_models, tmp_path_factory) -> ComfyServer:
 @pytest.fixture
 def probe_dir(comfy) -> Path:
     return comfy.output_dir / "jodi_probe"
+
+
+@pytest.fixture(scope="session")
+def sd15_models(comfy, host_models):
+    """Install random-weight SD 1.5 + ControlNet files under the names the ControlNet-chain workflow uses.
+
+    Built once per machine with ComfyUI's own classes (in a subprocess) and kept in the ComfyUI cache, since the
+    fixed-size CLIP-L and VAE make the checkpoint ~0.47 GB.
+    """
+
+    def install(checkpoints: list[str], controlnets: list[str]) -> None:
+        cache = cache_dir() / "sd15-tiny"
+        ckpt, nets = cache / "sd15-tiny.safetensors", [cache / f"controlnet-tiny-{i}.pth" for i in range(2)]
+        if not ckpt.is_file() or not all(n.is_file() for n in nets):
+            cache.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(HERE / "make_sd15_tiny.py"), str(comfy.comfy_dir), str(ckpt), *map(str, nets)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                pytest.fail(f"building the tiny SD 1.5 models failed:\n{proc.stderr[-3000:]}")
+        for folder, names, sources in (("checkpoints", checkpoints, [ckpt]), ("controlnet", controlnets, nets)):
+            (host_models.root / folder).mkdir(exist_ok=True)
+            for i, name in enumerate(names):
+                link = host_models.root / folder / name
+                if not link.exists():
+                    link.symlink_to(sources[i % len(sources)])
+
+    return install
