@@ -115,6 +115,27 @@ def file_fingerprint(path_resolver, name: str):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class ManagedModule(torch.nn.Module):
+    """What the ModelPatcher holds: a plain container around a jodi_core module.
+
+    ModelPatcher writes bookkeeping attributes onto the module it manages (``device``, ``model_lowvram``, ...).
+    jodi_core modules expose ``device``/``dtype`` as read-only properties, so they are wrapped instead of patched.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def get_dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+
+def unwrap(patcher) -> torch.nn.Module:
+    """The jodi_core module behind a patcher from the Jodi loaders."""
+    model = patcher.model
+    return model.module if isinstance(model, ManagedModule) else model
+
+
 def _pick_dtype(choice: str, auto_dtype: torch.dtype) -> torch.dtype:
     dtype = nodekit.torch_dtype(choice)
     if dtype is None:
@@ -141,7 +162,8 @@ def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
     model = load_jodi(path, dtype=dtype, device=offload_device, attention_backend=attention)
     model.eval()
     log.info("Jodi: loaded %s (%s) for %s", os.path.basename(path), dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return comfy.model_patcher.ModelPatcher(ManagedModule(model), load_device=load_device,
+                                            offload_device=offload_device)
 
 
 def load_vae_patcher(vae_name: str, dtype_choice: str):
@@ -157,7 +179,8 @@ def load_vae_patcher(vae_name: str, dtype_choice: str):
     vae = load_dcae(path, dtype=dtype, device=offload_device)
     vae.eval()
     log.info("Jodi: loaded DC-AE %s (%s) for %s", os.path.basename(path), dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(vae, load_device=load_device, offload_device=offload_device)
+    return comfy.model_patcher.ModelPatcher(ManagedModule(vae), load_device=load_device,
+                                            offload_device=offload_device)
 
 
 def check_patcher(value, what: str, expected: str):

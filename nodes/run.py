@@ -94,7 +94,7 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     settings.check()
     common.interrupt_check()
 
-    transformer, vae = model_patcher.model, vae_patcher.model
+    transformer, vae = common.unwrap(model_patcher), common.unwrap(vae_patcher)
     emb, mask, neg = _captions(transformer, positive, negative)
     batch = roles.batch_size(settings.batch_size)
     conditions = roles.condition_tensors()
@@ -131,7 +131,7 @@ def decode(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False):
     if not isinstance(latent, nodekit.JodiLatent):
         raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(latent).__name__}.")
     mm.load_models_gpu([vae_patcher])
-    pipe = JodiPipeline(None, vae_patcher.model)
+    pipe = JodiPipeline(None, common.unwrap(vae_patcher))
     pbar = comfy.utils.ProgressBar(latent.batch)
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
     for b in range(latent.batch):  # one sample at a time bounds the decoder's memory

@@ -232,6 +232,13 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, **_):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            if getattr(model, "device", None) is None:  # as ComfyUI's ModelPatcher does
+                model.device = offload_device
+
+    def load_models_gpu(models, memory_required=0, **_):
+        for patcher in models:
+            patcher.model.device = patcher.load_device  # ComfyUI writes this after moving the weights
+        events.loaded.append((list(models), memory_required))
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -246,7 +253,7 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
         vae_device=lambda: cpu, vae_offload_device=lambda: cpu, intermediate_device=lambda: cpu,
         unet_dtype=lambda device=None, supported_dtypes=(), **_: torch.float32,
         vae_dtype=lambda device=None, allowed_dtypes=(): torch.float32,
-        load_models_gpu=lambda models, memory_required=0, **_: events.loaded.append((list(models), memory_required)),
+        load_models_gpu=load_models_gpu,
         throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
         InterruptProcessingException=InterruptProcessingException,
     )
@@ -282,6 +289,10 @@ class TinyDiT(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
         self.y_embedder = nn.Module()
         self.y_embedder.register_buffer("y_embedding", torch.randn(300, caption))
+
+    @property
+    def device(self):  # read-only, like jodi_core's modules: the patcher must not write onto it
+        return self.proj.weight.device
 
     def prepare(self, roles, y, mask):
         return {"y": None if y is None else y.float().mean((1, 2, 3))}
