@@ -72,3 +72,56 @@ def test_text_encode_schema(comfy):
     # Users must be told plainly which Gemma to use.
     for text in (required["clip"][1]["tooltip"], entry["description"]):
         assert "Gemma-2-2B-IT" in text and "NOT the base Gemma-2-2B" in text
+
+
+DOMAINS = ["image", "lineart", "edge", "depth", "normal", "albedo", "segmentation", "openpose"]
+
+
+def _inputs(entry: dict) -> dict:
+    return {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+
+
+def _options(spec) -> list:
+    return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
+
+
+def test_node_contract_from_the_design(comfy):
+    """The sockets the design fixes (custom types, standard types where users chain, options offered)."""
+    info = comfy.object_info()
+    missing = [n for n in ("JodiModelLoader", "JodiVAELoader", "JodiRoles", "JodiSampler", "JodiDecode",
+                           "JodiTextEncode", "JodiJointGeneration", "JodiControllableGeneration", "JodiPerception",
+                           "JodiDepthToControlNet", "JodiNormalConvention", "JodiSegToADE20K", "JodiLatentSplit",
+                           "JodiLatentMerge") if n not in info]
+    assert not missing, f"nodes not registered: {missing}"
+
+    model, vae = info["JodiModelLoader"], info["JodiVAELoader"]
+    assert model["output"] == ["JODI_MODEL"] and vae["output"] == ["JODI_VAE"]
+    for entry in (model, vae):
+        assert {"auto", "bf16", "fp16", "fp32"} <= set(_options(_inputs(entry)["dtype"]))
+    assert {"auto", "triton", "torch"} <= set(_options(_inputs(model)["attention"]))
+
+    roles = info["JodiRoles"]
+    assert roles["output"] == ["JODI_ROLES"]
+    assert all(roles["input"]["optional"][d][0] == "IMAGE" for d in DOMAINS)
+
+    sampler = info["JodiSampler"]
+    ins = _inputs(sampler)
+    assert sampler["output"] == ["JODI_LATENT"]
+    assert [ins[k][0] for k in ("model", "vae", "roles")] == ["JODI_MODEL", "JODI_VAE", "JODI_ROLES"]
+    assert sampler["input"]["optional"]["positive"][0] == "CONDITIONING"
+    assert sampler["input"]["optional"]["negative"][0] == "CONDITIONING"
+    assert {ins[k][0] for k in ("steps", "seed", "width", "height", "batch_size")} == {"INT"}
+    assert ins["cfg"][0] == "FLOAT" and ins["flow_shift"][0] == "FLOAT"
+    assert len(_options(ins["sampler"])) >= 2  # DPM-Solver++ 2M and Euler (flow)
+
+    decode = info["JodiDecode"]
+    assert decode["output"][:8] == ["IMAGE"] * 8 and decode["output_name"][:8] == DOMAINS
+    assert "MASK" in decode["output"]
+
+    perception = info["JodiPerception"]
+    assert _inputs(perception)["image"][0] == "IMAGE"
+    assert perception["output_name"][:7] == DOMAINS[1:] and perception["output"][:7] == ["IMAGE"] * 7
+    for name in ("JodiJointGeneration", "JodiControllableGeneration"):
+        assert info[name]["output"][:8] == ["IMAGE"] * 8, name
+    assert info["JodiLatentSplit"]["output"] == ["LATENT"]
+    assert info["JodiLatentMerge"]["output"] == ["JODI_LATENT"]
