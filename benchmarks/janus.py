@@ -204,6 +204,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from janus_tiny import build_tiny_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its generate() warns about every max_length / min_length default
 
     gpu = torch.device(args.device).type == "cuda"
     configs = args.config or (["1.3b", "7b"] if gpu else ["small"])

@@ -273,3 +273,28 @@ def test_wrong_model_in_folder(folder, tmp_path):
     shutil.copy(folder / "tokenizer.json", empty / "tokenizer.json")
     with pytest.raises(CheckpointError, match="No Janus weights"):
         load_janus(empty)
+
+
+def test_static_step_matches_cached_step(model):
+    """The fixed-shape step (CUDA-graph path) equals the ordinary cached step, with left padding."""
+    batch = model.processor.understanding_batch(["Hi", "What is in the picture?"], [[torch.rand(3, 16, 16)], []])
+    lm = model.language_model.model
+    b, t = batch.input_ids.shape
+    steps = torch.randint(0, TINY_CONFIG.language.vocab_size, (b, 3))
+    outs = []
+    with torch.no_grad():
+        embeds = model.embed_prompt(batch.input_ids, batch.pixels, batch.image_token_mask)
+        pos = positions_from_mask(batch.attention_mask, (b, t))
+        for static in (False, True):
+            cache = model.new_cache(b, t + 5)
+            cache.set_padding(batch.attention_mask)
+            lm(embeds, pos, cache)
+            for i in range(3):
+                x, p = lm.embed_tokens(steps[:, i : i + 1]), pos[:, -1:] + 1 + i
+                if static:
+                    outs.append(lm.forward_static_step(x, p, cache, torch.tensor([cache.length])))
+                    cache.length += 1
+                else:
+                    outs.append(lm(x, p, cache))
+    for dynamic, static in zip(outs[:3], outs[3:]):
+        torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)

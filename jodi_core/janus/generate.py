@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .decode import DecodeStepper
 from .model import JanusModel, positions_from_mask
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def janus_understand_tokens(
     hidden = lm.model(embeds, positions, cache)
     logits = lm.lm_head(hidden[:, -1])
     next_pos = positions[:, -1:] + 1
+    step_fn = DecodeStepper(lm.model, cache, b, use_cuda_graph=model.use_cuda_graphs and max_new_tokens > 1)
 
     generator = _generator(device, seed) if do_sample else None
     out = torch.full((b, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
@@ -183,7 +185,7 @@ def janus_understand_tokens(
             callback(steps, max_new_tokens)
         if steps == max_new_tokens or bool(finished.all()):
             break
-        hidden = lm.model(lm.model.embed_tokens(token[:, None]), next_pos, cache)
+        hidden = step_fn(lm.model.embed_tokens(token[:, None]), next_pos)
         logits = lm.lm_head(hidden[:, -1])
         next_pos = next_pos + 1
 
@@ -254,6 +256,7 @@ def janus_generate_codes(
     cache = model.new_cache(rows, t + n)
     positions = torch.arange(t, device=device).expand(rows, -1)
     hidden = lm.model(lm.model.embed_tokens(ids), positions, cache)[:, -1]
+    step_fn = DecodeStepper(lm.model, cache, rows, use_cuda_graph=model.use_cuda_graphs)
 
     generator = _generator(device, seed) if temperature > 0 else None
     codes = torch.empty(parallel_size, n, dtype=torch.long, device=device)
@@ -274,7 +277,7 @@ def janus_generate_codes(
             break
         # The same token feeds the conditional and the unconditional row of each pair.
         step_in = model.embed_image_tokens(torch.cat([token, token]))[:, None]  # (2P, 1, D)
-        hidden = lm.model(step_in, position, cache)[:, -1]
+        hidden = step_fn(step_in, position)[:, -1]
         position += 1
     return codes
 

@@ -50,6 +50,20 @@ class StaticKVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write_at(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step at a position held in a device tensor and return the whole buffer (fixed shapes, so the
+        step can be captured in a CUDA graph; ``static_step_mask`` hides the unwritten tail)."""
+        self.k[layer].index_copy_(2, cache_position, k)
+        self.v[layer].index_copy_(2, cache_position, v)
+        return self.k[layer], self.v[layer]
+
+    def static_step_mask(self, cache_position: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, max_len) bool: positions up to ``cache_position`` that are not padding."""
+        filled = torch.arange(self.max_len, device=self.key_mask.device) <= cache_position
+        return (self.key_mask & filled)[:, None, None, :]
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -97,7 +111,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = operations.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, **kw)
         self.o_proj = operations.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, **kw)
 
-    def forward(self, x, cos, sin, cache: StaticKVCache | None, attn_mask, is_causal: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: StaticKVCache | None, attn_mask, is_causal: bool, cache_position=None):
         b, t, _ = x.shape
         # (B, T, heads*hd) -> (B, heads, T, hd)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -105,7 +119,9 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
+        if cache_position is not None:
+            k, v = cache.write_at(self.layer_idx, k, v, cache_position)
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
@@ -134,8 +150,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def forward(self, x, cos, sin, cache, attn_mask, is_causal) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask, is_causal)
+    def forward(self, x, cos, sin, cache, attn_mask, is_causal, cache_position=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask, is_causal, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -177,6 +193,22 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, cache, attn_mask, is_causal)
         if cache is not None:
             cache.length = start + t
+        return self.norm(x)
+
+    def forward_static_step(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: StaticKVCache, cache_position: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step with fixed shapes and no host synchronisation (CUDA-graph capturable).
+
+        inputs_embeds (B, 1, D); position_ids (B, 1) rotary positions; cache_position (1,) long: the cache slot to
+        write, on the model's device. Attends over the whole cache with the tail masked. Does not advance
+        ``cache.length``: the caller owns the step counter.
+        """
+        attn_mask = cache.static_step_mask(cache_position)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, attn_mask, False, cache_position)
         return self.norm(x)
 
     @staticmethod

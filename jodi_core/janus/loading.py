@@ -182,7 +182,8 @@ def read_janus_state_dict(folder: "str | Path") -> tuple[dict[str, torch.Tensor]
         kind = identify_checkpoint(sd)
         what = f"looks like {kind}" if kind else f"has unrecognised keys (e.g. {', '.join(sorted(sd)[:3])})"
         raise CheckpointError(f"{folder.name} is not a Janus checkpoint: it {what}.")
-    for key in [k for k in sd if k.startswith(_DROPPED_ORIGINAL)]:
+    # Older LLaMA exports also persist the rotary inv_freq buffer, which is recomputed here.
+    for key in [k for k in sd if k.startswith(_DROPPED_ORIGINAL) or k.endswith("rotary_emb.inv_freq")]:
         del sd[key]
     return sd, layout
 

@@ -46,6 +46,8 @@ class JanusModel(nn.Module):
         self.gen_embed = operations.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_dim, dtype=dtype, device=device)
         # Set by load_janus: the text tokenizer / prompt formatter and the image preprocessor.
         self.processor = None
+        # Replay decode steps from a CUDA graph when on CUDA (see decode.py); set False to decode eagerly.
+        self.use_cuda_graphs = True
 
     @property
     def tokenizer(self):
