@@ -1,0 +1,100 @@
+"""Command line: ``python -m jodi_core <command> ...``.
+
+Commands import their modules lazily so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, device=args.device, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import identify_checkpoint, read_state_dict
+
+    sd = read_state_dict(args.checkpoint)
+    kind = identify_checkpoint(sd)
+    n = sum(v.numel() for v in sd.values())
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    print(f"{args.checkpoint}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
+    if kind == "jodi":
+        from .transformer import JodiConfig
+
+        print(JodiConfig.from_state_dict(sd))
+    elif kind in ("dcae", "dcae-diffusers"):
+        from .dcae import DCAEConfig
+
+        print(DCAEConfig.from_state_dict(sd))
+    return 0
+
+
+def _cmd_convert_gemma(args: argparse.Namespace) -> int:
+    from .gemma import convert_gemma
+
+    convert_gemma(args.hf_folder, args.out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import main_train
+
+    return main_train(args.rest) or 0
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from .annotate import main_annotate
+
+    return main_annotate(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jodi_core", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="joint generation, controllable generation and perception with the demo model")
+    demo.add_argument("--out", default="jodi_demo.png", help="where to write the labelled PNG grid")
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="say what a checkpoint file holds and the config inferred from it")
+    info.add_argument("checkpoint")
+    info.set_defaults(func=_cmd_info)
+
+    gemma = sub.add_parser("convert-gemma", help="merge a Hugging Face gemma-2-2b-it folder into one ComfyUI file")
+    gemma.add_argument("hf_folder")
+    gemma.add_argument("out")
+    gemma.set_defaults(func=_cmd_convert_gemma)
+
+    for name, func, text in (
+        ("train", _cmd_train, "train or fine-tune a DC-AE and a Jodi DiT (see --help of the command)"),
+        ("annotate", _cmd_annotate, "label a folder of images with Jodi perception (see --help of the command)"),
+    ):
+        cmd = sub.add_parser(name, help=text, add_help=False)
+        cmd.add_argument("rest", nargs=argparse.REMAINDER)
+        cmd.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Load the published Jodi and DC-AE checkpoints as they are.
+
+- Jodi: ``Jodi.pth`` (``{'state_dict': ...}``, read with ``weights_only=True``) or ``.safetensors``, in fp32, fp16 or
+  bf16. ``pos_embed`` is dropped (it is computed); the config is inferred from tensor shapes.
+- DC-AE: ``dc-ae-f32c32-sana-1.0`` in the original mit-han-lab key format or the diffusers format.
+
+Models are built on the meta device and take the checkpoint's tensors by assignment, so loading never holds a
+second full-precision copy in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from .checkpoint import (
+    CheckpointError,
+    build_on_meta,
+    check_finite,
+    expect_checkpoint,
+    load_state_dict_strict,
+    read_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_jodi", "load_dcae", "jodi_from_state_dict", "CheckpointError"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
+    """Accept a torch dtype, ``"fp32" | "fp16" | "bf16"``, or None/``"auto"`` (keep the checkpoint's dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("float", "fp").replace("bfloat16", "bf16")
+    if key in ("auto", "default"):
+        return None
+    if key not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected auto, fp32, fp16 or bf16.")
+    return DTYPES[key]
+
+
+def _common_float_dtype(sd) -> torch.dtype:
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def jodi_from_state_dict(
+    sd: dict,
+    *,
+    name: str = "state dict",
+    dtype: "torch.dtype | str | None" = None,
+    device: "torch.device | str" = "cpu",
+    attention_backend: str = "auto",
+    **config_overrides,
+):
+    """Build a :class:`JodiTransformer` from a state dict with the reference key names."""
+    from .transformer import JodiConfig, JodiTransformer
+
+    sd = dict(sd)
+    sd.pop("pos_embed", None)
+    expect_checkpoint(sd, ("jodi",), name=name, what="a Jodi DiT")
+    check_finite(sd, name=name)
+    config = JodiConfig.from_state_dict(sd, **config_overrides)
+    dtype = parse_dtype(dtype) or _common_float_dtype(sd)
+    model = build_on_meta(lambda: JodiTransformer(config, attention_backend=attention_backend, dtype=dtype))
+    load_state_dict_strict(model, sd, what="Jodi DiT", dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def load_jodi(
+    path: "str | os.PathLike",
+    *,
+    dtype: "torch.dtype | str | None" = None,
+    device: "torch.device | str" = "cpu",
+    attention_backend: str = "auto",
+    **config_overrides,
+):
+    """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype."""
+    sd = read_state_dict(path)
+    return jodi_from_state_dict(
+        sd, name=os.path.basename(str(path)), dtype=dtype, device=device, attention_backend=attention_backend,
+        **config_overrides,
+    )
+
+
+def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = None, device="cpu"):
+    """Load a DC-AE checkpoint (original or diffusers key format); a folder means its ``model.safetensors``
+    (or ``diffusion_pytorch_model.safetensors``)."""
+    from .dcae import DCAE
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for candidate in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+            if os.path.isfile(os.path.join(path, candidate)):
+                path = os.path.join(path, candidate)
+                break
+        else:
+            raise CheckpointError(f"No model.safetensors or diffusion_pytorch_model.safetensors in folder {path}.")
+    sd = read_state_dict(path)
+    name = os.path.basename(path)
+    expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE")
+    check_finite(sd, name=name)
+    dtype = parse_dtype(dtype) or _common_float_dtype(sd)
+    return DCAE.from_state_dict(sd, dtype=dtype, device=device).eval().requires_grad_(False)

@@ -1,0 +1,301 @@
+"""Jodi inference: roles and condition images in, sampled latents and post-processed maps of every domain out.
+
+One pipeline serves the three jobs; the roles decide which:
+- joint generation: every domain generated;
+- controllable generation: the image generated from any subset of label maps given as conditions;
+- perception: the image given as a condition, labels generated.
+
+It reproduces ``app/jodi_pipeline.py`` of the reference (bucketed size, condition resize and centre crop, DC-AE
+scaling, DPM-Solver++ with CFG ``[uncond, cond]`` and the prompt's mask on both halves, final role-1 replacement,
+decode, resize back, clamp) and takes the exact shortcuts: ignored domains leave the sequence, and no CFG branch
+runs when the caption is dropped anyway (perception) or no prompt is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from . import imaging
+from .domains import DOMAINS, NUM_DOMAINS, Role, get_domain, parse_roles, seg_to_index
+from .sampling import Interrupted, StepCallback, cfg_velocity, flow_timesteps, get_sampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JodiPipeline", "JodiResult", "Interrupted"]
+
+DCAE_SCALING_FACTOR = 0.41407
+
+
+@dataclass
+class JodiResult:
+    latents: torch.Tensor  # (B, 8, C, h, w) float32, scaled, role-1 slots are the clean condition latents
+    roles: torch.Tensor  # (B, 8) int64
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, 3, H, W) in [0, 1]
+    seg_index: Optional[torch.Tensor] = None  # (B, H, W) int64, 12 classes
+    height: int = 0
+    width: int = 0
+
+
+def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def _check_finite(name: str, t: Optional[torch.Tensor]) -> None:
+    if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def _batch_rows(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch}; give 1 or {batch}.")
+
+
+class JodiPipeline:
+    """Run Jodi with the modules' current device and dtype (ComfyUI places them; plain users call ``.to``)."""
+
+    def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module, *, scaling_factor: float | None = None):
+        self.transformer = transformer
+        self.vae = vae
+        cfg = getattr(vae, "config", None)
+        self.scaling_factor = scaling_factor or getattr(cfg, "scaling_factor", None) or DCAE_SCALING_FACTOR
+
+    # ---- geometry -----------------------------------------------------------------------------------------------
+
+    @property
+    def compression(self) -> int:
+        return int(getattr(self.vae, "spatial_compression", 32))
+
+    @property
+    def base_size(self) -> int:
+        """Pixel size of the training resolution (1024 for the real model), used to scale the aspect buckets."""
+        cfg = getattr(self.transformer, "config", None)
+        return int(getattr(cfg, "base_size", 32)) * getattr(cfg, "patch_size", 1) * self.compression
+
+    def working_size(self, height: int, width: int, snap: bool = True) -> tuple[int, int]:
+        if snap:
+            return imaging.snap_to_bucket(height, width, self.base_size, self.compression)
+        imaging.check_size(height, width, self.compression)
+        return height, width
+
+    # ---- VAE -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+        """[0, 1] images ``(B, 3, H, W)`` -> scaled latents ``(B, C, H/f, W/f)`` in float32."""
+        device, dtype = _module_device_dtype(self.vae)
+        x = imaging.to_model_range(images.to(device=device, dtype=dtype))
+        z = self.vae.encode(x, tiled=tiled) if tiled else self.vae.encode(x)
+        return z.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        roles: torch.Tensor,
+        height: int,
+        width: int,
+        *,
+        tiled: bool = False,
+        domains: Optional[list[int]] = None,
+    ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Decode every non-ignored domain, resize to ``height x width``, clamp and post-process."""
+        B, L = latents.shape[:2]
+        roles = roles.to("cpu")
+        if domains is None:
+            domains = [d for d in range(L) if (roles[:, d] != Role.IGNORE).any()]
+        device, dtype = _module_device_dtype(self.vae)
+        images: dict[str, torch.Tensor] = {}
+        seg_index = None
+        for d in domains:
+            z = latents[:, d].to(device=device, dtype=dtype) / self.scaling_factor
+            x = self.vae.decode(z, tiled=tiled) if tiled else self.vae.decode(z)
+            x = imaging.resize(x.float(), height, width).clamp(-1, 1).cpu()
+            domain = DOMAINS[d]
+            images[domain.name] = domain.postprocess(x)
+            if domain.name == "segmentation":
+                seg_index = seg_to_index(x)
+        return images, seg_index
+
+    # ---- sampling --------------------------------------------------------------------------------------------------
+
+    def prepare_conditions(
+        self,
+        roles: torch.Tensor,
+        conditions: Optional[Mapping[str, torch.Tensor]],
+        height: int,
+        width: int,
+        *,
+        tiled: bool = False,
+    ) -> torch.Tensor:
+        """Clean latents ``(B, 8, C, h, w)`` for the role-1 domains (zeros elsewhere, as the reference)."""
+        B = roles.shape[0]
+        h, w = height // self.compression, width // self.compression
+        channels = int(getattr(getattr(self.transformer, "config", None), "in_channels", 32))
+        clean_x = torch.zeros(B, NUM_DOMAINS, channels, h, w)
+        given = {get_domain(k).index: v for k, v in (conditions or {}).items() if v is not None}
+        for d in range(NUM_DOMAINS):
+            needed = roles[:, d] == Role.CONDITION
+            if not needed.any():
+                continue
+            if d not in given:
+                raise ValueError(
+                    f"Domain {DOMAINS[d].name!r} has the role 'condition' but no {DOMAINS[d].name} image was given."
+                )
+            img = given[d]
+            if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
+                shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+                raise ValueError(f"The {DOMAINS[d].name} condition must be a (B, 3, H, W) image tensor, got {shape}.")
+            _check_finite(f"The {DOMAINS[d].name} condition image", img)
+            img = _batch_rows(f"The {DOMAINS[d].name} condition image", img.float(), B)
+            img = imaging.resize_and_crop(img.clamp(0, 1), height, width)
+            z = self.encode(img, tiled=tiled).cpu()
+            clean_x[:, d] = torch.where(needed[:, None, None, None], z, clean_x[:, d])
+        return clean_x
+
+    @staticmethod
+    def make_noise(batch: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """Seeds ``seed, seed + 1, ...`` per sample on a CPU generator, so results do not depend on the device or on
+        the batch size (sample ``i`` of a batch equals a batch of one with seed ``seed + i``)."""
+        noise = []
+        for i in range(batch):
+            g = torch.Generator("cpu").manual_seed(int(seed) + i)
+            noise.append(torch.randn((1, *shape), generator=g, dtype=torch.float32))
+        return torch.cat(noise)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        roles,
+        clean_x: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        negative_embeds: Optional[torch.Tensor] = None,
+        steps: int = 20,
+        cfg_scale: float = 4.5,
+        flow_shift: float = 3.0,
+        sampler: str = "dpmpp_2m",
+        callback: Optional[StepCallback] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> torch.Tensor:
+        """Denoise ``noise (B, 8, C, h, w)``; returns the final latents with role-1 slots replaced by ``clean_x``."""
+        B = noise.shape[0]
+        roles = parse_roles(roles, batch=B)
+        device, dtype = _module_device_dtype(self.transformer)
+        model = self.transformer
+
+        caption_dropped = bool((roles[:, 0] == Role.CONDITION).all())
+        use_cfg = prompt_embeds is not None and cfg_scale != 1.0 and not caption_dropped
+        if prompt_embeds is not None:
+            _check_finite("prompt_embeds", prompt_embeds)
+            if prompt_embeds.dim() == 3:
+                prompt_embeds = prompt_embeds[:, None]
+            prompt_embeds = _batch_rows("prompt_embeds", prompt_embeds, B)
+            if prompt_mask is None:
+                prompt_mask = torch.ones(B, prompt_embeds.shape[-2], dtype=torch.long)
+            prompt_mask = _batch_rows("prompt_mask", prompt_mask.long().reshape(-1, prompt_mask.shape[-1]), B)
+        if use_cfg:
+            if negative_embeds is None:
+                null = model.y_embedder.y_embedding.detach()
+                negative_embeds = null[None, None].expand(B, 1, *null.shape)
+            else:
+                _check_finite("negative_embeds", negative_embeds)
+                if negative_embeds.dim() == 3:
+                    negative_embeds = negative_embeds[:, None]
+                negative_embeds = _batch_rows("negative_embeds", negative_embeds, B)
+            # [uncond, cond]; the unconditional half uses the prompt's mask, as the reference does.
+            y = torch.cat([negative_embeds.to(device, dtype), prompt_embeds.to(device, dtype)])
+            mask = torch.cat([prompt_mask, prompt_mask]).to(device)
+            model_roles = torch.cat([roles, roles])
+        else:
+            y = None if prompt_embeds is None or caption_dropped else prompt_embeds.to(device, dtype)
+            mask = None if y is None else prompt_mask.to(device)
+            model_roles = roles
+        model_roles = model_roles.to(device)
+        ctx = model.prepare(model_roles, y, mask)
+        clean = clean_x.to(device=device, dtype=torch.float32)
+        clean_model = torch.cat([clean, clean]) if use_cfg else clean
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x, x]) if use_cfg else x
+            timestep = (t * 1000).expand(x_in.shape[0]).to(torch.float32)
+            v = model.forward_prepared(x_in, timestep, ctx, clean_x=clean_model).float()
+            if use_cfg:
+                v_uncond, v_cond = v.chunk(2)
+                return cfg_velocity(v_uncond, v_cond, cfg_scale)
+            return v
+
+        timesteps = flow_timesteps(steps, flow_shift)
+        x = get_sampler(sampler)(
+            velocity, noise.to(device=device, dtype=torch.float32), timesteps, callback=callback, should_stop=should_stop
+        )
+        is_condition = (roles == Role.CONDITION).to(device)[:, :, None, None, None]
+        return torch.where(is_condition, clean, x)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        roles,
+        height: int = 1024,
+        width: int = 1024,
+        *,
+        conditions: Optional[Mapping[str, torch.Tensor]] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        negative_embeds: Optional[torch.Tensor] = None,
+        steps: int = 20,
+        cfg_scale: float = 4.5,
+        flow_shift: float = 3.0,
+        sampler: str = "dpmpp_2m",
+        seed: int = 0,
+        batch_size: int = 1,
+        snap_to_bucket: bool = True,
+        callback: Optional[StepCallback] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        decode: bool = True,
+        tiled_decode: bool = False,
+    ) -> JodiResult:
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+        if not (cfg_scale >= 0 and cfg_scale == cfg_scale):
+            raise ValueError(f"cfg_scale must be a non-negative number, got {cfg_scale!r}.")
+        role_table = parse_roles(roles)
+        if role_table.shape[0] == 1:
+            role_table = role_table.repeat(batch_size, 1)
+        elif batch_size not in (1, role_table.shape[0]):
+            raise ValueError(f"Got {role_table.shape[0]} rows of roles but batch_size {batch_size}.")
+        B = role_table.shape[0]
+        work_h, work_w = self.working_size(height, width, snap_to_bucket)
+        clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w)
+        noise = self.make_noise(B, tuple(clean_x.shape[1:]), seed)
+        latents = self.sample(
+            role_table,
+            clean_x,
+            noise,
+            prompt_embeds=prompt_embeds,
+            prompt_mask=prompt_mask,
+            negative_embeds=negative_embeds,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            flow_shift=flow_shift,
+            sampler=sampler,
+            callback=callback,
+            should_stop=should_stop,
+        ).float()
+        result = JodiResult(latents=latents.cpu(), roles=role_table, height=height, width=width)
+        if decode:
+            result.images, result.seg_index = self.decode_latents(
+                latents, role_table, height, width, tiled=tiled_decode
+            )
+        return result
