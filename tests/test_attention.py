@@ -1,0 +1,170 @@
+"""ReLU linear attention: torch reference against the quadratic definition, masks, dtypes, dispatcher, compile."""
+
+import logging
+
+import pytest
+import torch
+
+from jodi_core import attention as attn
+from jodi_core.attention import dispatch_linear_attention, linear_attention, resolve_backend
+
+
+def _qkv(B=2, T=37, H=3, D=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g).to(dtype) for _ in range(3)]
+
+
+def _quadratic(q, k, v, key_mask=None, eps=1e-8):
+    """Definition in float64: out_i = sum_j v_j (k_j . q_i) / (sum_j k_j . q_i + eps), ReLU on q and k."""
+    q, k, v = q.double().relu(), k.double().relu(), v.double()
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)  # (B, H, Tq, Tk)
+    if key_mask is not None:
+        scores = scores * key_mask[:, None, None, :].double()
+    num = torch.einsum("bhij,bjhd->bihd", scores, v)
+    den = scores.sum(-1).permute(0, 2, 1)[..., None]  # (B, T, H, 1)
+    return num / (den + eps)
+
+
+def test_matches_quadratic_definition_with_mask():
+    q, k, v = _qkv()
+    mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[1, :20] = False  # different masks per row
+    out = linear_attention(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _quadratic(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear_attention(q, k, v).double(), _quadratic(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_keys_do_not_contribute():
+    q, k, v = _qkv()
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[:, 5:11] = False
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 5:11], v2[:, 5:11] = 100.0, -100.0
+    torch.testing.assert_close(linear_attention(q, k, v, mask), linear_attention(q, k2, v2, mask), atol=1e-6, rtol=0)
+
+
+def test_non_contiguous_views_like_the_model():
+    """The model hands in q, k, v as strided views of one qkv projection."""
+    B, T, H, D = 2, 19, 2, 32
+    qkv = torch.randn(B, T, 3 * H * D)
+    q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(linear_attention(q, k, v).double(), _quadratic(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_accumulates_in_fp32(dtype):
+    q, k, v = _qkv(T=300, dtype=dtype)
+    out = linear_attention(q, k, v)
+    assert out.dtype == dtype
+    exact = _quadratic(q, k, v)  # from the same rounded inputs
+    # Only the final rounding to the storage dtype remains: well inside one ulp of the output range.
+    ulp = torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs() <= ulp * exact.abs() + 1e-6).all()
+
+
+def test_eps_guards_all_zero_denominator():
+    q, k, v = _qkv(B=1, T=4, H=1)
+    mask = torch.zeros(1, 4, dtype=torch.bool)  # every key masked: 0 / (0 + eps)
+    out = linear_attention(q, k, v, mask)
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatcher
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_on_cpu_is_torch():
+    name, fn = resolve_backend("auto", torch.device("cpu"))
+    assert name == "torch" and fn is linear_attention
+
+
+def test_unknown_backend_is_a_value_error():
+    q, k, v = _qkv(T=3)
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
+        dispatch_linear_attention(q, k, v, backend="flash")
+
+
+def test_failing_backend_warns_once_and_falls_back(monkeypatch, caplog):
+    calls = []
+
+    def broken(q, k, v, key_mask=None, eps=1e-8):
+        calls.append(1)
+        raise RuntimeError("kernel compile failed")
+
+    monkeypatch.setitem(attn._BACKENDS, "triton", lambda: broken)
+    monkeypatch.setattr(attn, "_resolved", {})
+    monkeypatch.setattr(attn, "_warned", set())
+    q, k, v = _qkv(T=5)
+    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+        a = dispatch_linear_attention(q, k, v, backend="triton")
+        b = dispatch_linear_attention(q, k, v, backend="triton")
+    torch.testing.assert_close(a, linear_attention(q, k, v), atol=0, rtol=0)
+    torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert len(calls) == 1  # disabled after the first failure
+    assert sum("kernel compile failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_unimportable_triton_falls_back(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_kernels(name, *args, **kwargs):
+        if "kernels" in name or name == "triton":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kernels)
+    monkeypatch.setattr(attn, "_resolved", {})
+    monkeypatch.setattr(attn, "_warned", set())
+    q, k, v = _qkv(T=5)
+    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+        out = dispatch_linear_attention(q, k, v, backend="triton")
+        dispatch_linear_attention(q, k, v, backend="triton")
+    torch.testing.assert_close(out, linear_attention(q, k, v), atol=0, rtol=0)
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_auto_on_cuda_picks_triton_when_it_imports(monkeypatch):
+    sentinel = lambda q, k, v, key_mask=None, eps=1e-8: q  # noqa: E731
+    monkeypatch.setitem(attn._BACKENDS, "triton", lambda: sentinel)
+    monkeypatch.setattr(attn, "_resolved", {})
+    assert resolve_backend("auto", torch.device("cuda")) == ("triton", sentinel)
+    assert resolve_backend("auto", torch.device("cpu"))[0] == "torch"
+
+
+def test_compiles_without_graph_breaks():
+    """The torch path is plain tensor code: dynamo traces it (and the dispatcher on CPU) as one graph."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(T=9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 3] = False
+    ref = linear_attention(q, k, v, mask)
+    compiled = torch.compile(linear_attention, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-6, rtol=0)
+    compiled = torch.compile(lambda a, b, c, m: dispatch_linear_attention(a, b, c, m, backend="auto"),
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-6, rtol=0)
+
+
+def test_dit_block_compiles_as_one_graph():
+    """A whole DiT block (adaLN, linear attention with a key mask, cross-attention, GLUMBConv) has no graph break."""
+    from jodi_core.layers import JodiBlock
+
+    torch._dynamo.reset()
+    block = JodiBlock(64, 2, 160, 32).eval()
+    N, L, h, w, C = 2, 3, 4, 5, 64
+    x = torch.randn(N, L, h * w, C)
+    cond = torch.randn(N, L, 6, C) * 0.1
+    key_mask = torch.ones(N, L * h * w, dtype=torch.bool)
+    key_mask[1, : h * w] = False
+    kv = block.cross_attn.caption_kv(torch.randn(N, 7, C))
+    bias = torch.zeros(N, 1, 1, 7)
+    bias[0, ..., 4:] = -10000.0
+    with torch.no_grad():
+        ref = block(x, cond, (h, w), key_mask, kv, bias, "torch")
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, cond, (h, w), key_mask, kv, bias, "auto"), ref, atol=1e-5, rtol=0)
