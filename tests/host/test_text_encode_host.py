@@ -22,6 +22,7 @@ PROMPTS = {
     "short": "a red cat sleeping on a sofa",
     "weights_and_flags": "A busy street at night, (neon:1.2) signs --ar 16:9",
     "long": "mountains above a lake at sunset " * 60,
+    "empty": "",  # without the CHI prefix this is the reference's null caption
 }
 
 
