@@ -298,3 +298,27 @@ def test_static_step_matches_cached_step(model):
                     outs.append(lm(x, p, cache))
     for dynamic, static in zip(outs[:3], outs[3:]):
         torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])  # "graph" falls back to eager steps off CUDA
+def test_decode_modes_give_the_same_tokens(model, mode):
+    img = [[torch.rand(3, 16, 16)], []]
+    questions = ["Hi", "Describe the picture"]
+    runs = {}
+    for m in ("eager", mode):
+        model.decode_mode = m
+        try:
+            runs[m] = (
+                janus_understand_tokens(model, img, questions, max_new_tokens=6),
+                janus_generate_codes(model, "A cat", cfg_weight=2.0, temperature=1.0, parallel_size=2, seed=3),
+            )
+        finally:
+            model.decode_mode = "auto"
+    assert runs["eager"][0] == runs[mode][0]
+    assert torch.equal(runs["eager"][1], runs[mode][1])
+    with pytest.raises(ValueError, match="decode mode"):
+        model.decode_mode = "fast"
+        try:
+            janus_generate_codes(model, "A cat")
+        finally:
+            model.decode_mode = "auto"

@@ -23,24 +23,24 @@ def model(tmp_path_factory):
 
 def test_graph_capture_succeeds(model):
     cache = model.new_cache(2, 8)
-    assert DecodeStepper(model.language_model.model, cache, 2).graph is not None
+    assert DecodeStepper(model.language_model.model, cache, 2, mode="auto").graph is not None
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_graph_and_eager_generation_agree(model, temperature):
     runs = []
-    for graphs in (True, False):
-        model.use_cuda_graphs = graphs
+    for mode in ("graph", "eager"):
+        model.decode_mode = mode
         runs.append(janus_generate_codes(model, "A cat", cfg_weight=2.0, temperature=temperature, parallel_size=2, seed=3))
-    model.use_cuda_graphs = True
+    model.decode_mode = "auto"
     assert torch.equal(runs[0], runs[1])
 
 
 def test_graph_and_eager_understanding_agree(model):
     images = [[torch.rand(3, 16, 16)], []]
     runs = []
-    for graphs in (True, False):
-        model.use_cuda_graphs = graphs
+    for mode in ("graph", "eager"):
+        model.decode_mode = mode
         runs.append(janus_understand_tokens(model, images, ["Hi", "Describe the picture"], max_new_tokens=8))
-    model.use_cuda_graphs = True
+    model.decode_mode = "auto"
     assert runs[0] == runs[1]

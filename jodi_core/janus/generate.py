@@ -164,7 +164,7 @@ def janus_understand_tokens(
     hidden = lm.model(embeds, positions, cache)
     logits = lm.lm_head(hidden[:, -1])
     next_pos = positions[:, -1:] + 1
-    step_fn = DecodeStepper(lm.model, cache, b, use_cuda_graph=model.use_cuda_graphs and max_new_tokens > 1)
+    step_fn = DecodeStepper(lm.model, cache, b, mode=model.decode_mode if max_new_tokens > 1 else "eager")
 
     generator = _generator(device, seed) if do_sample else None
     out = torch.full((b, max_new_tokens), tok.pad_id, dtype=torch.long, device=device)
@@ -256,7 +256,7 @@ def janus_generate_codes(
     cache = model.new_cache(rows, t + n)
     positions = torch.arange(t, device=device).expand(rows, -1)
     hidden = lm.model(lm.model.embed_tokens(ids), positions, cache)[:, -1]
-    step_fn = DecodeStepper(lm.model, cache, rows, use_cuda_graph=model.use_cuda_graphs)
+    step_fn = DecodeStepper(lm.model, cache, rows, mode=model.decode_mode)
 
     generator = _generator(device, seed) if temperature > 0 else None
     codes = torch.empty(parallel_size, n, dtype=torch.long, device=device)

@@ -46,8 +46,9 @@ class JanusModel(nn.Module):
         self.gen_embed = operations.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_dim, dtype=dtype, device=device)
         # Set by load_janus: the text tokenizer / prompt formatter and the image preprocessor.
         self.processor = None
-        # Replay decode steps from a CUDA graph when on CUDA (see decode.py); set False to decode eagerly.
-        self.use_cuda_graphs = True
+        # How decode steps run (decode.py): "auto" replays a CUDA graph on CUDA and runs eagerly elsewhere;
+        # "eager", "static" (fixed-shape steps without a graph) and "graph" force one way.
+        self.decode_mode = "auto"
 
     @property
     def tokenizer(self):
