@@ -224,7 +224,7 @@ def _save_maps(g: Graph, src: Node, prefix: str, names=MAPS, x=1180, y=40, first
 def joint_generation(defs) -> tuple[Graph, dict]:
     g = Graph(defs)
     model, vae = _loaders(g)
-    roles = g.add("JodiRoles", (40, 320), size=(320, 420))
+    roles = g.add("JodiRoles", (40, 420), size=(320, 420))
     sampler = g.add("JodiSampler", (400, 120), size=(330, 420), model=model[0], vae=vae[0], roles=roles[0],
                     aspect="1:1", width=1024, height=1024, steps=20, cfg=4.5, seed=42, sampler="dpm++2m-flow",
                     flow_shift=3.0, batch_size=1)
@@ -241,8 +241,8 @@ def joint_generation(defs) -> tuple[Graph, dict]:
 def controllable_generation(defs) -> tuple[Graph, dict]:
     g = Graph(defs)
     model, vae = _loaders(g)
-    depth = g.add("LoadImage", (40, 320), size=(300, 330), title="depth condition", image="jodi_7-depth.jpg")
-    lineart = g.add("LoadImage", (40, 690), size=(300, 330), title="lineart condition", image="jodi_7-lineart.jpg")
+    depth = g.add("LoadImage", (40, 420), size=(300, 330), title="depth condition", image="jodi_7-depth.jpg")
+    lineart = g.add("LoadImage", (40, 800), size=(300, 330), title="lineart condition", image="jodi_7-lineart.jpg")
     gen = g.add("JodiControllableGeneration", (400, 120), size=(340, 620), model=model[0], vae=vae[0],
                 depth=depth[0], lineart=lineart[0], unconnected_labels="ignore", aspect=AUTO, width=1024,
                 height=1024, steps=20, cfg=4.5, seed=7, sampler="dpm++2m-flow", flow_shift=3.0, batch_size=1,
@@ -260,7 +260,7 @@ def controllable_generation(defs) -> tuple[Graph, dict]:
 def perception(defs) -> tuple[Graph, dict]:
     g = Graph(defs)
     model, vae = _loaders(g)
-    photo = g.add("LoadImage", (40, 320), size=(300, 330), title="photo", image="jodi_pexels-jplenio-1105378.jpg")
+    photo = g.add("LoadImage", (40, 420), size=(300, 330), title="photo", image="jodi_pexels-jplenio-1105378.jpg")
     per = g.add("JodiPerception", (400, 120), size=(330, 520), model=model[0], vae=vae[0], image=photo[0],
                 steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False, mask_class="person")
     saved = _save_maps(g, per, "jodi_perception", names=LABELS, x=780)
@@ -276,7 +276,7 @@ def perception(defs) -> tuple[Graph, dict]:
 def controlnet_chain(defs) -> tuple[Graph, dict]:
     g = Graph(defs)
     model, vae = _loaders(g)
-    photo = g.add("LoadImage", (40, 320), size=(300, 330), title="photo", image="jodi_pexels-jplenio-1105378.jpg")
+    photo = g.add("LoadImage", (40, 420), size=(300, 330), title="photo", image="jodi_pexels-jplenio-1105378.jpg")
     per = g.add("JodiPerception", (400, 120), size=(330, 520), model=model[0], vae=vae[0], image=photo[0],
                 lineart=True, edge=False, depth=True, normal=False, albedo=False, segmentation=False,
                 openpose=False, steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False,
