@@ -1,0 +1,681 @@
+"""DC-AE f32c32 (``dc-ae-f32c32-sana-1.0``): the deep-compression autoencoder under Sana and Jodi.
+
+An image in [-1, 1] of size ``H x W`` (multiples of 32) becomes a raw latent ``(B, 32, H/32, W/32)`` and back. The
+encoder is deterministic (no posterior). Jodi works on scaled latents: ``encode(img) * 0.41407`` and
+``decode(z / 0.41407)``; that scaling stays outside :meth:`DCAE.encode` / :meth:`DCAE.decode` and is applied by
+:meth:`DCAE.encode_scaled` / :meth:`DCAE.decode_scaled` (or by the caller with ``config.scaling_factor``).
+
+Module attribute names follow the efficientvit ``DCAE`` (``encoder.stages.3.op_list.0.context_module.main.qkv.conv``
+and so on), so the original checkpoint loads strictly as it is; diffusers ``AutoencoderDC`` checkpoints are converted
+by :mod:`.dcae_keys`. Layout of the sana-1.0 model (widths 128..1024, 6 stages, each halving the size):
+
+    encoder: project_in 3x3 -> [ResBlock x2, down] x3 -> [EViT x3, down] x2 -> EViT x3 -> project_out 3x3 (+avg)
+    decoder: project_in 3x3 (+dup) -> EViT x3 -> [up, EViT x3] x2 -> [up, ResBlock x3] x3 -> RMSNorm, ReLU, 3x3
+
+EViT is an EfficientViT block: multi-scale ReLU linear attention (LiteMLA) then a gated inverted-bottleneck conv
+(GLUMBConv), each residual. Every down/up op carries a parameter-free shortcut (pixel-unshuffle + channel averaging,
+channel duplication + pixel-shuffle), so the residual path keeps the signal across resolutions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dcae_keys import detect_key_format, diffusers_to_original
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DCAEConfig",
+    "DC_AE_F32C32_SANA_1_0",
+    "DCAE",
+    "SCALING_FACTOR",
+    "DEFAULT_TILE_SIZE",
+    "DEFAULT_TILE_OVERLAP",
+]
+
+SCALING_FACTOR = 0.41407  # sana-1.0 latent scale: Jodi latent = encode(img) * SCALING_FACTOR
+_RMS_EPS = 1e-5
+_ATTN_EPS = 1e-15
+BLOCK_TYPES = ("ResBlock", "EViT_GLU", "EViTS5_GLU")  # EViT_GLU: no multi-scale branch; EViTS5_GLU: one 5x5 branch
+
+# Tiling defaults, in image pixels. LiteMLA attention is global, so a tile sees only its own context and its output
+# differs from the full-image result; the overlap lets neighbouring tiles cross-fade (linear ramps, weights summing
+# to one) instead of meeting at a hard seam. See _tiled() for the measured effect of the overlap.
+DEFAULT_TILE_SIZE = 1024
+DEFAULT_TILE_OVERLAP = 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DCAEConfig:
+    """Shape of a DC-AE. Encoder and decoder share ``width_list``; stage ``i`` runs at 1/2**i of the image size."""
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    width_list: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    encoder_depth_list: tuple[int, ...] = (2, 2, 2, 3, 3, 3)
+    decoder_depth_list: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
+    encoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EViTS5_GLU",) * 3
+    decoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EViTS5_GLU",) * 3
+    attention_head_dim: int = 32
+    expand_ratio: float = 4.0  # GLUMBConv hidden = expand_ratio * width (the inverted conv emits twice that)
+    scaling_factor: float = SCALING_FACTOR
+
+    def __post_init__(self):
+        for f in ("width_list", "encoder_depth_list", "decoder_depth_list",
+                  "encoder_block_types", "decoder_block_types"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        n = len(self.width_list)
+        for f in ("encoder_depth_list", "decoder_depth_list", "encoder_block_types", "decoder_block_types"):
+            if len(getattr(self, f)) != n:
+                raise ValueError(f"DCAEConfig.{f} has {len(getattr(self, f))} entries for {n} stages.")
+        if n < 1:
+            raise ValueError("DCAEConfig needs at least one stage.")
+        if any(d < 1 for d in self.encoder_depth_list + self.decoder_depth_list):
+            raise ValueError("DCAEConfig stages need at least one block (depth 0 stages are not supported).")
+        for t in self.encoder_block_types + self.decoder_block_types:
+            if t not in BLOCK_TYPES:
+                raise ValueError(f"Unknown DC-AE block type {t!r}; expected one of {BLOCK_TYPES}.")
+        for i, w in enumerate(self.width_list):
+            uses_attention = "EViT" in self.encoder_block_types[i] or "EViT" in self.decoder_block_types[i]
+            if uses_attention and w % self.attention_head_dim:
+                raise ValueError(f"Stage {i} width {w} is not a multiple of the head dim {self.attention_head_dim}.")
+        # parameter-free shortcuts regroup channels, so the widths must divide each other
+        for a, b in zip(self.width_list[:-1], self.width_list[1:]):
+            if (4 * a) % b or (4 * a) < b:
+                raise ValueError(f"Widths {a} -> {b}: the down shortcut needs 4*{a} to be a multiple of {b}.")
+        if self.width_list[-1] % self.latent_channels:
+            raise ValueError(
+                f"Last width {self.width_list[-1]} is not a multiple of latent_channels {self.latent_channels}."
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.width_list)
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (self.num_stages - 1)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "DCAEConfig":
+        """Infer the config from key names and shapes (either key format). ``overrides`` set non-inferable fields."""
+        fmt = detect_key_format(sd)
+        if fmt is None:
+            raise ValueError("Not a DC-AE state dict: neither efficientvit nor diffusers AutoencoderDC keys found.")
+        if fmt == "diffusers":
+            sd = diffusers_to_original(sd)
+        return replace(_infer_config(sd), **overrides)
+
+
+DC_AE_F32C32_SANA_1_0 = DCAEConfig()
+
+_STAGE_KEY = re.compile(r"(encoder|decoder)\.stages\.(\d+)\.op_list\.(\d+)\.(.+)\Z")
+
+
+def _require(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in sd:
+        raise ValueError(f"DC-AE state dict is missing {key!r}; cannot infer the model shape.")
+    return sd[key]
+
+
+def _op_kind(suffixes: set[str]) -> str:
+    if "main.conv1.conv.weight" in suffixes:
+        return "ResBlock"
+    if "context_module.main.qkv.conv.weight" in suffixes:
+        return "EViTS5_GLU" if "context_module.main.aggreg.0.0.weight" in suffixes else "EViT_GLU"
+    if "main.conv.weight" in suffixes:
+        return "down"
+    if "main.conv.conv.weight" in suffixes:
+        return "up"
+    raise ValueError(f"Unrecognised DC-AE op with keys {sorted(suffixes)[:4]}.")
+
+
+def _infer_config(sd: Mapping[str, torch.Tensor]) -> DCAEConfig:
+    """Read the config from efficientvit keys: stage/op indices give depths, op keys give types, shapes give widths."""
+    ops: dict[str, dict[int, dict[int, set[str]]]] = {"encoder": {}, "decoder": {}}
+    for key in sd:
+        m = _STAGE_KEY.match(key)
+        if m:
+            side, s, i, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            ops[side].setdefault(s, {}).setdefault(i, set()).add(suffix)
+    n = len(ops["encoder"])
+    if n == 0 or sorted(ops["encoder"]) != list(range(n)) or sorted(ops["decoder"]) != list(range(n)):
+        raise ValueError(
+            f"DC-AE state dict has encoder stages {sorted(ops['encoder'])} and decoder stages "
+            f"{sorted(ops['decoder'])};"
+            " expected the same contiguous stages in both."
+        )
+    widths: list[int] = []
+    depths: dict[str, list[int]] = {"encoder": [], "decoder": []}
+    types: dict[str, list[str]] = {"encoder": [], "decoder": []}
+    head_dim, expand = None, None
+    for side in ("encoder", "decoder"):
+        for s in range(n):
+            stage = ops[side][s]
+            kinds = [_op_kind(stage[i]) for i in sorted(stage)]
+            if sorted(stage) != list(range(len(stage))):
+                raise ValueError(f"{side} stage {s} has non-contiguous op indices {sorted(stage)}.")
+            resample = "down" if side == "encoder" else "up"
+            expected_resample = s < n - 1
+            if side == "encoder":
+                blocks, extra = kinds[:-1] if expected_resample else kinds, kinds[-1:] if expected_resample else []
+            else:
+                blocks, extra = kinds[1:] if expected_resample else kinds, kinds[:1] if expected_resample else []
+            if extra != ([resample] if expected_resample else []) or resample in blocks or not blocks:
+                raise ValueError(f"{side} stage {s} has an unexpected op layout {kinds}.")
+            if len(set(blocks)) != 1:
+                raise ValueError(f"{side} stage {s} mixes block types {blocks}; one type per stage is supported.")
+            depths[side].append(len(blocks))
+            types[side].append(blocks[0])
+            first = 0 if side == "encoder" or not expected_resample else 1
+            prefix = f"{side}.stages.{s}.op_list.{first}."
+            if blocks[0] == "ResBlock":
+                width = _require(sd, prefix + "main.conv1.conv.weight").shape[0]
+            else:
+                width = _require(sd, prefix + "context_module.main.qkv.conv.weight").shape[1]
+                inverted = _require(sd, prefix + "local_module.main.inverted_conv.conv.weight").shape[0]
+                expand = inverted / (2 * width)
+                aggreg = sd.get(prefix + "context_module.main.aggreg.0.1.weight")
+                if aggreg is not None:
+                    head_dim = aggreg.shape[1]  # grouped 1x1 conv: one group of head_dim channels per q/k/v slice
+                    kernel = sd[prefix + "context_module.main.aggreg.0.0.weight"].shape[-1]
+                    if kernel != 5:
+                        raise ValueError(f"{side} stage {s}: multi-scale kernel {kernel} (only 5 is supported).")
+            if side == "encoder":
+                widths.append(int(width))
+            elif width != widths[s]:
+                raise ValueError(f"Stage {s} width differs between encoder ({widths[s]}) and decoder ({width}).")
+    latent = _require(sd, "encoder.project_out.main.op_list.0.conv.weight").shape[0]
+    in_ch = _require(sd, "encoder.project_in.conv.weight").shape[1]
+    return DCAEConfig(
+        in_channels=int(in_ch),
+        latent_channels=int(latent),
+        width_list=tuple(widths),
+        encoder_depth_list=tuple(depths["encoder"]),
+        decoder_depth_list=tuple(depths["decoder"]),
+        encoder_block_types=tuple(types["encoder"]),
+        decoder_block_types=tuple(types["decoder"]),
+        attention_head_dim=int(head_dim or 32),
+        expand_ratio=float(expand or 4.0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers (attribute names = efficientvit state-dict keys)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm2d(nn.Module):
+    """RMS norm over the channel dim of ``(B, C, H, W)``; statistics in float32, then ``* weight + bias``."""
+
+    def __init__(self, channels: int, eps: float = _RMS_EPS, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(channels, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sq = x.float().square().mean(dim=1, keepdim=True)
+        x = (x / torch.sqrt(mean_sq + self.eps)).to(x.dtype)
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class ConvLayer(nn.Module):
+    """``conv`` (same padding), then an optional ``norm`` (RMSNorm2d) and activation, as efficientvit's ConvLayer."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, groups: int = 1, bias: bool = True,
+                 norm: bool = False, act: Optional[Callable] = None, dtype=None, device=None, operations=None):
+        super().__init__()
+        ops = operations or nn
+        self.conv = ops.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias,
+                               dtype=dtype, device=device)
+        self.norm = RMSNorm2d(out_ch, dtype=dtype, device=device) if norm else None
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class OpSequential(nn.Module):
+    """Ops run in order; stored as ``op_list`` to match the checkpoint keys."""
+
+    def __init__(self, ops: Sequence[nn.Module]):
+        super().__init__()
+        self.op_list = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for op in self.op_list:
+            x = op(x)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """``main(x) + shortcut(x)``."""
+
+    def __init__(self, main: nn.Module, shortcut: nn.Module):
+        super().__init__()
+        self.main = main
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.shortcut(x)
+
+
+class PixelUnshuffleChannelAveraging(nn.Module):
+    """Parameter-free down shortcut: pixel-unshuffle by ``factor``, then average groups of channels to ``out_ch``."""
+
+    def __init__(self, in_ch: int, out_ch: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.out_ch = out_ch
+        self.group = in_ch * factor**2 // out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factor > 1:
+            x = F.pixel_unshuffle(x, self.factor)  # (B, C*f*f, H/f, W/f)
+        B, _, H, W = x.shape
+        return x.view(B, self.out_ch, self.group, H, W).mean(dim=2)  # consecutive channels form a group
+
+
+class ChannelDuplicatingPixelShuffle(nn.Module):
+    """Parameter-free up shortcut: repeat every channel, then pixel-shuffle by ``factor``."""
+
+    def __init__(self, in_ch: int, out_ch: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.repeats = out_ch * factor**2 // in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.repeat_interleave(self.repeats, dim=1)  # (B, out*f*f, H, W), each channel repeated in place
+        return F.pixel_shuffle(x, self.factor) if self.factor > 1 else x
+
+
+class InterpolateConv(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, **kw):
+        super().__init__()
+        self.conv = ConvLayer(in_ch, out_ch, 3, bias=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """conv3x3 + SiLU, conv3x3 (no bias) + RMSNorm2d (the residual is added by the wrapping ResidualBlock)."""
+
+    def __init__(self, channels: int, **kw):
+        super().__init__()
+        self.conv1 = ConvLayer(channels, channels, 3, bias=True, act=F.silu, **kw)
+        self.conv2 = ConvLayer(channels, channels, 3, bias=False, norm=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class LiteMLA(nn.Module):
+    """Multi-scale ReLU linear attention over all ``H*W`` positions of the feature map.
+
+    ``qkv`` (1x1) gives ``heads`` groups of ``[q|k|v]`` (``dim`` channels each, interleaved per head); every
+    multi-scale branch (depthwise kxk, then a grouped 1x1 with one group per q/k/v slice) adds as many heads again.
+    Attention per head: ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)`` with ReLU on q and k.
+    """
+
+    def __init__(self, channels: int, dim: int = 32, scales: tuple[int, ...] = (5,), dtype=None, device=None,
+                 operations=None):
+        super().__init__()
+        ops = operations or nn
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.dim = dim
+        self.eps = _ATTN_EPS
+        heads = channels // dim
+        total = 3 * heads * dim
+        self.qkv = ConvLayer(channels, total, 1, bias=False, **kw)
+        self.aggreg = nn.ModuleList(
+            nn.Sequential(
+                ops.Conv2d(total, total, k, padding=k // 2, groups=total, bias=False, dtype=dtype, device=device),
+                ops.Conv2d(total, total, 1, groups=3 * heads, bias=False, dtype=dtype, device=device),
+            )
+            for k in scales
+        )
+        self.proj = ConvLayer(heads * dim * (1 + len(scales)), channels, 1, bias=False, norm=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)
+        qkv = torch.cat([qkv] + [branch(qkv) for branch in self.aggreg], dim=1)  # (B, 3*dim*heads', H, W)
+        B, _, H, W = qkv.shape
+        # The reference runs the attention with autocast off and switches on the token count: linear form when
+        # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
+        with torch.autocast(device_type=qkv.device.type, enabled=False):
+            if H * W > self.dim:
+                out = self._linear(qkv).to(qkv.dtype)
+            else:
+                out = self._quadratic(qkv)
+        return self.proj(out.reshape(B, -1, H, W))
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, _, H, W = qkv.shape
+        qkv = qkv.reshape(B, -1, 3 * self.dim, H * W)  # (B, heads', [q|k|v] per head, N)
+        q, k, v = qkv[:, :, : self.dim], qkv[:, :, self.dim : 2 * self.dim], qkv[:, :, 2 * self.dim :]
+        return F.relu(q), F.relu(k), v
+
+    def _linear(self, qkv: torch.Tensor) -> torch.Tensor:
+        if qkv.dtype == torch.float16:
+            qkv = qkv.float()  # fp16 would overflow the sums; bf16 stays bf16 for the matmuls, as the reference
+        q, k, v = self._split(qkv)
+        v = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, h, dim+1, N): the ones row yields the normaliser
+        vk = v @ k.transpose(-1, -2)  # (B, h, dim+1, dim)
+        out = vk @ q  # (B, h, dim+1, N)
+        out = out.float()
+        return out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, h, dim, N)
+
+    def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(qkv)
+        att = k.transpose(-1, -2) @ q  # (B, h, N_keys, N_queries)
+        att32 = att.float()
+        att = (att32 / (att32.sum(dim=2, keepdim=True) + self.eps)).to(att.dtype)
+        return v @ att  # (B, h, dim, N)
+
+
+class GLUMBConv(nn.Module):
+    """1x1 (C -> 2*hidden) + SiLU, depthwise 3x3, ``value * SiLU(gate)``, 1x1 (hidden -> C, no bias) + RMSNorm2d."""
+
+    def __init__(self, channels: int, expand_ratio: float = 4.0, **kw):
+        super().__init__()
+        hidden = round(channels * expand_ratio)
+        self.inverted_conv = ConvLayer(channels, 2 * hidden, 1, bias=True, act=F.silu, **kw)
+        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, groups=2 * hidden, bias=True, **kw)
+        self.point_conv = ConvLayer(hidden, channels, 1, bias=False, norm=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.depth_conv(self.inverted_conv(x)).chunk(2, dim=1)
+        return self.point_conv(value * F.silu(gate))
+
+
+class EfficientViTBlock(nn.Module):
+    def __init__(self, channels: int, dim: int, scales: tuple[int, ...], expand_ratio: float, **kw):
+        super().__init__()
+        self.context_module = ResidualBlock(LiteMLA(channels, dim, scales, **kw), nn.Identity())
+        self.local_module = ResidualBlock(GLUMBConv(channels, expand_ratio, **kw), nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local_module(self.context_module(x))
+
+
+def _make_block(block_type: str, channels: int, cfg: DCAEConfig, kw: dict) -> nn.Module:
+    if block_type == "ResBlock":
+        return ResidualBlock(ResBlock(channels, **kw), nn.Identity())
+    scales = (5,) if block_type == "EViTS5_GLU" else ()
+    return EfficientViTBlock(channels, cfg.attention_head_dim, scales, cfg.expand_ratio, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder / decoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig, **kw):
+        super().__init__()
+        w = cfg.width_list
+        self.project_in = ConvLayer(cfg.in_channels, w[0], 3, bias=True, **kw)
+        stages = []
+        for s, (width, depth) in enumerate(zip(w, cfg.encoder_depth_list)):
+            ops = [_make_block(cfg.encoder_block_types[s], width, cfg, kw) for _ in range(depth)]
+            if s < cfg.num_stages - 1:
+                down = ConvLayer(width, w[s + 1], 3, stride=2, bias=True, **kw)
+                ops.append(ResidualBlock(down, PixelUnshuffleChannelAveraging(width, w[s + 1], 2)))
+            stages.append(OpSequential(ops))
+        self.stages = nn.ModuleList(stages)
+        out = ConvLayer(w[-1], cfg.latent_channels, 3, bias=True, **kw)
+        shortcut = PixelUnshuffleChannelAveraging(w[-1], cfg.latent_channels, 1)  # mean over channel groups
+        self.project_out = ResidualBlock(OpSequential([out]), shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.project_out(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig, **kw):
+        super().__init__()
+        w = cfg.width_list
+        inp = ConvLayer(cfg.latent_channels, w[-1], 3, bias=True, **kw)
+        self.project_in = ResidualBlock(inp, ChannelDuplicatingPixelShuffle(cfg.latent_channels, w[-1], 1))
+        stages = []
+        for s, (width, depth) in enumerate(zip(w, cfg.decoder_depth_list)):
+            ops = []
+            if s < cfg.num_stages - 1:
+                up = InterpolateConv(w[s + 1], width, **kw)
+                ops.append(ResidualBlock(up, ChannelDuplicatingPixelShuffle(w[s + 1], width, 2)))
+            ops += [_make_block(cfg.decoder_block_types[s], width, cfg, kw) for _ in range(depth)]
+            stages.append(OpSequential(ops))
+        self.stages = nn.ModuleList(stages)  # indexed by stage; run from the last (smallest) to stage 0
+        norm = RMSNorm2d(w[0], dtype=kw.get("dtype"), device=kw.get("device"))
+        self.project_out = OpSequential([norm, nn.ReLU(), ConvLayer(w[0], cfg.in_channels, 3, bias=True, **kw)])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(z)
+        for stage in reversed(self.stages):
+            x = stage(x)
+        return self.project_out(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering ``[0, size)`` with at least ``overlap`` shared cells; the last tile ends at ``size``."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((size - tile) / stride) + 1
+    # spread the tiles evenly so every overlap is about the same (>= overlap) instead of one thin last overlap
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _ramp(length: int, ramp: int, fade_start: bool, fade_end: bool, device) -> torch.Tensor:
+    """1-D blend weights of one tile: linear ramps of ``ramp`` cells at the edges shared with a neighbour."""
+    pos = torch.arange(length, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones(length, device=device)
+    if ramp > 0:
+        if fade_start:
+            w = torch.minimum(w, pos / ramp)
+        if fade_end:
+            w = torch.minimum(w, (length - pos) / ramp)
+    return w
+
+
+def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, scale: float,
+           out_channels: int, align: int = 1) -> torch.Tensor:
+    """Apply ``fn`` to overlapping ``tile x tile`` windows of ``x`` and cross-fade the outputs.
+
+    ``tile``/``overlap`` are in input cells, multiples of ``align``; tile origins are multiples of ``align`` too (the
+    encoder needs whole 32-pixel blocks so that tile latents land on the full image's latent grid). Outputs are
+    ``scale`` times larger. Each output pixel is the
+    weight-normalised sum of the tiles covering it, with weights ramping linearly across each shared overlap, so the
+    result is continuous (no seam) and equals a single tile's output away from the overlaps.
+
+    Measured on the tiny fixture DC-AE (random weights, 256x320 image, tiles of 128, overlap 64): max abs difference to
+    the untiled result 0.75 for decode (output range ~2) and 14 for encode (latent range ~30), against 0.84 / 20
+    with overlap 32; larger overlaps move the tiles' global attention context closer to the full image's. A model
+    with trained weights is smoother; the overlap of 256 px by default (a quarter of the 1024 px tile) is the
+    blend width the pipeline uses.
+    """
+    B, _, H, W = x.shape
+    ys = [align * s for s in _tile_starts(H // align, tile // align, overlap // align)]
+    xs = [align * s for s in _tile_starts(W // align, tile // align, overlap // align)]
+    log.debug("DC-AE tiling %dx%d input into %dx%d tiles of %d (overlap %d)", H, W, len(ys), len(xs), tile, overlap)
+    th, tw = min(tile, H), min(tile, W)
+    out = None
+    weight = None
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            piece = fn(x[:, :, y0 : y0 + th, x0 : x0 + tw])
+            if out is None:
+                out = torch.zeros(B, out_channels, round(H * scale), round(W * scale), device=piece.device,
+                                  dtype=torch.float32)
+                weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=piece.device, dtype=torch.float32)
+            ph, pw = piece.shape[-2:]
+            ramp = round(overlap * scale)
+            wy = _ramp(ph, ramp, iy > 0, iy < len(ys) - 1, piece.device)
+            wx = _ramp(pw, ramp, ix > 0, ix < len(xs) - 1, piece.device)
+            w2 = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, ph, pw)
+            oy, ox = round(y0 * scale), round(x0 * scale)
+            out[:, :, oy : oy + ph, ox : ox + pw] += piece.float() * w2
+            weight[:, :, oy : oy + ph, ox : ox + pw] += w2
+            del piece
+    return (out / weight).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autoencoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DCAE(nn.Module):
+    """DC-AE with the efficientvit state-dict layout. ``encode``/``decode`` work on raw (unscaled) latents."""
+
+    def __init__(self, config: DCAEConfig = DC_AE_F32C32_SANA_1_0, dtype=None, device=None, operations=None):
+        super().__init__()
+        if not isinstance(config, DCAEConfig):
+            raise TypeError(f"config must be a DCAEConfig, got {type(config).__name__}.")
+        self.config = config
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.encoder = Encoder(config, **kw)
+        self.decoder = Decoder(config, **kw)
+
+    # ---- properties used by the pipeline ----------------------------------------------------------------------------
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.config.spatial_compression
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    # ---- input checks -----------------------------------------------------------------------------------------------
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"DC-AE encode expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}.")
+        if x.ndim != 4:
+            raise ValueError(f"DC-AE encode expects (B, C, H, W) images, got shape {tuple(x.shape)}.")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"DC-AE encode expects {self.config.in_channels}-channel images, got {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)})."
+            )
+        f = self.spatial_compression
+        H, W = x.shape[-2:]
+        if H % f or W % f or H == 0 or W == 0:
+            raise ValueError(f"DC-AE image size {H}x{W} (HxW) must be a non-zero multiple of {f} on both sides.")
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"DC-AE decode expects a floating-point tensor, got {getattr(z, 'dtype', type(z))}.")
+        if z.ndim != 4:
+            raise ValueError(f"DC-AE decode expects (B, C, h, w) latents, got shape {tuple(z.shape)}.")
+        if z.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"DC-AE decode expects {self.config.latent_channels} latent channels, got {z.shape[1]} "
+                f"(shape {tuple(z.shape)})."
+            )
+        if z.shape[-1] == 0 or z.shape[-2] == 0:
+            raise ValueError(f"DC-AE decode got an empty latent of shape {tuple(z.shape)}.")
+
+    def _tiling(self, tile_size: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
+        tile = DEFAULT_TILE_SIZE if tile_size is None else int(tile_size)
+        overlap = DEFAULT_TILE_OVERLAP if overlap is None else int(overlap)
+        f = self.spatial_compression
+        if tile <= 0 or tile % f:
+            raise ValueError(f"DC-AE tile_size {tile} must be a positive multiple of {f} pixels.")
+        if overlap < 0 or overlap % f or overlap >= tile:
+            raise ValueError(f"DC-AE tile overlap {overlap} must be a multiple of {f} pixels in [0, {tile}).")
+        return tile, overlap
+
+    # ---- encode / decode --------------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor, tiled: bool = False, tile_size: Optional[int] = None,
+               overlap: Optional[int] = None) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] -> raw latents ``(B, latent_channels, H/32, W/32)``.
+
+        ``tiled=True`` (or a ``tile_size``) encodes overlapping ``tile_size`` pixel windows and cross-fades them over
+        ``overlap`` pixels; an image that fits one tile is encoded whole.
+        """
+        self._check_image(x)
+        if not (tiled or tile_size is not None):
+            return self.encoder(x)
+        tile, ov = self._tiling(tile_size, overlap)
+        if x.shape[-2] <= tile and x.shape[-1] <= tile:
+            return self.encoder(x)
+        f = self.spatial_compression
+        return _tiled(self.encoder, x, tile, ov, 1 / f, self.config.latent_channels, align=f)
+
+    def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: Optional[int] = None,
+               overlap: Optional[int] = None) -> torch.Tensor:
+        """Raw latents ``(B, latent_channels, h, w)`` -> images ``(B, 3, 32h, 32w)``, not clamped.
+
+        Any batch works, e.g. all 8 Jodi domains at once as ``(B*8, 32, h, w)``. ``tiled``/``tile_size``/``overlap``
+        (image pixels) as in :meth:`encode`.
+        """
+        self._check_latent(z)
+        if not (tiled or tile_size is not None):
+            return self.decoder(z)
+        tile, ov = self._tiling(tile_size, overlap)
+        f = self.spatial_compression
+        if z.shape[-2] * f <= tile and z.shape[-1] * f <= tile:
+            return self.decoder(z)
+        return _tiled(self.decoder, z, tile // f, ov // f, f, self.config.in_channels)
+
+    def encode_scaled(self, x: torch.Tensor, **tiling) -> torch.Tensor:
+        """Jodi's latent convention: ``encode(x) * scaling_factor``."""
+        return self.encode(x, **tiling) * self.config.scaling_factor
+
+    def decode_scaled(self, z: torch.Tensor, **tiling) -> torch.Tensor:
+        """Inverse of :meth:`encode_scaled`: ``decode(z / scaling_factor)``."""
+        return self.decode(z / self.config.scaling_factor, **tiling)
+
+    # ---- loading ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None, device=None,
+                        *, name: str = "DC-AE checkpoint", operations=None) -> "DCAE":
+        """Build a DC-AE for ``sd`` (efficientvit or diffusers keys) without a random init and load it strictly."""
+        from .checkpoint import build_on_meta, expect_checkpoint, load_state_dict_strict
+
+        kind = expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE (dc-ae-f32c32)")
+        if kind == "dcae-diffusers" or detect_key_format(sd) == "diffusers":
+            sd = diffusers_to_original(sd)
+        config = _infer_config(sd)
+        model = build_on_meta(lambda: cls(config, dtype=dtype, operations=operations))
+        load_state_dict_strict(model, sd, what="DC-AE", dtype=dtype, device=device)
+        return model.eval()
