@@ -1,0 +1,87 @@
+"""Optional Triton kernels for the Jodi DiT.
+
+Nothing here imports Triton at module import time: each kernel module imports it when it is itself imported, and the
+callers (``jodi_core.attention``'s dispatcher, the fused-op wrappers) import those modules lazily. Every fused op has a
+PyTorch function of the same signature that computes the same thing, used on CPU, without Triton, or after a kernel
+fails to compile.
+
+Modules:
+- ``linear_attention``: ReLU linear attention (LiteLA) in two deterministic kernels (state, then apply).
+- ``dwconv_glu``: SiLU -> depthwise 3x3 conv -> value * SiLU(gate), the memory-bound middle of GLUMBConv.
+- ``layernorm_modulate``: LayerNorm without affine fused with the adaLN ``x * (1 + scale) + shift``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # a broken install can raise anything at import
+        logger.info("Triton is installed but does not import (%r).", exc)
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), e.g. in the CPU tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """Whether Triton kernels can run here: Triton imports, and a CUDA device or the interpreter is there.
+
+    Cheap after the first call (cached) and never raises.
+    """
+    try:
+        if not _triton_importable():
+            return False
+        if interpreter_enabled():
+            return True
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # never let a probe break the caller
+        return False
+
+
+def tensors_supported(*tensors) -> bool:
+    """Whether these tensors live where the kernels can run (CUDA, or anywhere under the interpreter)."""
+    if interpreter_enabled():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+FUSED_BACKENDS = ("auto", "triton", "torch")
+_failed: set[str] = set()
+
+
+def use_triton(name: str, backend: str, *tensors) -> bool:
+    """Whether fused op ``name`` should take its Triton path for these tensors under ``backend``.
+
+    ``auto`` and ``triton`` both take Triton only where it can run (CUDA or the interpreter) and only until a
+    kernel of that op has failed once; ``torch`` never does.
+    """
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(FUSED_BACKENDS)}.")
+    if backend == "torch" or name in _failed:
+        return False
+    return triton_available() and tensors_supported(*tensors)
+
+
+def mark_failed(name: str, exc: BaseException) -> None:
+    """Record that op ``name``'s kernel failed (compile or launch); warn once, use the torch path from now on."""
+    if name not in _failed:
+        _failed.add(name)
+        logger.warning("Triton kernel %s failed (%r); using the PyTorch path from now on.", name, exc)

@@ -1,0 +1,97 @@
+"""Fused adaLN input: LayerNorm without affine, then ``x * (1 + scale) + shift``.
+
+API (same arguments for all three)::
+
+    layernorm_modulate(x, shift, scale, eps=1e-6, backend="auto") -> out   # dispatcher
+    layernorm_modulate_torch(x, shift, scale, eps=1e-6) -> out             # the PyTorch definition
+    layernorm_modulate_triton(x, shift, scale, eps=1e-6) -> out            # the kernel
+
+``x (..., T, C)``; ``shift`` and ``scale`` broadcast against ``x``. The kernel handles the DiT's case, one modulation
+vector per group of T tokens: ``shift, scale`` of shape ``x.shape[:-2] + (1, C)`` (any strides) in ``x.dtype``;
+any other broadcast or dtype mix takes the torch path. Output in ``x.dtype``, contiguous.
+
+The torch path runs three kernels with a 16-bit rounding after each (layer_norm, the product, the sum) and reads
+and writes the (T, C) activations each time; the kernel reads ``x`` once, keeps the row statistics and the
+modulation in float32 and writes once.
+
+Limits: float16, bfloat16, float32; C up to 16384; CUDA tensors (or ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import mark_failed, use_triton
+
+_NAME = "layernorm_modulate"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_C = 16384
+
+
+def layernorm_modulate_torch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """The PyTorch definition (the reference's ``t2i_modulate(norm(x), shift, scale)``)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor with a channel dimension.")
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def _grouped(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> bool:
+    """True for the layout the kernel handles: one (shift, scale) row per group of T tokens."""
+    if x.dim() < 2:
+        return False
+    want = tuple(x.shape[:-2]) + (1, x.shape[-1])
+    return (
+        tuple(shift.shape) == want and tuple(scale.shape) == want and shift.dtype == scale.dtype == x.dtype
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+
+    from ._layernorm_modulate_kernel import kernel
+
+    return triton, kernel
+
+
+def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    if not _grouped(x, shift, scale):
+        raise ValueError(
+            f"layernorm_modulate_triton needs shift/scale of shape x.shape[:-2] + (1, C); got x {tuple(x.shape)}, "
+            f"shift {tuple(shift.shape)}, scale {tuple(scale.shape)}."
+        )
+    if x.dtype not in _DTYPES or x.shape[-1] > _MAX_C:
+        raise TypeError(f"layernorm_modulate_triton takes float16/bfloat16/float32 with C <= {_MAX_C}.")
+    triton, kernel = _kernel()
+    T, C = x.shape[-2], x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    groups = x.numel() // (T * C)
+    shift = shift.reshape(groups, C).contiguous()  # (groups, C): small
+    scale = scale.reshape(groups, C).contiguous()
+    block = triton.next_power_of_2(C)
+    kernel[(groups * T,)](x, shift, scale, out, T, C, float(eps), BLOCK_C=block, num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+def layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, backend: str = "auto"
+) -> torch.Tensor:
+    """LayerNorm + adaLN modulate on Triton where it runs and the layout fits, else in PyTorch."""
+    if (
+        isinstance(x, torch.Tensor)
+        and x.dtype in _DTYPES
+        and x.shape[-1] <= _MAX_C
+        and _grouped(x, shift, scale)
+        and use_triton(_NAME, backend, x)
+    ):
+        try:
+            return layernorm_modulate_triton(x, shift, scale, eps)
+        except Exception as exc:  # compile/launch failure: fall back for good
+            mark_failed(_NAME, exc)
+    return layernorm_modulate_torch(x, shift, scale, eps)

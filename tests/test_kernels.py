@@ -1,0 +1,374 @@
+"""Triton kernels (jodi_core.kernels) against float64 PyTorch references.
+
+On CPU the kernels run in Triton's interpreter: the checks below run in one subprocess started with
+``TRITON_INTERPRET=1`` (the variable must be set before Triton is imported, and this pytest process may already have
+imported it), which reports per-check results as JSON. With a CUDA device the same checks run compiled, on larger
+shapes (``pytest -m gpu``).
+
+Shapes are chosen so that token counts, widths and channel counts are not multiples of any block size.
+Two interpreter artefacts (Triton 3.8) shape the tolerances: its fp32 -> bf16 conversion truncates instead of rounding
+to nearest (1 ulp), and its 16-bit ``tl.dot`` is wrong, so the state kernel takes its float32 path there (the
+compiled 16-bit path is covered by the GPU run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks (shared by the interpreter run and the GPU run). Each takes (device, big) and raises AssertionError.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_RTOL = {torch.float32: 2e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    o, r = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(o).all(), f"{what}: non-finite output"
+    atol = 1e-5 * float(r.abs().max()) + 1e-30
+    bad = (o - r).abs() > atol + _RTOL[dtype] * r.abs()
+    rel = float((o - r).norm() / (r.norm() + 1e-30))
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{o.numel()} elements off; max err {float((o - r).abs().max()):.3g}"
+    assert rel < _RTOL[dtype], f"{what}: relative error {rel:.3g}"
+
+
+def _make_mask(kind: str, B: int, T: int, device) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "random":
+        return torch.rand(B, T, device=device) > 0.3
+    if kind == "domains":  # whole token ranges ignored, a different set per row (Jodi's role-2 domains)
+        m = torch.ones(B, T, dtype=torch.bool, device=device)
+        m[0, T // 3 : 2 * T // 3] = False
+        m[-1, : T // 2] = False
+        return m
+    if kind == "rowoff":  # one row has no key at all: its output is 0 / eps = 0
+        m = torch.rand(B, T, device=device) > 0.5
+        m[-1] = False
+        return m
+    raise ValueError(kind)
+
+
+def _qkv(B, T, H, D, dtype, device):
+    # Three strided views of one (B, T, 3, H, D) tensor, as the DiT's qkv Linear produces.
+    qkv = torch.randn(B, T, 3, H, D, device=device).to(dtype)
+    return qkv.unbind(2)
+
+
+def check_linear_attention(device, big, dtype_name, T, mask_kind):
+    from jodi_core.attention import linear_attention
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    dtype = _DTYPES[dtype_name]
+    B, H, D = (2, 8, 32) if big else (2, 3, 32)
+    T = T * 16 if big else T
+    q, k, v = _qkv(B, T, H, D, dtype, device)
+    mask = _make_mask(mask_kind, B, T, device)
+    out = linear_attention_triton(q, k, v, mask)
+    ref = linear_attention(q.double(), k.double(), v.double(), mask)
+    _assert_close(out, ref, dtype, f"linear attention {dtype_name} T={T} mask={mask_kind}")
+    assert out.is_contiguous()
+    if mask_kind == "rowoff":
+        assert (out[-1] == 0).all(), "a row with every key masked must give zeros"
+    # Same-dtype torch path: the same function up to float32 summation order and one output rounding.
+    same = linear_attention(q, k, v, mask)
+    ulp = _RTOL[dtype] * same.double().abs() + 1e-5 * float(same.double().abs().max())
+    assert ((out.double() - same.double()).abs() <= 2 * ulp).all(), "differs from the torch path by > 1 ulp"
+
+
+def check_linear_attention_splits(device, big):
+    """One chunk (long loop per program) and one chunk per token block give the same answer."""
+    from jodi_core.attention import linear_attention
+    from jodi_core.kernels import linear_attention as mod
+
+    B, T, H, D = (2, 5000, 4, 32) if big else (1, 300, 2, 32)
+    q, k, v = _qkv(B, T, H, D, torch.float32, device)
+    mask = _make_mask("random", B, T, device)
+    ref = linear_attention(q.double(), k.double(), v.double(), mask)
+    saved = mod._TARGET_STATE_PROGRAMS
+    try:
+        for target in (1, 10**9):
+            mod._TARGET_STATE_PROGRAMS = target
+            n_split, per = mod._num_splits(B, H, T)
+            assert (target == 1) == (n_split == 1), (target, n_split)
+            _assert_close(mod.linear_attention_triton(q, k, v, mask), ref, torch.float32, f"{n_split} chunks")
+    finally:
+        mod._TARGET_STATE_PROGRAMS = saved
+
+
+def check_linear_attention_head_dims(device, big):
+    from jodi_core.attention import linear_attention
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    for D in (16, 64):
+        q, k, v = _qkv(2, 77, 2, D, torch.float16, device)
+        mask = _make_mask("random", 2, 77, device)
+        ref = linear_attention(q.double(), k.double(), v.double(), mask)
+        _assert_close(linear_attention_triton(q, k, v, mask), ref, torch.float16, f"head dim {D}")
+
+
+def check_linear_attention_deterministic(device, big):
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    T = 4099 if big else 333
+    q, k, v = _qkv(2, T, 3, 32, torch.bfloat16, device)
+    mask = _make_mask("random", 2, T, device)
+    a = linear_attention_triton(q, k, v, mask)
+    b = linear_attention_triton(q, k, v, mask)
+    assert torch.equal(a, b), "two identical calls differ"
+
+
+def check_linear_attention_empty(device, big):
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    q = torch.randn(2, 0, 3, 32, device=device)
+    assert linear_attention_triton(q, q, q).shape == (2, 0, 3, 32)
+
+
+def check_dwconv_glu(device, big, dtype_name, layout, with_bias):
+    from jodi_core.kernels.dwconv_glu import dwconv_glu_torch, dwconv_glu_triton
+
+    dtype = _DTYPES[dtype_name]
+    B, M, H, W = (3, 300, 33, 45) if big else (2, 70, 5, 19)
+    x = torch.randn(B, 2 * M, H, W, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(2 * M, 1, 3, 3, device=device) / 3).to(dtype)
+    b = torch.randn(2 * M, device=device).to(dtype) if with_bias else None
+    out = dwconv_glu_triton(x, w, b)
+    ref = dwconv_glu_torch(x.double(), w.double(), None if b is None else b.double())
+    _assert_close(out, ref, dtype, f"dwconv_glu {dtype_name} {layout} bias={with_bias}")
+
+
+def check_dwconv_glu_tiny_images(device, big):
+    from jodi_core.kernels.dwconv_glu import dwconv_glu_torch, dwconv_glu_triton
+
+    for H, W in ((1, 1), (1, 7), (6, 1), (2, 17)):
+        x = torch.randn(2, 10, H, W, device=device)
+        w, b = torch.randn(10, 1, 3, 3, device=device), torch.randn(10, device=device)
+        _assert_close(dwconv_glu_triton(x, w, b), dwconv_glu_torch(x.double(), w.double(), b.double()),
+                      torch.float32, f"dwconv_glu {H}x{W}")
+
+
+def check_layernorm_modulate(device, big, dtype_name):
+    from jodi_core.kernels.layernorm_modulate import layernorm_modulate_torch, layernorm_modulate_triton
+
+    dtype = _DTYPES[dtype_name]
+    N, L, T, C = (2, 3, 130, 2240) if big else (2, 3, 7, 100)
+    x = (torch.randn(N, L, T, C, device=device) * 3 + 1).to(dtype)
+    mod = torch.randn(N, L, 6, C, device=device).to(dtype)
+    shift, scale, *_ = mod.unsqueeze(3).unbind(2)  # strided (N, L, 1, C) views, as in the DiT block
+    out = layernorm_modulate_triton(x, shift, scale, 1e-6)
+    ref = layernorm_modulate_torch(x.double(), shift.double(), scale.double(), 1e-6)
+    _assert_close(out, ref, dtype, f"layernorm_modulate {dtype_name}")
+
+
+def check_fused_dispatch(device, big):
+    """``backend='auto'`` takes the kernel where it runs; ``'torch'`` gives the torch function bit for bit."""
+    from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_torch, dwconv_glu_triton
+    from jodi_core.kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_triton
+
+    x = torch.randn(2, 8, 4, 5, device=device)
+    w, b = torch.randn(8, 1, 3, 3, device=device), torch.randn(8, device=device)
+    assert torch.equal(dwconv_glu(x, w, b), dwconv_glu_triton(x, w, b))
+    assert torch.equal(dwconv_glu(x, w, b, backend="torch"), dwconv_glu_torch(x, w, b))
+    y = torch.randn(2, 5, 16, device=device)
+    s = torch.randn(2, 1, 16, device=device)
+    assert torch.equal(layernorm_modulate(y, s, s * 2), layernorm_modulate_triton(y, s, s * 2))
+
+
+LA_CASES = [
+    (dt, T, mk)
+    for dt in ("fp32", "bf16", "fp16")
+    for T, mk in ((1, "none"), (64, "random"), (65, "domains"), (200, "rowoff"), (333, "random"))
+]
+DW_CASES = [
+    ("fp32", "contiguous", True), ("bf16", "channels_last", True), ("fp16", "channels_last", False),
+]
+LN_CASES = ["fp32", "bf16", "fp16"]
+
+
+def all_checks():
+    """name -> zero-argument-but-(device, big) callable."""
+    import functools
+
+    checks = {}
+    for dt, T, mk in LA_CASES:
+        checks[f"la-{dt}-T{T}-{mk}"] = functools.partial(check_linear_attention, dtype_name=dt, T=T, mask_kind=mk)
+    checks["la-splits"] = check_linear_attention_splits
+    checks["la-head-dims"] = check_linear_attention_head_dims
+    checks["la-deterministic"] = check_linear_attention_deterministic
+    checks["la-empty"] = check_linear_attention_empty
+    for dt, layout, bias in DW_CASES:
+        checks[f"dw-{dt}-{layout}-bias{int(bias)}"] = functools.partial(
+            check_dwconv_glu, dtype_name=dt, layout=layout, with_bias=bias
+        )
+    checks["dw-tiny-images"] = check_dwconv_glu_tiny_images
+    for dt in LN_CASES:
+        checks[f"ln-{dt}"] = functools.partial(check_layernorm_modulate, dtype_name=dt)
+    checks["fused-dispatch"] = check_fused_dispatch
+    return checks
+
+
+def run_checks(device: str, big: bool) -> dict[str, str]:
+    """Run every check; map name -> '' (passed) or the failure text."""
+    results = {}
+    for name, fn in all_checks().items():
+        torch.manual_seed(hash(name) % 2**31)
+        try:
+            fn(device, big)
+            results[name] = ""
+        except Exception:
+            results[name] = traceback.format_exc(limit=3)
+    return results
+
+
+CHECK_NAMES = list(all_checks())
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU: the interpreter run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret"], env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", CHECK_NAMES)
+def test_kernel_interpreted(interpreter_results, name):
+    assert name in interpreter_results, f"check {name} did not run"
+    if interpreter_results[name]:
+        pytest.fail(interpreter_results[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU: no Triton needed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_import_is_cheap_and_probe_never_raises():
+    code = (
+        "import sys, jodi_core.kernels as k, jodi_core.kernels.dwconv_glu, jodi_core.kernels.layernorm_modulate\n"
+        "assert 'triton' not in sys.modules, 'importing the kernels package imported triton'\n"
+        "print(type(k.triton_available()).__name__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "bool"
+
+
+def test_fused_ops_fall_back_to_torch_exactly_on_cpu():
+    from jodi_core.kernels import interpreter_enabled
+    from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_torch
+    from jodi_core.kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_torch
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    x = torch.randn(2, 8, 4, 5, dtype=torch.bfloat16)
+    w, b = torch.randn(8, 1, 3, 3, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    assert torch.equal(dwconv_glu(x, w, b), dwconv_glu_torch(x, w, b))
+    y, s = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 1, 16)
+    assert torch.equal(layernorm_modulate(y, s, s), layernorm_modulate_torch(y, s, s))
+    # The torch definitions are the reference op sequences.
+    import torch.nn.functional as F
+
+    z = F.conv2d(F.silu(x), w, b, padding=1, groups=8)
+    assert torch.equal(dwconv_glu_torch(x, w, b), z[:, :4] * F.silu(z[:, 4:]))
+
+
+def test_bad_inputs_raise_clear_errors():
+    pytest.importorskip("triton")
+    from jodi_core.kernels.dwconv_glu import dwconv_glu
+    from jodi_core.kernels.layernorm_modulate import layernorm_modulate
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    q = torch.randn(1, 4, 2, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        linear_attention_triton(q, q[:, :3], q)
+    with pytest.raises(ValueError, match="head dims"):
+        linear_attention_triton(*(torch.randn(1, 4, 2, 48),) * 3)
+    with pytest.raises(TypeError, match="float16"):
+        linear_attention_triton(*(q.double(),) * 3)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        linear_attention_triton(q, q, q, torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        linear_attention_triton(q, q, q, torch.ones(1, 4))
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(ValueError, match="CUDA"):
+            linear_attention_triton(q, q, q)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        dwconv_glu(torch.randn(1, 8, 3, 3), torch.randn(8, 1, 5, 5), None)
+    with pytest.raises(ValueError, match="even channel"):
+        dwconv_glu(torch.randn(1, 7, 3, 3), torch.randn(7, 1, 3, 3), None)
+    with pytest.raises(ValueError, match="Unknown backend"):
+        layernorm_modulate(torch.randn(2, 3, 4), torch.randn(2, 1, 4), torch.randn(2, 1, 4), backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: the same checks compiled, larger shapes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_results():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set")
+    pytest.importorskip("triton")
+    # Poison the caching allocator so that an unwritten output element shows up as NaN.
+    junk = torch.full((1 << 28,), float("nan"), device="cuda")
+    del junk
+    return run_checks("cuda", big=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CHECK_NAMES)
+def test_kernel_gpu(gpu_results, name):
+    if gpu_results[name]:
+        pytest.fail(gpu_results[name])
+
+
+@pytest.mark.gpu
+def test_attention_dispatcher_uses_triton_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from jodi_core.attention import dispatch_linear_attention, resolve_backend
+
+    name, _ = resolve_backend("auto", torch.device("cuda"))
+    assert name == "triton"
+    q, k, v = _qkv(2, 1000, 4, 32, torch.bfloat16, "cuda")
+    mask = _make_mask("domains", 2, 1000, "cuda")
+    from jodi_core.kernels.linear_attention import linear_attention_triton
+
+    assert torch.equal(dispatch_linear_attention(q, k, v, mask), linear_attention_triton(q, k, v, mask))
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    torch.set_num_threads(1)
+    res = run_checks("cpu", big=False)
+    print("RESULTS " + json.dumps(res))
