@@ -75,6 +75,17 @@ class RMSNorm(nn.Module):
         return (self.weight * normed).to(x.dtype)
 
 
+class RoleEmbedding(nn.Module):
+    """Lookup table of the role embeddings (a plain parameter: an nn.Embedding would initialise itself)."""
+
+    def __init__(self, num_roles: int, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_roles, dim, dtype=dtype, device=device))
+
+    def forward(self, role: torch.Tensor) -> torch.Tensor:
+        return F.embedding(role, self.weight)
+
+
 class PatchEmbed(nn.Module):
     """Per-domain patch embedding: a ``patch x patch`` conv with stride ``patch`` (a 1x1 conv for the real model)."""
 
@@ -120,8 +131,7 @@ class CaptionEmbedder(nn.Module):
                  operations=nn):
         super().__init__()
         self.y_proj = CaptionMlp(caption_channels, hidden_size, dtype=dtype, device=device, operations=operations)
-        null = torch.randn(max_length, caption_channels, dtype=dtype, device=device) / caption_channels**0.5
-        self.register_buffer("y_embedding", null)
+        self.register_buffer("y_embedding", torch.empty(max_length, caption_channels, dtype=dtype, device=device))
 
     def forward(self, y: torch.Tensor, drop: Optional[torch.Tensor]) -> torch.Tensor:
         """``y (N, S, Cc)``; rows where ``drop`` holds take the null caption."""
@@ -220,9 +230,7 @@ class JodiBlock(nn.Module):
                  operations=nn):
         super().__init__()
         kw = dict(dtype=dtype, device=device, operations=operations)
-        self.scale_shift_table = nn.Parameter(
-            torch.randn(6, hidden_size, dtype=dtype, device=device) / hidden_size**0.5
-        )
+        self.scale_shift_table = nn.Parameter(torch.empty(6, hidden_size, dtype=dtype, device=device))
         self.attn = LinearSelfAttention(hidden_size, head_dim, **kw)
         self.cross_attn = CrossAttention(hidden_size, num_heads, **kw)
         self.mlp = GLUMBConv(hidden_size, mlp_hidden, **kw)
@@ -260,9 +268,7 @@ class FinalLayer(nn.Module):
         self.linear = operations.Linear(
             hidden_size, patch_size * patch_size * out_channels, bias=True, dtype=dtype, device=device
         )
-        self.scale_shift_table = nn.Parameter(
-            torch.randn(2, hidden_size, dtype=dtype, device=device) / hidden_size**0.5
-        )
+        self.scale_shift_table = nn.Parameter(torch.empty(2, hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``x (N, T, C)``, ``cond (N, C)`` -> ``(N, T, patch^2 * out_channels)``."""

@@ -38,6 +38,7 @@ from .layers import (
     JodiBlock,
     PatchEmbed,
     RMSNorm,
+    RoleEmbedding,
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
@@ -219,10 +220,9 @@ class JodiTransformer(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), operations.Linear(C, 6 * C, bias=True, dtype=dtype, device=device))
         self.y_embedder = CaptionEmbedder(config.caption_channels, C, config.model_max_length, **kw)
         self.attention_y_norm = RMSNorm(C, scale_factor=config.y_norm_scale_factor, dtype=dtype, device=device)
-        embedding = getattr(operations, "Embedding", nn.Embedding)
-        self.role_embedder = embedding(NUM_ROLES, C, dtype=dtype, device=device)
+        self.role_embedder = RoleEmbedding(NUM_ROLES, C, dtype=dtype, device=device)
         self.role_block = nn.Sequential(nn.SiLU(), operations.Linear(C, 6 * C, bias=True, dtype=dtype, device=device))
-        self.domain_embedding = nn.Parameter(torch.randn(L, C, dtype=dtype, device=device) * 0.02)
+        self.domain_embedding = nn.Parameter(torch.empty(L, C, dtype=dtype, device=device))
         self.blocks = nn.ModuleList(
             JodiBlock(C, config.num_heads, config.mlp_hidden_size, config.linear_head_dim, **kw)
             for _ in range(config.depth)
@@ -231,6 +231,20 @@ class JodiTransformer(nn.Module):
             FinalLayer(C, config.patch_size, config.out_channels, **kw) for _ in range(L)
         )
         self._pos_cache: dict = {}
+        if not self.domain_embedding.is_meta:  # on meta (checkpoint loading) random init would be wasted work
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Random init of the tensors that the Linear/Conv layers do not initialise themselves (tests, demos)."""
+        C, Cc = self.config.hidden_size, self.config.caption_channels
+        for block in self.blocks:
+            block.scale_shift_table.normal_(std=C**-0.5)
+        for layer in self.final_layers:
+            layer.scale_shift_table.normal_(std=C**-0.5)
+        self.domain_embedding.normal_(std=0.02)
+        self.role_embedder.weight.normal_(std=1.0)
+        self.y_embedder.y_embedding.normal_(std=Cc**-0.5)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Helpers
