@@ -1,0 +1,201 @@
+"""Reader for datasets in the Joint-1.6M layout (the Jodi training set).
+
+Layout::
+
+    root/
+      metadata.jsonl              one JSON object per line:
+                                    "image": "image/<name>.jpg",
+                                    "info": {"height": ..., "width": ...},
+                                    "caption": {<captioner>: <text>, ...}   (or a plain string)
+                                    "annotation_<folder>": "annotation_<folder>/<name>..."   for each available label
+      image/  annotation_lineart/  annotation_edge/  annotation_depth/  annotation_normal/
+      annotation_albedo/  annotation_seg_12colors/  annotation_openpose/
+
+Folder names come from ``jodi_core.domains.DOMAINS[i].dataset_folder``. A label whose key is absent from a record is
+*missing*: its slot holds zeros and ``available`` is False (training then gives it the role "ignore").
+
+Images are scaled to cover the training size and centre cropped (the same geometry as the reference's condition
+preprocessing), then mapped to [-1, 1]. Segmentation maps are resized with nearest-neighbour sampling so that every
+pixel keeps an exact palette colour. There is no horizontal flip: it would swap the meaning of the normal map's red
+channel and of the OpenPose left/right colours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..domains import DOMAIN_NAMES, DOMAINS, get_domain
+from ..imaging import center_crop, resize
+
+logger = logging.getLogger(__name__)
+
+_NEAREST_DOMAINS = frozenset({"segmentation"})
+
+
+def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if len(size) != 2 or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in size):
+        raise ValueError(f"size must be a positive int or (height, width), got {size!r}.")
+    return int(size[0]), int(size[1])
+
+
+def read_metadata(path: Union[str, Path]) -> list[dict]:
+    """Parse a ``metadata.jsonl`` file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Dataset metadata not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+                raise ValueError(f"{path}:{lineno}: each record needs an 'image' path (string).")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path} holds no records.")
+    return records
+
+
+def load_image(path: Union[str, Path], size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
+    """Load an image file as ``(3, H, W)`` float in [-1, 1], scaled to cover ``size`` and centre cropped."""
+    height, width = size
+    with Image.open(path) as im:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for at least the size we will scale to.
+        iw, ih = im.size
+        scale = max(height / ih, width / iw)
+        if not nearest and im.format == "JPEG":
+            im.draft("RGB", (max(1, int(iw * scale + 1)), max(1, int(ih * scale + 1))))
+        arr = np.asarray(im.convert("RGB"))
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
+    ih, iw = x.shape[-2:]
+    scale = max(height / ih, width / iw)
+    cover = (max(height, round(ih * scale)), max(width, round(iw * scale)))
+    if nearest:
+        x = F.interpolate(x, size=cover, mode="nearest-exact").float() / 255
+    else:
+        x = resize(x.float() / 255, *cover)
+    x = center_crop(x, height, width)[0]
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+class JointDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a Joint-1.6M layout folder.
+
+    Items (the layout shared with the synthetic dataset)::
+
+        pixels     (8, 3, H, W) float in [-1, 1], domains in the official order, zeros where missing
+        available  (8,) bool
+        caption    str, one captioner's text (chosen by ``caption_weights``; '' when the record has none)
+        captions   dict captioner -> text
+        index      int
+
+    ``domains`` restricts which labels are read (the others are reported missing). ``caption_weights`` maps
+    captioner names to sampling weights (unlisted captioners get weight 0 when any are listed); the choice is
+    deterministic per ``(seed, epoch, index)``; call :meth:`set_epoch` to vary it between epochs.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        size: Union[int, Sequence[int]] = 256,
+        *,
+        domains: Optional[Sequence[str]] = None,
+        caption_weights: Optional[Mapping[str, float]] = None,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Dataset folder not found: {self.root}")
+        self.size = _as_size(size)
+        self.records = read_metadata(self.root / "metadata.jsonl")
+        wanted = DOMAIN_NAMES if domains is None else tuple(get_domain(d).name for d in domains)
+        if "image" not in wanted:
+            wanted = ("image",) + tuple(wanted)
+        self.domains = tuple(d for d in DOMAIN_NAMES if d in wanted)
+        self.caption_weights = dict(caption_weights) if caption_weights else None
+        if self.caption_weights and any(w < 0 for w in self.caption_weights.values()):
+            raise ValueError(f"caption_weights must be non-negative, got {self.caption_weights}.")
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def available(self, index: int) -> torch.Tensor:
+        """``(8,)`` bool: which domains record ``index`` has (restricted to ``domains``)."""
+        rec = self.records[index]
+        return torch.tensor([d.name in self.domains and isinstance(rec.get(d.metadata_key), str) for d in DOMAINS])
+
+    def _path(self, rel: str) -> Path:
+        path = self.root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} refers to a missing file: {path}")
+        return path
+
+    def choose_caption(self, captions, index: int) -> str:
+        if isinstance(captions, str):
+            return captions
+        if not isinstance(captions, dict) or not captions:
+            return ""
+        names = sorted(k for k, v in captions.items() if isinstance(v, str))
+        if not names:
+            return ""
+        if self.caption_weights:
+            weights = np.array([self.caption_weights.get(n, 0.0) for n in names], dtype=np.float64)
+            if weights.sum() <= 0:
+                weights = np.ones(len(names))
+        else:
+            weights = np.ones(len(names))
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return captions[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)}")
+        index = index % len(self)
+        rec = self.records[index]
+        available = self.available(index)
+        H, W = self.size
+        pixels = torch.zeros(len(DOMAINS), 3, H, W)
+        for d in DOMAINS:
+            if available[d.index]:
+                pixels[d.index] = load_image(self._path(rec[d.metadata_key]), self.size, d.name in _NEAREST_DOMAINS)
+        captions = rec.get("caption", {})
+        return {
+            "pixels": pixels,
+            "available": available,
+            "caption": self.choose_caption(captions, index),
+            "captions": captions if isinstance(captions, dict) else {"caption": captions},
+            "index": index,
+        }
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Batch items of :class:`JointDataset` or the synthetic dataset (captions stay lists, caption dicts too)."""
+    out = {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "available": torch.stack([it["available"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+    if all("captions" in it for it in items):
+        out["captions"] = [it["captions"] for it in items]
+    return out
