@@ -161,7 +161,7 @@ class Domain:
 
 DOMAINS: tuple[Domain, ...] = (
     Domain("image", 0, "image", postprocess_rgb, "the RGB image"),
-    Domain("lineart", 1, "lineart", postprocess_gray, "line drawing, white lines on black"),
+    Domain("lineart", 1, "lineart", postprocess_gray, "line drawing, dark lines on white"),
     Domain("edge", 2, "edge", postprocess_gray, "edge map, white edges on black"),
     Domain("depth", 3, "depth", postprocess_depth, "relative depth, near is bright"),
     Domain("normal", 4, "normal", postprocess_normal, "surface normals as RGB"),

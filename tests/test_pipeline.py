@@ -1,0 +1,95 @@
+"""End to end on tiny random models (CPU, seconds): the three jobs, seeds, batches, sizes and bad input."""
+
+import pytest
+import torch
+
+from jodi_core.demo import tiny_random_models
+from jodi_core.domains import DOMAIN_NAMES
+from jodi_core.pipeline import Interrupted, JodiPipeline
+
+G, C, I = "generate", "condition", "ignore"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    dit, vae = tiny_random_models()
+    return JodiPipeline(dit, vae)
+
+
+def _caption(pipe, rows=1, valid=7):
+    cc = pipe.transformer.config.caption_channels
+    emb = torch.randn(rows, 1, 300, cc)
+    mask = torch.zeros(rows, 300, dtype=torch.long)
+    mask[:, :valid] = 1
+    return emb, mask
+
+
+def test_joint_generation_decodes_all_eight_domains(pipe):
+    emb, mask = _caption(pipe)
+    out = pipe([G] * 8, 64, 64, prompt_embeds=emb, prompt_mask=mask, steps=3, seed=1)
+    assert set(out.images) == set(DOMAIN_NAMES)
+    for name, img in out.images.items():
+        assert img.shape == (1, 3, 64, 64), name
+        assert 0 <= img.min() and img.max() <= 1
+    assert out.seg_index.shape == (1, 64, 64) and out.seg_index.max() < 12
+    assert out.latents.shape == (1, 8, 8, 8, 8)
+
+
+def test_controllable_generation_keeps_condition_latents(pipe):
+    depth = torch.rand(1, 3, 80, 48)
+    out = pipe([G, I, I, C, I, I, I, I], 64, 64, conditions={"depth": depth}, steps=2)
+    assert set(out.images) == {"image", "depth"}
+    clean = pipe.prepare_conditions(out.roles, {"depth": depth}, 64, 64)
+    torch.testing.assert_close(out.latents[:, 3], clean[:, 3])
+
+
+def test_perception_ignores_the_prompt(pipe):
+    photo = torch.rand(1, 3, 64, 64)
+    emb, mask = _caption(pipe)
+    a = pipe([C] + [G] * 7, 64, 64, conditions={"image": photo}, steps=2, decode=False)
+    b = pipe([C] + [G] * 7, 64, 64, conditions={"image": photo}, prompt_embeds=emb, prompt_mask=mask, steps=2,
+             decode=False)
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_seeds_are_per_sample_and_independent_of_batch(pipe):
+    batch = pipe([G] * 8, 64, 64, steps=2, seed=5, batch_size=2, decode=False)
+    single = pipe([G] * 8, 64, 64, steps=2, seed=6, decode=False)
+    torch.testing.assert_close(batch.latents[1], single.latents[0], atol=1e-5, rtol=0)
+    again = pipe([G] * 8, 64, 64, steps=2, seed=5, batch_size=2, decode=False)
+    assert torch.equal(batch.latents, again.latents)
+
+
+def test_outputs_come_back_at_the_requested_size(pipe):
+    out = pipe([G] + [I] * 6 + [G], 50, 70, steps=1)
+    assert out.images["image"].shape == (1, 3, 50, 70)
+    assert out.images["openpose"].shape == (1, 3, 50, 70)
+
+
+def test_callback_and_interrupt(pipe):
+    seen = []
+    pipe([G] * 8, 64, 64, steps=3, decode=False, callback=lambda i, x0, x, n: seen.append((i, n)))
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    with pytest.raises(Interrupted):
+        pipe([G] * 8, 64, 64, steps=3, should_stop=lambda: True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(roles=[G, C] + [I] * 6), "'lineart' has the role 'condition' but no lineart image"),
+        (dict(roles=[G] * 7), "Expected 8 roles"),
+        (dict(roles=[G] * 7 + [5]), r"outside \{0, 1, 2\}"),
+        (dict(roles=[G, C] + [I] * 6, conditions={"lineart": torch.full((1, 3, 8, 8), float("nan"))}), "NaN"),
+        (dict(roles=[G] * 8, height=60, snap_to_bucket=False), "not a multiple of 8"),
+        (dict(roles=[G] * 8, steps=0), "steps must be a positive integer"),
+        (dict(roles=[G, C] + [I] * 6, conditions={"lineart": torch.rand(3, 8, 8)}), r"\(B, 3, H, W\)"),
+        (dict(roles=[G] * 8, prompt_embeds=torch.full((1, 1, 300, 32), float("nan"))), "NaN"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(pipe, kwargs, match):
+    args = dict(height=64, width=64, steps=1)
+    args.update(kwargs)
+    roles = args.pop("roles")
+    with pytest.raises(ValueError, match=match):
+        pipe(roles, **args)
