@@ -341,7 +341,8 @@ class JodiTransformer(nn.Module):
         ``role (N, 8)``; ``y (N, 1, S, Cc)`` (or ``(N, S, Cc)``, or ``None`` for the stored null caption with every
         token valid); ``mask (N, S)`` or ``(N, 1, 1, S)``, ``None`` = all valid. If ``y`` has twice the rows of
         ``role`` (a CFG batch), role and mask are tiled ``[r0..rR-1, r0..rR-1]`` as the reference does.
-        With ``prune`` the domains ignored in every row are dropped from the sequence.
+        With ``prune`` the domains ignored in every row are dropped from the sequence, and caption tokens padded in
+        every row are dropped from the end (their softmax weight is exactly 0 in the reference too).
         """
         role = self._check_role(role)
         rows = role.shape[0] if y is None else y.shape[0]
@@ -385,7 +386,12 @@ class JodiTransformer(nn.Module):
         y_tokens = self.attention_y_norm(self.y_embedder(y, drop))  # (N, S, C)
         caption_bias = None
         if mask is not None and not bool(mask.all()):
-            caption_bias = ((~mask).to(dtype) * _MASK_BIAS)[:, None, None, :]  # (N, 1, 1, S)
+            if prune:
+                # Trailing tokens padded in every row get weight exp(-10000) == 0 in the softmax: drop them.
+                used = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
+                mask, y_tokens = mask[:, :used], y_tokens[:, :used]
+            if not bool(mask.all()):
+                caption_bias = ((~mask).to(dtype) * _MASK_BIAS)[:, None, None, :]  # (N, 1, 1, S)
         caption_kv = [block.cross_attn.caption_kv(y_tokens) for block in self.blocks]
         return JodiContext(
             rows=rows, role=role, active=active, generated=generated, r=r, r0=r0, condition=condition,

@@ -186,6 +186,19 @@ def test_prepare_twice_and_cfg_batch(fixture_model):
 
 
 @torch.no_grad()
+def test_prepare_trims_caption_padding_shared_by_all_rows(fixture_model):
+    model = fixture_model
+    role = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 2], [0] * 8])
+    x, t, y, mask, clean = _inputs(model, valid=(23, 41))
+    ref = model(x, t, y, role, mask, clean)
+    ctx = model.prepare(role, y, mask)
+    assert ctx.caption_kv[0][0].shape[2] == 41 and ctx.caption_bias.shape == (2, 1, 1, 41)
+    out = model.forward_prepared(x, t, ctx, clean_x=clean)
+    torch.testing.assert_close(out[0, [0, 4]], ref[0, [0, 4]], atol=EXACT, rtol=0)
+    torch.testing.assert_close(out[1], ref[1], atol=EXACT, rtol=0)
+
+
+@torch.no_grad()
 def test_prepare_without_caption_uses_null_embedding(fixture_model):
     model = fixture_model
     role = torch.tensor([[0, 2, 2, 0, 2, 2, 2, 2]])
