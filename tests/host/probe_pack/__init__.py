@@ -1,12 +1,13 @@
 """Test-only ComfyUI custom-node pack used by the host tests (never shipped, never imported by pytest).
 
 * ``JodiTestSaveTensors``: an output node that writes whatever reaches it (a tensor, a dict of tensors, a
-  CONDITIONING list, ...) to ``<output>/jodi_probe/<name>.safetensors`` so a test can compare numbers.
+  CONDITIONING list, a dataclass such as the Jodi latent, ...) to ``<output>/jodi_probe/<name>.safetensors`` so a test can compare numbers.
 * If ``JODI_TEST_GEMMA_CONFIG`` holds a JSON dict, the size defaults of ComfyUI's Gemma-2-2B text encoder are
   replaced by it. ComfyUI's ``CLIPLoader`` builds Gemma-2 with a fixed config, so this is what lets a tiny
   random-weight Gemma-2 go through the real loading and encoding code instead of a 2.6 B-parameter model.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,8 +20,6 @@ from comfy_api.latest import ComfyExtension, io
 
 _gemma_overrides = os.environ.get("JODI_TEST_GEMMA_CONFIG")
 if _gemma_overrides:
-    import dataclasses
-
     import comfy.text_encoders.llama as _llama
 
     _overrides = json.loads(_gemma_overrides)
@@ -38,6 +37,9 @@ def _flatten(value, prefix, out):
     elif isinstance(value, dict):
         for key, item in value.items():
             _flatten(item, f"{prefix}.{key}", out)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _flatten(getattr(value, f.name), f"{prefix}.{f.name}", out)
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _flatten(item, f"{prefix}.{i}", out)
