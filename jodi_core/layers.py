@@ -21,7 +21,7 @@ from .attention import dispatch_linear_attention
 
 _LN_EPS = 1e-6  # adaLN LayerNorms (no affine)
 _RMS_EPS = 1e-5  # caption RMSNorm
-_MASK_BIAS = -10000.0  # additive bias of padded caption tokens, as the reference's non-xformers path
+CAPTION_MASK_BIAS = -10000.0  # additive bias of padded caption tokens, as the reference's non-xformers path
 TIMESTEP_FREQ_DIM = 256
 
 

@@ -22,7 +22,6 @@ Deliberate differences from the reference (each tested):
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -32,7 +31,7 @@ import torch.nn as nn
 
 from .attention import check_backend
 from .layers import (
-    _MASK_BIAS,
+    CAPTION_MASK_BIAS,
     CaptionEmbedder,
     FinalLayer,
     JodiBlock,
@@ -42,8 +41,6 @@ from .layers import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
-
-logger = logging.getLogger(__name__)
 
 NUM_ROLES = 3  # 0 generate, 1 condition, 2 ignore
 _GENERATE, _CONDITION, _IGNORE = 0, 1, 2
@@ -103,7 +100,9 @@ class JodiConfig:
                 f"hidden_size {self.hidden_size} must be divisible by linear_head_dim {self.linear_head_dim}."
             )
         if self.use_pe and self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the 2-D positional embedding.")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by 4 for the 2-D positional embedding."
+            )
         if self.mlp_hidden_size <= 0:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP for hidden_size {self.hidden_size}.")
         return self
@@ -386,12 +385,13 @@ class JodiTransformer(nn.Module):
         y_tokens = self.attention_y_norm(self.y_embedder(y, drop))  # (N, S, C)
         caption_bias = None
         if mask is not None and not bool(mask.all()):
-            if prune:
+            if prune and bool(mask.any(1).all()):
                 # Trailing tokens padded in every row get weight exp(-10000) == 0 in the softmax: drop them.
-                used = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else mask.shape[1]
+                # (A row with no valid token attends uniformly to all S tokens, so then nothing is dropped.)
+                used = int(mask.any(0).nonzero().max()) + 1
                 mask, y_tokens = mask[:, :used], y_tokens[:, :used]
             if not bool(mask.all()):
-                caption_bias = ((~mask).to(dtype) * _MASK_BIAS)[:, None, None, :]  # (N, 1, 1, S)
+                caption_bias = ((~mask).to(dtype) * CAPTION_MASK_BIAS)[:, None, None, :]  # (N, 1, 1, S)
         caption_kv = [block.cross_attn.caption_kv(y_tokens) for block in self.blocks]
         return JodiContext(
             rows=rows, role=role, active=active, generated=generated, r=r, r0=r0, condition=condition,

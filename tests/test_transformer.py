@@ -196,6 +196,13 @@ def test_prepare_trims_caption_padding_shared_by_all_rows(fixture_model):
     out = model.forward_prepared(x, t, ctx, clean_x=clean)
     torch.testing.assert_close(out[0, [0, 4]], ref[0, [0, 4]], atol=EXACT, rtol=0)
     torch.testing.assert_close(out[1], ref[1], atol=EXACT, rtol=0)
+    # A row without any valid token attends uniformly to all S tokens (reference maths): nothing may be trimmed.
+    x, t, y, mask, clean = _inputs(model, valid=(0, 41))
+    ref = model(x, t, y, role, mask, clean)
+    ctx = model.prepare(role, y, mask)
+    assert ctx.caption_kv[0][0].shape[2] == model.config.model_max_length
+    out = model.forward_prepared(x, t, ctx, clean_x=clean)
+    torch.testing.assert_close(out[1], ref[1], atol=EXACT, rtol=0)
 
 
 @torch.no_grad()
