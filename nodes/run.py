@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..jodi_core import nodekit
+from ..jodi_core import imaging, nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES
 from . import common
 
@@ -84,7 +84,8 @@ def _captions(model: torch.nn.Module, positive, negative):
 
 def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSettings, positive=None,
            negative=None, decode: bool = False, tiled: bool = False):
-    """Run the sampler; returns (JodiLatent, JodiResult)."""
+    """Run the sampler; returns (JodiLatent, JodiResult). With ``decode``, the result's images hold the generated
+    domains decoded and the condition images as given (resized and centre-cropped to the output size)."""
     from ..jodi_core.pipeline import JodiPipeline
 
     common.check_patcher(model_patcher, "model", "Load Jodi Model")
@@ -114,9 +115,18 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
         list(roles.roles), height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
         sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
-        decode=decode, tiled_decode=tiled,
+        decode=False,
     )
     latent = nodekit.JodiLatent(result.latents.float().cpu(), result.roles.cpu(), height, width)
+    if decode:
+        # Only what the run made: condition slots would be the VAE round trip of the user's own input.
+        wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
+        result.images, result.seg_index = pipe.decode_latents(result.latents, result.roles, height, width,
+                                                              tiled=tiled, domains=wanted)
+        for name, image in conditions.items():
+            result.images[name] = imaging.resize_and_crop(image, height, width).expand(latent.batch, -1, -1, -1)
+        if result.seg_index is None and "segmentation" in conditions:
+            result.seg_index = nodekit.seg_index_from_image(nodekit.bchw_to_image(result.images["segmentation"]))
     return latent, result
 
 

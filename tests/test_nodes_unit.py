@@ -475,10 +475,15 @@ def test_shortcuts(pack):
         pack.nodes["JodiPerception"].execute(model, vae, photo, steps=2, seed=0, sampler="euler-flow",
                                              flow_shift=3.0, **{n: False for n in LABEL_NAMES})
     ctrl = pack.nodes["JodiControllableGeneration"]
-    outs = ctrl.execute(model, vae, edge=torch.rand(1, 64, 96, 3), aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+    edge = torch.rand(1, 64, 96, 3)
+    seg = seg_palette("colors12")[torch.randint(0, 12, (1, 32, 48))] / 255
+    outs = ctrl.execute(model, vae, edge=edge, segmentation=seg, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
                         batch_size=1, tiled_decode=False, mask_class="person", unconnected_labels="ignore",
                         **SAMPLING).result
     assert outs[0].shape == (1, 64, 96, 3) and outs[0].abs().sum() > 0
+    assert torch.allclose(outs[DOMAIN_NAMES.index("edge")], edge)  # conditions come back as given, not re-decoded
+    assert torch.equal((outs[8][..., 0] * 255).round().long(),  # the seg condition's class map, at output size
+                       nodekit.seg_index_from_image(outs[DOMAIN_NAMES.index("segmentation")]))
     assert outs[DOMAIN_NAMES.index("depth")].abs().sum() == 0  # unconnected label ignored
     with pytest.raises(ValueError, match="at least one connected label"):
         ctrl.execute(model, vae, aspect=nodekit.ASPECT_AUTO, width=64, height=64, batch_size=1, **SAMPLING)
