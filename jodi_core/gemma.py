@@ -53,7 +53,9 @@ def _weight_files(folder: Path) -> list[Path]:
         " download google/gemma-2-2b-it and pass its folder")
 
 
-def load_hf_gemma_state_dict(folder: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def load_hf_gemma_state_dict(
+    folder: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Merge the shards of a Hugging Face Gemma-2 folder into one state dict, floating tensors cast to ``dtype``."""
     folder = Path(folder)
     merged: dict[str, torch.Tensor] = {}

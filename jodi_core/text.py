@@ -121,6 +121,8 @@ def select_caption(
     return emb.index_select(1, index)[:, None], mask.index_select(1, index.to(mask.device))
 
 
-def null_caption_tokens(max_length: int = MODEL_MAX_LENGTH, bos_id: int = BOS_ID, pad_id: int = PAD_ID) -> CaptionTokens:
+def null_caption_tokens(
+    max_length: int = MODEL_MAX_LENGTH, bos_id: int = BOS_ID, pad_id: int = PAD_ID
+) -> CaptionTokens:
     """Tokens of the reference's null caption ``""``: BOS then padding, mask ``1, 0, 0, ...``."""
     return layout_tokens([bos_id], max_length, pad_id)

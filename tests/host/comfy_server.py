@@ -293,8 +293,9 @@ class ComfyServer:
         return entry
 
     def view(self, image: dict) -> bytes:
-        query = urllib.parse.urlencode(
-            {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")})
+        query = urllib.parse.urlencode({
+            "filename": image["filename"], "subfolder": image.get("subfolder", ""),
+            "type": image.get("type", "output")})
         status, body = self.request(f"/view?{query}")
         if status != 200:
             raise urllib.error.URLError(f"/view {query} -> {status}")

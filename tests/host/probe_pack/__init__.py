@@ -1,7 +1,8 @@
 """Test-only ComfyUI custom-node pack used by the host tests (never shipped, never imported by pytest).
 
 * ``JodiTestSaveTensors``: an output node that writes whatever reaches it (a tensor, a dict of tensors, a
-  CONDITIONING list, a dataclass such as the Jodi latent, ...) to ``<output>/jodi_probe/<name>.safetensors`` so a test can compare numbers.
+  CONDITIONING list, a dataclass such as the Jodi latent, ...) to ``<output>/jodi_probe/<name>.safetensors``
+  so a test can compare numbers.
 * If ``JODI_TEST_GEMMA_CONFIG`` holds a JSON dict, the size defaults of ComfyUI's Gemma-2-2B text encoder are
   replaced by it. ComfyUI's ``CLIPLoader`` builds Gemma-2 with a fixed config, so this is what lets a tiny
   random-weight Gemma-2 go through the real loading and encoding code instead of a 2.6 B-parameter model.
