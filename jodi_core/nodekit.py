@@ -15,8 +15,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import imaging
-from .domains import DOMAIN_NAMES, LABEL_NAMES, NUM_DOMAINS, Role, ade150_to_seg12, get_domain, parse_roles, seg_palette
-from .domains import seg_to_index
+from .domains import (
+    DOMAIN_NAMES, LABEL_NAMES, NUM_DOMAINS, Role, ade150_to_seg12, get_domain, parse_roles, seg_palette, seg_to_index,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Option tables shown in the nodes' combos (the server does not check V3 combo values, so the nodes check them here)
@@ -210,7 +211,8 @@ class JodiLatent:
     width: int
 
     def __post_init__(self):
-        if not isinstance(self.samples, torch.Tensor) or self.samples.dim() != 5 or self.samples.shape[1] != NUM_DOMAINS:
+        samples = self.samples
+        if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != NUM_DOMAINS:
             shape = tuple(self.samples.shape) if isinstance(self.samples, torch.Tensor) else type(self.samples)
             raise ValueError(f"A Jodi latent must be shaped (B, {NUM_DOMAINS}, C, h, w), got {shape}.")
         self.roles = torch.as_tensor(self.roles, dtype=torch.long).reshape(-1, NUM_DOMAINS)
@@ -255,7 +257,8 @@ class JodiLatent:
         samples = self.samples.clone()
         samples[:, i] = latent.to(samples.dtype)
         roles = self.roles.clone()
-        roles[:, i] = torch.where(roles[:, i] == Role.IGNORE, torch.full_like(roles[:, i], Role.CONDITION), roles[:, i])
+        absent = roles[:, i] == Role.IGNORE
+        roles[:, i] = torch.where(absent, torch.full_like(roles[:, i], Role.CONDITION), roles[:, i])
         return JodiLatent(samples, roles, self.height, self.width)
 
 

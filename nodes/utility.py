@@ -74,8 +74,8 @@ class JodiSegToADE20K(io.ComfyNode):
                 "ControlNets. Each Jodi class becomes its most frequent ADE20K member (person -> person, plant -> "
                 "tree, vehicle -> car, furniture -> bed, ...); 'unlabeled' becomes black."
             ),
-            inputs=[io.Image.Input("segmentation",
-                                   tooltip="Segmentation IMAGE in Jodi's 12-colour palette (nearest colour is used).")],
+            inputs=[io.Image.Input(
+                "segmentation", tooltip="Segmentation IMAGE in Jodi's 12-colour palette (nearest colour is used).")],
             outputs=[
                 io.Image.Output(display_name="ade20k", tooltip="The map in ADE20K-150 colours (IMAGE)."),
                 io.Image.Output(display_name="ade20k_index",
@@ -136,8 +136,9 @@ class JodiLatentSplit(io.ComfyNode):
                 common.JodiLatentType.Input("jodi_latent", tooltip="From Jodi Sampler."),
                 io.Combo.Input("domain", options=list(DOMAIN_NAMES), default="image", tooltip=_DOMAIN_TIP),
             ],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="That domain's latent {'samples': (B, 32, h, w)} (DC-AE space, not SD's).")],
+            outputs=[io.Latent.Output(
+                display_name="latent",
+                tooltip="That domain's latent {'samples': (B, 32, h, w)} (DC-AE space, not SD's).")],
         )
 
     @classmethod

@@ -260,7 +260,8 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
     comfy = module("comfy")
     stubs = {
         "comfy_api": module("comfy_api"),
-        "comfy_api.latest": module("comfy_api.latest", io=io, ui=types.SimpleNamespace(), ComfyExtension=ComfyExtension),
+        "comfy_api.latest": module("comfy_api.latest", io=io, ui=types.SimpleNamespace(),
+                                   ComfyExtension=ComfyExtension),
         "folder_paths": module("folder_paths", models_dir=str(models_dir), folder_names_and_paths=folders,
                                supported_pt_extensions={".safetensors", ".pth", ".pt", ".ckpt", ".bin"},
                                get_filename_list=get_filename_list, get_full_path=get_full_path),
@@ -281,7 +282,7 @@ class _Cfg:
 
 
 class TinyDiT(nn.Module):
-    """Stand-in with the transformer interface JodiPipeline calls (prepare / forward_prepared / stored null caption)."""
+    """Stand-in with the transformer interface JodiPipeline calls (prepare, forward_prepared, stored null caption)."""
 
     def __init__(self, channels=4, caption=16):
         super().__init__()
