@@ -21,7 +21,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jodi_core.dcae import DC_AE_F32C32_SANA_1_0, DCAE, DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, DCAEConfig  # noqa: E402
+from jodi_core.dcae import (  # noqa: E402
+    DC_AE_F32C32_SANA_1_0,
+    DCAE,
+    DEFAULT_TILE_OVERLAP,
+    DEFAULT_TILE_SIZE,
+    DCAEConfig,
+)
 
 TINY = DCAEConfig(width_list=(8, 16, 32, 32, 32, 64), encoder_depth_list=(1,) * 6, decoder_depth_list=(1,) * 6)
 CONFIGS = {"tiny": TINY, "real": DC_AE_F32C32_SANA_1_0}
@@ -77,19 +83,23 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="tiny", choices=CONFIGS)
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--tile", type=int, default=None, help=f"tile size in pixels (default {DEFAULT_TILE_SIZE})")
-    p.add_argument("--overlap", type=int, default=None, help=f"tile overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
-    p.add_argument("--batch8-size", type=int, default=None, help="also decode 8 domains at this size, batched vs looped")
+    p.add_argument("--overlap", type=int, default=None, help=f"overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
+    p.add_argument("--batch8-size", type=int, default=None, help="also decode 8 domains at this size, batched/looped")
+    p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = p.parse_args(argv)
 
     dtype = DTYPES[args.dtype]
     model = build(CONFIGS[args.config], args.device, dtype)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     tile = args.tile or (DEFAULT_TILE_SIZE if args.config == "real" else 128)
     overlap = args.overlap if args.overlap is not None else (DEFAULT_TILE_OVERLAP if args.config == "real" else 64)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    info = {"device": str(args.device), "dtype": args.dtype, "config": args.config, "weights_gib": round(weights_gib, 3),
-            "tile": tile, "overlap": overlap, "torch": torch.__version__}
+    info = {"device": str(args.device), "dtype": args.dtype, "config": args.config,
+            "weights_gib": round(weights_gib, 3),
+            "tile": tile, "overlap": overlap, "channels_last": args.channels_last, "torch": torch.__version__}
     if torch.device(args.device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(info))
@@ -97,8 +107,9 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cpu").manual_seed(1)
     with torch.inference_mode():
         for size in args.sizes:
-            img = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(args.device, dtype)
-            lat = torch.randn(1, model.latent_channels, size // 32, size // 32, generator=g).to(args.device, dtype)
+            img = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(args.device, dtype, memory_format=fmt)
+            lat = torch.randn(1, model.latent_channels, size // 32, size // 32, generator=g)
+            lat = lat.to(args.device, dtype, memory_format=fmt)
             for op, x in (("encode", img), ("decode", lat)):
                 fn = getattr(model, op)
                 whole = measure(lambda: fn(x), args.device, args.repeats)
@@ -112,7 +123,8 @@ def main(argv=None) -> int:
                 del whole, tiled
         if args.batch8_size:
             s = args.batch8_size
-            lat8 = torch.randn(8, model.latent_channels, s // 32, s // 32, generator=g).to(args.device, dtype)
+            lat8 = torch.randn(8, model.latent_channels, s // 32, s // 32, generator=g)
+            lat8 = lat8.to(args.device, dtype, memory_format=fmt)
             batched = measure(lambda: model.decode(lat8), args.device, args.repeats)
             looped = measure(lambda: torch.cat([model.decode(lat8[i : i + 1]) for i in range(8)]), args.device,
                              args.repeats)

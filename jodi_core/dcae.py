@@ -47,9 +47,15 @@ _RMS_EPS = 1e-5
 _ATTN_EPS = 1e-15
 BLOCK_TYPES = ("ResBlock", "EViT_GLU", "EViTS5_GLU")  # EViT_GLU: no multi-scale branch; EViTS5_GLU: one 5x5 branch
 
-# Tiling defaults, in image pixels. LiteMLA attention is global, so a tile sees only its own context and its output
-# differs from the full-image result; the overlap lets neighbouring tiles cross-fade (linear ramps, weights summing
-# to one) instead of meeting at a hard seam. See _tiled() for the measured effect of the overlap.
+# Tiling defaults, in image pixels. LiteMLA attention is global: a tile attends only within itself, so its output
+# differs from the whole-image result everywhere, not just near its border, and tiles cannot match the untiled
+# result exactly. What tiling can do is hide the disagreement: neighbouring tiles overlap and cross-fade linearly
+# over the shared strip, so there is no seam, only a gradual hand-over. Measured on the tiny fixture model (random
+# weights, 256x320 image, 128 px tiles), the mean |tiled - whole| of decode falls from 0.136 with no overlap to 0.084
+# (overlap 64) and 0.074 (overlap 96), and 192 px tiles halve it again: bigger tiles (more attention context) matter
+# most, then overlap. Hence 1024 px tiles, the resolution Jodi and the DC-AE were trained at (32x32 latent tokens,
+# the context their attention statistics are used to), so tiling only starts above 1024 px, and a 256 px overlap
+# (a quarter tile; tiles are spread evenly, so the shared strips are often wider).
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_TILE_OVERLAP = 256
 
@@ -231,7 +237,7 @@ class RMSNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean_sq = x.float().square().mean(dim=1, keepdim=True)
         x = (x / torch.sqrt(mean_sq + self.eps)).to(x.dtype)
-        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return x * self.weight.to(x.dtype).view(1, -1, 1, 1) + self.bias.to(x.dtype).view(1, -1, 1, 1)
 
 
 class ConvLayer(nn.Module):
@@ -293,7 +299,7 @@ class PixelUnshuffleChannelAveraging(nn.Module):
         if self.factor > 1:
             x = F.pixel_unshuffle(x, self.factor)  # (B, C*f*f, H/f, W/f)
         B, _, H, W = x.shape
-        return x.view(B, self.out_ch, self.group, H, W).mean(dim=2)  # consecutive channels form a group
+        return x.reshape(B, self.out_ch, self.group, H, W).mean(dim=2)  # consecutive channels form a group
 
 
 class ChannelDuplicatingPixelShuffle(nn.Module):
@@ -497,16 +503,21 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def _ramp(length: int, ramp: int, fade_start: bool, fade_end: bool, device) -> torch.Tensor:
-    """1-D blend weights of one tile: linear ramps of ``ramp`` cells at the edges shared with a neighbour."""
+def _ramp(length: int, ramp_start: int, ramp_end: int, device) -> torch.Tensor:
+    """1-D blend weights of one tile: linear ramps over the cells it shares with the previous / next tile."""
     pos = torch.arange(length, device=device, dtype=torch.float32) + 0.5
     w = torch.ones(length, device=device)
-    if ramp > 0:
-        if fade_start:
-            w = torch.minimum(w, pos / ramp)
-        if fade_end:
-            w = torch.minimum(w, (length - pos) / ramp)
+    if ramp_start > 0:
+        w = torch.minimum(w, pos / ramp_start)
+    if ramp_end > 0:
+        w = torch.minimum(w, (length - pos) / ramp_end)
     return w
+
+
+def _axis_ramps(starts: list[int], tile: int) -> list[tuple[int, int]]:
+    """Per tile, how many cells it shares with its previous and next neighbour along one axis."""
+    prev = [0] + [a + tile - b for a, b in zip(starts[:-1], starts[1:])]
+    return list(zip(prev, prev[1:] + [0]))
 
 
 def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, scale: float,
@@ -514,22 +525,19 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
     """Apply ``fn`` to overlapping ``tile x tile`` windows of ``x`` and cross-fade the outputs.
 
     ``tile``/``overlap`` are in input cells, multiples of ``align``; tile origins are multiples of ``align`` too (the
-    encoder needs whole 32-pixel blocks so that tile latents land on the full image's latent grid). Outputs are
-    ``scale`` times larger. Each output pixel is the
-    weight-normalised sum of the tiles covering it, with weights ramping linearly across each shared overlap, so the
-    result is continuous (no seam) and equals a single tile's output away from the overlaps.
+    encoder needs whole 32-pixel blocks so that tile latents land on the full image's latent grid), and the tiles
+    are spread evenly, so neighbours share at least ``overlap`` cells. Outputs are ``scale`` times larger.
 
-    Measured on the tiny fixture DC-AE (random weights, 256x320 image, tiles of 128, overlap 64): max abs difference to
-    the untiled result 0.75 for decode (output range ~2) and 14 for encode (latent range ~30), against 0.84 / 20
-    with overlap 32; larger overlaps move the tiles' global attention context closer to the full image's. A model
-    with trained weights is smoother; the overlap of 256 px by default (a quarter of the 1024 px tile) is the
-    blend width the pipeline uses.
+    Each output pixel is the weight-normalised sum of the tiles covering it. A tile's weight ramps linearly from 0 to
+    1 across the whole strip it shares with a neighbour, so two tiles cross-fade (their weights sum to one) and the
+    result is continuous: no seam, and a single tile's output wherever only one tile covers.
     """
     B, _, H, W = x.shape
     ys = [align * s for s in _tile_starts(H // align, tile // align, overlap // align)]
     xs = [align * s for s in _tile_starts(W // align, tile // align, overlap // align)]
     log.debug("DC-AE tiling %dx%d input into %dx%d tiles of %d (overlap %d)", H, W, len(ys), len(xs), tile, overlap)
     th, tw = min(tile, H), min(tile, W)
+    ramps_y, ramps_x = _axis_ramps(ys, th), _axis_ramps(xs, tw)
     out = None
     weight = None
     for iy, y0 in enumerate(ys):
@@ -540,9 +548,8 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
                                   dtype=torch.float32)
                 weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=piece.device, dtype=torch.float32)
             ph, pw = piece.shape[-2:]
-            ramp = round(overlap * scale)
-            wy = _ramp(ph, ramp, iy > 0, iy < len(ys) - 1, piece.device)
-            wx = _ramp(pw, ramp, ix > 0, ix < len(xs) - 1, piece.device)
+            wy = _ramp(ph, *(round(r * scale) for r in ramps_y[iy]), piece.device)
+            wx = _ramp(pw, *(round(r * scale) for r in ramps_x[ix]), piece.device)
             w2 = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, ph, pw)
             oy, ox = round(y0 * scale), round(x0 * scale)
             out[:, :, oy : oy + ph, ox : ox + pw] += piece.float() * w2
@@ -564,6 +571,7 @@ class DCAE(nn.Module):
         if not isinstance(config, DCAEConfig):
             raise TypeError(f"config must be a DCAEConfig, got {type(config).__name__}.")
         self.config = config
+        self._plain_ops = operations is None  # host ops (ComfyUI manual_cast) may cast weights per call
         kw = dict(dtype=dtype, device=device, operations=operations)
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
@@ -584,6 +592,14 @@ class DCAE(nn.Module):
 
     # ---- input checks -----------------------------------------------------------------------------------------------
 
+    def _check_dtype(self, t: torch.Tensor, what: str) -> None:
+        weight = self.encoder.project_in.conv.weight
+        if self._plain_ops and t.dtype != weight.dtype:
+            raise TypeError(
+                f"DC-AE {what} got a {t.dtype} tensor but the model weights are {weight.dtype}; "
+                f"cast the input with .to({weight.dtype}) or the model with .to({t.dtype})."
+            )
+
     def _check_image(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"DC-AE encode expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}.")
@@ -598,6 +614,7 @@ class DCAE(nn.Module):
         H, W = x.shape[-2:]
         if H % f or W % f or H == 0 or W == 0:
             raise ValueError(f"DC-AE image size {H}x{W} (HxW) must be a non-zero multiple of {f} on both sides.")
+        self._check_dtype(x, "encode")
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
@@ -611,6 +628,7 @@ class DCAE(nn.Module):
             )
         if z.shape[-1] == 0 or z.shape[-2] == 0:
             raise ValueError(f"DC-AE decode got an empty latent of shape {tuple(z.shape)}.")
+        self._check_dtype(z, "decode")
 
     def _tiling(self, tile_size: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
         tile = DEFAULT_TILE_SIZE if tile_size is None else int(tile_size)

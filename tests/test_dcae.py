@@ -279,6 +279,8 @@ def test_bad_inputs(tiny_model):
         tiny_model.encode(torch.zeros(3, 64, 64))
     with pytest.raises(TypeError, match="floating"):
         tiny_model.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="bfloat16 tensor but the model weights are torch.float32"):
+        tiny_model.decode(torch.zeros(1, 32, 2, 2, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="32 latent channels, got 16"):
         tiny_model.decode(torch.zeros(1, 16, 2, 2))
     with pytest.raises(ValueError, match="shape"):
@@ -292,6 +294,17 @@ def test_bad_inputs(tiny_model):
                    encoder_block_types=("ResBlock",) * 4 + ("EViTS5_GLU",) * 2)
     with pytest.raises(ValueError, match="6 stages"):
         DCAEConfig(encoder_depth_list=(1, 1))
+
+
+def test_channels_last_gives_the_same_result(tiny_sd, cases):
+    """channels_last weights and inputs (faster convs on GPUs) go through the same maths."""
+    _, tensors = cases
+    model = DCAE.from_state_dict(tiny_sd).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        z = model.encode(tensors["b.image"].contiguous(memory_format=torch.channels_last))
+        r = model.decode(tensors["b.latent"].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(z, tensors["b.latent"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(r, tensors["b.recon"], atol=2e-5, rtol=0)
 
 
 def test_batched_domain_decode_and_scaling(tiny_model):
@@ -346,9 +359,9 @@ def test_tiled_matches_untiled_on_tiny_model(tiny_model):
 
     Tiles that cover the image are bit-identical to the untiled path. With 192-pixel tiles the tiles' global
     attention sees less context than the full image, which a random-weight model amplifies; measured max/mean abs
-    difference: decode 0.49 / 0.040 with overlap 96 vs 1.12 / 0.077 without overlap (outputs span about +-2),
-    encode 8.7 / 1.6 vs 12.5 / 2.1 (latents span about +-38). The bounds below sit ~40% above those numbers, and
-    the overlap must reduce the mean error.
+    difference: decode 0.49 / 0.040 with overlap 96 vs 0.76 / 0.045 with overlap 0 (evenly spread tiles still share
+    128 px along H and 64 px along W then; outputs span about +-2), encode 8.75 / 1.62 vs 10.2 / 1.81 (latents span about
+    +-38). The bounds below sit ~40% above the overlap-96 numbers, and the overlap must reduce the mean error.
     """
     H, W = 256, 320
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
@@ -367,3 +380,37 @@ def test_tiled_matches_untiled_on_tiny_model(tiny_model):
     assert (zt - z).abs().max() < 12.2 and (zt - z).abs().mean() < 2.3
     assert (rt - r).abs().mean() < (rt0 - r).abs().mean()
     assert (zt - z).abs().mean() < (zt0 - z).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_fixture_and_runs_bf16(tiny_sd, cases):
+    """fp32 on CUDA (TF32 off) reproduces the CPU fixtures; bf16 on CUDA, whole and tiled, stays close."""
+    meta, tensors = cases
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = DCAE.from_state_dict(tiny_sd, device="cuda")
+        with torch.no_grad():
+            for case in meta["cases"]:
+                name = case["name"]
+                z = model.encode(tensors[f"{name}.image"].cuda()).cpu()
+                r = model.decode(tensors[f"{name}.latent"].cuda()).cpu()
+                torch.testing.assert_close(z, tensors[f"{name}.latent"], atol=1e-4, rtol=0)
+                # cuDNN sums in another order than the CPU convs
+                torch.testing.assert_close(r, tensors[f"{name}.recon"], atol=2e-4, rtol=0)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    model16 = DCAE.from_state_dict(tiny_sd, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        z = model16.encode(tensors["b.image"].cuda().bfloat16()).float().cpu()
+        r = model16.decode(tensors["b.latent"].cuda().bfloat16()).float().cpu()
+        rt = model16.decode(tensors["b.latent"].cuda().bfloat16(), tile_size=64, overlap=32).float().cpu()
+    assert (z - tensors["b.latent"]).abs().max() < 0.05 * tensors["b.latent"].abs().max()
+    assert (r - tensors["b.recon"]).abs().max() < 0.1
+    assert rt.shape == r.shape and torch.isfinite(rt).all()
