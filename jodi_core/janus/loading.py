@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 
 from ..checkpoint import CheckpointError, build_on_meta, identify_checkpoint, load_state_dict_strict, read_state_dict
-from .config import JanusConfig, config_from_state_dict, hints_from_config_json
+from .config import config_from_state_dict, hints_from_config_json
 from .model import JanusModel
 from .processor import JANUS_1_ROLES, PRO_ROLES, ImagePreprocessConfig, JanusProcessor, JanusTokenizer
 
@@ -175,7 +175,8 @@ def read_janus_state_dict(folder: "str | Path") -> tuple[dict[str, torch.Tensor]
         layout = "original"
     elif "model.language_model.embed_tokens.weight" in sd:
         layout = "hf"
-        if "lm_head.weight" not in sd:  # tied export
+        if "lm_head.weight" not in sd:  # an export with tied embeddings
+            log.info("%s has no lm_head.weight; using the tied input embeddings.", folder.name)
             sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
         sd = hf_to_original(sd)
     else:
@@ -197,7 +198,7 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}).") from e
 
 
-def _default_roles(folder: Path, cfg_json: Mapping) -> tuple[str, str]:
+def _default_roles(folder: Path) -> tuple[str, str]:
     """Janus-1.3B was tuned with plain "User"/"Assistant" roles, Janus-Pro with "<|User|>"/"<|Assistant|>"."""
     name = folder.name.lower()
     if re.search(r"janus-?1\.3b", name) and "pro" not in name:
@@ -242,7 +243,7 @@ def load_janus(
     model.eval().requires_grad_(False)
     image_cfg = ImagePreprocessConfig.from_json(folder / "preprocessor_config.json", cfg.vision.image_size)
     model.processor = JanusProcessor(
-        tokenizer, image_cfg, cfg.vision.num_patches, roles=roles or _default_roles(folder, cfg_json)
+        tokenizer, image_cfg, cfg.vision.num_patches, roles=roles or _default_roles(folder)
     )
     log.info(
         "Loaded Janus (%s layout) from %s: LM %d layers x %d, dtype %s.",
@@ -250,7 +251,3 @@ def load_janus(
     )  # fmt: skip
     return model
 
-
-def describe(cfg: JanusConfig) -> str:
-    lm = cfg.language
-    return f"Janus LM {lm.num_layers}x{lm.hidden_size} ({lm.num_heads} heads), vision {cfg.vision.depth}x{cfg.vision.width}"
