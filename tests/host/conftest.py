@@ -4,8 +4,9 @@ The server runs from a cached copy of ComfyUI (see comfy_server.py), with ``--cp
 temporary base directory. Its model folders point (through an extra_model_paths.yaml) at a temporary directory
 holding tiny random-weight models in the official file formats:
 
-- ``diffusion_models/jodi-tiny.safetensors`` and ``jodi/jodi-tiny.pth``: a tiny Jodi DiT (official keys);
-- ``vae/dcae-tiny.safetensors``: a tiny DC-AE (official mit-han-lab keys);
+- ``diffusion_models/jodi-tiny.safetensors`` and ``jodi/jodi-tiny.pth``: a tiny Jodi DiT (official keys; the
+  golden-fixture weights, or built with jodi_core's modules where the fixtures are absent);
+- ``vae/dcae-tiny.safetensors``: a tiny DC-AE (official mit-han-lab keys, same rule);
 - ``text_encoders/gemma-2-2b-it-tiny.safetensors``: a tiny Gemma-2 made by ``convert_gemma`` from a Hugging Face
   folder (its captions are 48 wide, the tiny DiT's caption width).
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -52,24 +52,43 @@ def _fixture_dir() -> Path:
     return Path(os.environ.get("JODI_FIXTURES", shared / "fixtures" / "jodi"))
 
 
-def _write_jodi_models(models: Path) -> tuple[Path, Path]:
-    """Tiny DiT and DC-AE in the official formats (the golden-fixture weights, which use the official keys)."""
+def _write_jodi_models(models: Path) -> None:
+    """Tiny DiT (caption width 48, like the tiny Gemma) and DC-AE in the official file formats.
+
+    The golden-fixture weights are used when present (official keys, made by the reference code); otherwise the
+    same shapes are built with jodi_core's own modules, whose state-dict keys are the official ones.
+    """
     from safetensors.torch import load_file, save_file
 
+    for sub in ("diffusion_models", "jodi", "vae"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
     fixtures = _fixture_dir()
     dit_src, vae_src = fixtures / "dit_tiny_weights.safetensors", fixtures / "dcae_tiny_weights.safetensors"
-    if not dit_src.is_file() or not vae_src.is_file():
-        pytest.fail(f"tiny model weights not found in {fixtures}; set JODI_FIXTURES")
-    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
-    (models / "jodi").mkdir(parents=True, exist_ok=True)
-    (models / "vae").mkdir(parents=True, exist_ok=True)
-    dit = models / "diffusion_models" / HostModels.jodi_file
-    shutil.copyfile(dit_src, dit)
+    if dit_src.is_file() and vae_src.is_file():
+        dit_sd, vae_sd = load_file(dit_src), load_file(vae_src)
+    else:
+        dit_sd, vae_sd = _build_tiny_jodi()
+    save_file(dit_sd, models / "diffusion_models" / HostModels.jodi_file)
     # The official release is a pickled {'state_dict': ...}; keep one in that form too.
-    torch.save({"state_dict": load_file(dit_src)}, models / "jodi" / HostModels.jodi_pth_file)
-    vae = models / "vae" / HostModels.vae_file
-    save_file(load_file(vae_src), vae)
-    return dit, vae
+    torch.save({"state_dict": dit_sd}, models / "jodi" / HostModels.jodi_pth_file)
+    save_file(vae_sd, models / "vae" / HostModels.vae_file)
+
+
+def _build_tiny_jodi() -> tuple[dict, dict]:
+    from jodi_core.demo import tiny_random_models
+    from jodi_core.transformer import JodiConfig, JodiTransformer
+
+    _, vae = tiny_random_models(seed=0)  # 4-stage DC-AE, 8 latent channels
+    dit = JodiTransformer(JodiConfig(hidden_size=64, depth=2, num_heads=2, caption_channels=48,
+                                     in_channels=vae.config.latent_channels, base_size=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in list(dit.parameters()) + list(dit.buffers()):
+            if t.is_floating_point():
+                fan_in = max(1, t[0].numel()) if t.dim() > 1 else t.numel()
+                t.copy_(torch.randn(t.shape, generator=gen) / fan_in**0.5)
+    return ({k: v.contiguous() for k, v in dit.state_dict().items()},
+            {k: v.contiguous() for k, v in vae.state_dict().items()})
 
 
 @pytest.fixture(scope="session")
