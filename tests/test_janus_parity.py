@@ -210,3 +210,34 @@ def test_image_preprocessing_matches_transformers_processor():
         mine = preprocess_image(pil, cfg)
         assert mine.shape == ref.shape == (3, 384, 384)
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["janus-pro-1b", "janus-pro-7b"])
+def test_real_sized_layouts_on_meta(preset):
+    """At the released sizes (built on the meta device, no memory): our original-layout keys map onto exactly the
+    keys and shapes of transformers' model, and the configuration is read back from the shapes."""
+    from jodi_core.janus.config import PRESETS, config_from_state_dict
+    from jodi_core.janus.model import JanusModel
+
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        ours = JanusModel(cfg)
+        lm = cfg.language
+        hf = JanusForConditionalGeneration(
+            JanusConfig(
+                text_config=dict(
+                    model_type="llama", vocab_size=lm.vocab_size, hidden_size=lm.hidden_size,
+                    intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+                    num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
+                ),
+                vision_config=dict(projection_dim=lm.hidden_size),
+                vq_config=dict(projection_dim=lm.hidden_size, image_token_embed_dim=lm.hidden_size),
+                tie_word_embeddings=False,
+            )
+        )  # fmt: skip
+    sd = ours.state_dict()
+    assert config_from_state_dict(sd) == cfg  # head counts from the table of released widths
+    mapped = original_to_hf(sd)
+    ref = {k: v for k, v in hf.state_dict().items() if not k.startswith(("model.vqmodel.encoder.", "model.vqmodel.quant_conv."))}
+    assert mapped.keys() == ref.keys()
+    assert all(mapped[k].shape == ref[k].shape for k in ref)
