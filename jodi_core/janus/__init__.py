@@ -24,6 +24,11 @@ API for the ComfyUI nodes (all functions run under ``torch.inference_mode``)::
                             should_stop=None)
         # (parallel_size, 3, 384, 384) float32 in [0, 1]. temperature 0 = greedy. callback(step, 576) per image
         # token. janus_generate_codes(...) returns the (P, 576) VQ codes; model.decode_image_codes(codes) decodes.
+
+    janus_understand_tokens(...)  # same arguments as janus_understand, returns the generated token ids per row
+
+Decoding steps run from a CUDA graph on CUDA (``model.decode_mode = "auto"``; "eager" turns that off). Tests build a
+tiny random model folder with ``tests/janus_tiny.py::write_tiny_janus(folder, layout="original" | "hf", seed=0)``.
 """
 
 from __future__ import annotations
