@@ -19,6 +19,7 @@ channel duplication + pixel-shuffle), so the residual path keeps the signal acro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -338,6 +339,14 @@ class ResBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast disabled; a backend without autocast support (DirectML, meta) needs none."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, AssertionError, ValueError):
+        return contextlib.nullcontext()
+
+
 class LiteMLA(nn.Module):
     """Multi-scale ReLU linear attention over all ``H*W`` positions of the feature map.
 
@@ -371,7 +380,7 @@ class LiteMLA(nn.Module):
         B, _, H, W = qkv.shape
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
-        with torch.autocast(device_type=qkv.device.type, enabled=False):
+        with _autocast_off(qkv.device.type):
             if H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
             else:
