@@ -109,10 +109,12 @@ class JanusModel(nn.Module):
         """(...,) image codes -> (..., hidden) language-model inputs."""
         return self.gen_aligner(self.gen_embed(codes))
 
-    def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, grid*grid) codes -> (B, 3, size, size) float32 images in [0, 1]."""
-        images = self.gen_vision_model.decode_codes(codes.to(self.device))
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    def decode_image_codes(self, codes: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+        """(B, grid*grid) codes -> (B, 3, size, size) float32 images in [0, 1], ``chunk`` images at a time (the
+        full-resolution decoder activations of 16 images at once would take several GB)."""
+        codes = codes.to(self.device)
+        images = [self.gen_vision_model.decode_codes(part).float() for part in codes.split(chunk)]
+        return ((torch.cat(images) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.config.language, batch, max_len, dtype=self.dtype, device=self.device)
