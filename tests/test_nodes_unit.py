@@ -543,3 +543,23 @@ print(json.dumps({{"bare": bare, "entry": hasattr(m, "comfy_entrypoint"), "heavy
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"bare": True, "entry": True, "heavy": []}
+
+
+def test_demo_choice_resolves_through_jodi_core_demo(pack, monkeypatch):
+    """The built-in choice goes through jodi_core.demo.demo_model_paths(); its FileNotFoundError reaches the user."""
+    demo = types.ModuleType(pack.module.__name__ + ".jodi_core.demo")
+    files = (pack.models / "jodi" / "tiny.pth", pack.models / "vae" / "tiny-ae.safetensors")
+    demo.demo_model_paths = lambda: files
+    monkeypatch.setitem(sys.modules, demo.__name__, demo)
+    monkeypatch.setattr(sys.modules[pack.module.__name__ + ".jodi_core"], "demo", demo, raising=False)
+    common = sys.modules[pack.module.__name__ + ".nodes.common"]
+    assert common.resolve_dit_path(nodekit.DEMO_MODEL_CHOICE) == str(files[0])
+    assert common.resolve_vae_path(nodekit.DEMO_MODEL_CHOICE) == str(files[1])
+    assert pack.nodes["JodiModelLoader"].execute(nodekit.DEMO_MODEL_CHOICE, "auto", "auto").result[0].model is not None
+
+    def missing():
+        raise FileNotFoundError("demo weights not downloaded")
+
+    demo.demo_model_paths = missing
+    with pytest.raises(FileNotFoundError, match="demo weights not downloaded"):
+        pack.nodes["JodiVAELoader"].execute(nodekit.DEMO_MODEL_CHOICE, "auto")
