@@ -25,9 +25,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Checks (shared by the interpreter run and the GPU run). Each takes (device, big) and raises AssertionError.
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 _RTOL = {torch.float32: 2e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,7 +41,8 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what
     atol = 1e-5 * float(r.abs().max()) + 1e-30
     bad = (o - r).abs() > atol + _RTOL[dtype] * r.abs()
     rel = float((o - r).norm() / (r.norm() + 1e-30))
-    assert not bad.any(), f"{what}: {int(bad.sum())}/{o.numel()} elements off; max err {float((o - r).abs().max()):.3g}"
+    err = float((o - r).abs().max())
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{o.numel()} elements off; max err {err:.3g}"
     assert rel < _RTOL[dtype], f"{what}: relative error {rel:.3g}"
 
 
@@ -176,6 +177,19 @@ def check_layernorm_modulate(device, big, dtype_name):
     _assert_close(out, ref, dtype, f"layernorm_modulate {dtype_name}")
 
 
+def check_gate_residual(device, big, dtype_name):
+    from jodi_core.kernels.gate_residual import gate_residual_torch, gate_residual_triton
+
+    dtype = _DTYPES[dtype_name]
+    N, L, T, C = (2, 3, 130, 2240) if big else (2, 3, 7, 100)
+    x = torch.randn(N, L, T, C, device=device).to(dtype)
+    y = torch.randn(N, L * T, C, device=device).to(dtype).view(N, L, T, C)
+    mod = torch.randn(N, L, 6, C, device=device).to(dtype)
+    gate = mod.unsqueeze(3).unbind(2)[2]  # strided (N, L, 1, C) view
+    ref = gate_residual_torch(x.double(), gate.double(), y.double())
+    _assert_close(gate_residual_triton(x, gate, y), ref, dtype, f"gate_residual {dtype_name}")
+
+
 def check_fused_dispatch(device, big):
     """``backend='auto'`` takes the kernel where it runs; ``'torch'`` gives the torch function bit for bit."""
     from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_torch, dwconv_glu_triton
@@ -188,6 +202,10 @@ def check_fused_dispatch(device, big):
     y = torch.randn(2, 5, 16, device=device)
     s = torch.randn(2, 1, 16, device=device)
     assert torch.equal(layernorm_modulate(y, s, s * 2), layernorm_modulate_triton(y, s, s * 2))
+    from jodi_core.kernels.gate_residual import gate_residual, gate_residual_triton
+
+    assert torch.equal(gate_residual(y, s, y * 2), gate_residual_triton(y, s, y * 2))
+    assert torch.equal(gate_residual(y, s[..., :1], y), y + s[..., :1] * y)  # other broadcasts: torch path
 
 
 LA_CASES = [
@@ -219,6 +237,8 @@ def all_checks():
     checks["dw-tiny-images"] = check_dwconv_glu_tiny_images
     for dt in LN_CASES:
         checks[f"ln-{dt}"] = functools.partial(check_layernorm_modulate, dtype_name=dt)
+    for dt in LN_CASES:
+        checks[f"gr-{dt}"] = functools.partial(check_gate_residual, dtype_name=dt)
     checks["fused-dispatch"] = check_fused_dispatch
     return checks
 
@@ -238,15 +258,16 @@ def run_checks(device: str, big: bool) -> dict[str, str]:
 
 CHECK_NAMES = list(all_checks())
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # CPU: the interpreter run
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
+    path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     proc = subprocess.run(
         [sys.executable, __file__, "--interpret"], env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
     )
@@ -263,14 +284,15 @@ def test_kernel_interpreted(interpreter_results, name):
         pytest.fail(interpreter_results[name])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # CPU: no Triton needed
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_import_is_cheap_and_probe_never_raises():
     code = (
         "import sys, jodi_core.kernels as k, jodi_core.kernels.dwconv_glu, jodi_core.kernels.layernorm_modulate\n"
+        "import jodi_core.kernels.gate_residual\n"
         "assert 'triton' not in sys.modules, 'importing the kernels package imported triton'\n"
         "print(type(k.triton_available()).__name__)\n"
     )
@@ -284,6 +306,7 @@ def test_import_is_cheap_and_probe_never_raises():
 def test_fused_ops_fall_back_to_torch_exactly_on_cpu():
     from jodi_core.kernels import interpreter_enabled
     from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_torch
+    from jodi_core.kernels.gate_residual import gate_residual, gate_residual_torch
     from jodi_core.kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_torch
 
     if interpreter_enabled():
@@ -293,6 +316,7 @@ def test_fused_ops_fall_back_to_torch_exactly_on_cpu():
     assert torch.equal(dwconv_glu(x, w, b), dwconv_glu_torch(x, w, b))
     y, s = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 1, 16)
     assert torch.equal(layernorm_modulate(y, s, s), layernorm_modulate_torch(y, s, s))
+    assert torch.equal(gate_residual(y, s, y), gate_residual_torch(y, s, y))
     # The torch definitions are the reference op sequences.
     import torch.nn.functional as F
 
@@ -328,9 +352,9 @@ def test_bad_inputs_raise_clear_errors():
         layernorm_modulate(torch.randn(2, 3, 4), torch.randn(2, 1, 4), torch.randn(2, 1, 4), backend="cuda")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # GPU: the same checks compiled, larger shapes
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

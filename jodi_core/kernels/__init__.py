@@ -9,6 +9,7 @@ Modules:
 - ``linear_attention``: ReLU linear attention (LiteLA) in two deterministic kernels (state, then apply).
 - ``dwconv_glu``: SiLU -> depthwise 3x3 conv -> value * SiLU(gate), the memory-bound middle of GLUMBConv.
 - ``layernorm_modulate``: LayerNorm without affine fused with the adaLN ``x * (1 + scale) + shift``.
+- ``gate_residual``: the gated residual ``x + gate * y`` of the DiT blocks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton kernel of ``layernorm_modulate`` (imported lazily by ``layernorm_modulate.py``, so that module imports without Triton)."""
+"""Triton kernel of ``layernorm_modulate`` (imported lazily by ``layernorm_modulate.py``, importable without it)."""
 
 import triton
 import triton.language as tl

@@ -44,8 +44,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _BLOCK_T = 64  # tokens per step of the state loop
 _BLOCK_M = 64  # tokens per tile of the apply kernel
-_M_TILES = 4  # tiles per apply program, so each program sums the S partials once per 256 tokens
+_MAX_M_TILES = 16  # up to 16 tiles per apply program: the S partials are summed once per up to 1024 tokens
 _TARGET_STATE_PROGRAMS = 1024  # enough (batch, head, chunk) programs to fill a large GPU several times
+_TARGET_APPLY_PROGRAMS = 1024
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _apply_kernel(
     T, H, n_split, eps,
     stride_qb, stride_qt, stride_qh,
     stride_ob, stride_ot, stride_oh,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, M_TILES: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, M_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (token block, batch*head) program: out = relu(Q) KV / (relu(Q) ksum + eps) for M_TILES * BLOCK_M tokens."""
     pid_m = tl.program_id(0)
@@ -120,13 +121,13 @@ def _apply_kernel(
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
-    for i in tl.static_range(M_TILES):
+    for i in range(M_TILES):
         t = (pid_m * M_TILES + i) * BLOCK_M + offs_m
         inside = t < T
         rows = t.to(tl.int64)[:, None]
         q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         q = tl.maximum(q, 0.0)
-        num = tl.dot(q, kv, input_precision="ieee")  # (BLOCK_M, D)
+        num = tl.dot(q, kv, input_precision=PRECISION)  # (BLOCK_M, D)
         den = tl.sum(q * ks[None, :], axis=1)  # (BLOCK_M,)
         out = num / (den[:, None] + eps)
         tl.store(o_base + rows * stride_ot + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=inside[:, None])
@@ -207,13 +208,18 @@ def linear_attention_triton(
         IEEE=q.dtype == torch.float32 or interpreter_enabled(),
         num_warps=4,
     )
-    grid = (triton.cdiv(T, _BLOCK_M * _M_TILES), B * H)
+    # Enough tiles per program that the partial sums are read rarely, while keeping ~1024 programs.
+    tiles = triton.cdiv(T, _BLOCK_M)
+    m_tiles = min(_MAX_M_TILES, triton.next_power_of_2(max(1, tiles * B * H // _TARGET_APPLY_PROGRAMS)))
+    grid = (triton.cdiv(tiles, m_tiles), B * H)
     _apply_kernel[grid](
         q, kv_part, ks_part, out,
         T, H, n_split, float(eps),
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        D=D, BLOCK_M=_BLOCK_M, M_TILES=_M_TILES,
+        D=D, BLOCK_M=_BLOCK_M, M_TILES=m_tiles,
+        # 3xTF32 on the tensor cores is float32-accurate here (relu(q) in 16-bit dtypes is exact in TF32).
+        PRECISION="ieee" if interpreter_enabled() else "tf32x3",
         num_warps=4,
     )
     return out
