@@ -135,3 +135,23 @@ def test_prepared_path_matches_official(parity, case_name):
     keep = (role == 0)[:, :, None, None, None].expand_as(ref)
     assert keep.any()
     torch.testing.assert_close(out[keep], ref[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@torch.no_grad()
+def test_forward_matches_official_on_cuda(parity, backend, monkeypatch):
+    """Same cases on the GPU; ``auto`` runs the Triton linear attention when it is available."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cpu_model, meta, tensors = parity
+    model = copy.deepcopy(cpu_model).cuda()
+    model.attention_backend = backend
+    for case in meta["cases"]:
+        name = case["name"]
+        inp = {k: v.cuda() for k, v in _inputs(tensors, name).items()}
+        out = model(inp["x"], inp["timestep"], inp["y"], role=inp["role"], mask=inp["mask"], clean_x=inp["clean_x"])
+        torch.testing.assert_close(out.cpu(), tensors[f"{name}.out"], atol=ATOL, rtol=0, msg=name)
