@@ -1,0 +1,200 @@
+"""The training loop: role sampling, flow-matching loss, loss decrease, exact resume, config files, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EXAMPLE_DATA_DIR
+from jodi_core.train import (
+    CONDITION,
+    GENERATE,
+    IGNORE,
+    DataConfig,
+    TrainConfig,
+    flow_matching_loss,
+    main_train,
+    sample_roles,
+    sample_sigmas,
+    train,
+)
+
+# Small enough for 2 CPU cores: DC-AE with compression 4 (32 px -> 8x8 latents), a 2-block DiT.
+MICRO_DCAE = dict(latent_channels=32, width_list=[8, 16, 32], encoder_depth_list=[1, 1, 1],
+                  decoder_depth_list=[1, 1, 1], encoder_block_types=["ResBlock"] * 3,
+                  decoder_block_types=["ResBlock"] * 3)
+MICRO_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=16, model_max_length=4, base_size=8)
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "run"), data=DataConfig(size=32), batch_size=3, dcae=MICRO_DCAE,
+                transformer=MICRO_DIT, dcae_images_per_step=8, dcae_lr=2e-3, dit_lr=1e-3, progress=False,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+@pytest.fixture()
+def example_data(tmp_path):
+    if not (EXAMPLE_DATA_DIR / "metadata.jsonl").is_file():
+        pytest.skip(f"example dataset not found at {EXAMPLE_DATA_DIR}")
+    dst = tmp_path / "joint"
+    shutil.copytree(EXAMPLE_DATA_DIR, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Role sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_role_sampler_matches_the_paper_marginals():
+    n = 30000
+    g = torch.Generator().manual_seed(0)
+    roles, task = sample_roles(torch.ones(n, 8, dtype=torch.bool), g, return_tasks=True)
+    assert roles.shape == (n, 8) and roles.dtype == torch.long
+    # Tasks 1/3 each; image generated in joint and controllable, a condition in perception.
+    np.testing.assert_allclose(torch.bincount(task, minlength=3).numpy() / n, [1 / 3] * 3, atol=0.012)
+    assert ((roles[:, 0] == CONDITION) == (task == 2)).all()
+    assert (roles[:, 0] != IGNORE).all()
+    labels = roles[:, 1:]
+    # Marginals per label (reference analysis): P(generate) = 1/3 + 1/3 * 64/127, P(condition) = 1/6.
+    p_gen = 1 / 3 + (1 / 3) * 64 / 127
+    p_cond = 1 / 6
+    freq = [(labels == r).float().mean(0) for r in (GENERATE, CONDITION, IGNORE)]
+    np.testing.assert_allclose(freq[0].numpy(), p_gen, atol=0.015)
+    np.testing.assert_allclose(freq[1].numpy(), p_cond, atol=0.012)
+    np.testing.assert_allclose(freq[2].numpy(), 1 - p_gen - p_cond, atol=0.015)
+    # Per task: joint generates everything; controllable never generates labels; perception never conditions one,
+    # and never ignores them all.
+    assert (labels[task == 0] == GENERATE).all()
+    assert (labels[task == 1] != GENERATE).all()
+    np.testing.assert_allclose((labels[task == 1] == CONDITION).float().mean().item(), 0.5, atol=0.01)
+    p = labels[task == 2]
+    assert (p != CONDITION).all() and (p == GENERATE).any(1).all()
+    # Perception rows are uniform over the 127 allowed patterns.
+    codes = ((p == GENERATE).long() * (2 ** torch.arange(7))).sum(1)
+    counts = torch.bincount(codes, minlength=128)
+    assert counts[0] == 0
+    expected = len(p) / 127
+    assert (counts[1:] - expected).abs().max() < 5 * expected**0.5
+
+
+def test_missing_labels_are_always_ignored():
+    g = torch.Generator().manual_seed(1)
+    available = torch.ones(4000, 8, dtype=torch.bool)
+    available[:, 7] = False  # no openpose
+    available[:2000, 1:] = False  # half the rows have no label at all
+    roles, task = sample_roles(available, g, return_tasks=True)
+    assert (roles[:, 7] == IGNORE).all()
+    assert (roles[:2000, 1:] == IGNORE).all()
+    # Without labels there is nothing to perceive: such rows generate the image.
+    assert (roles[:2000, 0] == GENERATE).all() and (task[:2000] != 2).all()
+    assert (task[2000:] == 2).any()
+    with pytest.raises(ValueError, match="image"):
+        sample_roles(torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        sample_roles(torch.ones(2, 7, dtype=torch.bool))
+
+
+def test_sigmas_are_shifted_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    s = sample_sigmas(20000, 3.0, g)
+    assert (s > 0).all() and (s < 1).all()
+    # The median of logit-normal(0, 1) is 1/2; the shift maps it to 3 * 0.5 / (1 + 2 * 0.5) = 0.75.
+    assert abs(s.median().item() - 0.75) < 0.01
+    u = torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(s, 3 * u / (1 + 2 * u))
+
+
+def test_loss_counts_generated_domains_only():
+    B, L, C, h, w = 2, 8, 4, 2, 2
+    x0, noise = torch.randn(B, L, C, h, w), torch.randn(B, L, C, h, w)
+    roles = torch.tensor([[0, 1, 2, 0, 2, 2, 2, 2], [1, 0, 2, 2, 2, 2, 2, 2]])
+    sigmas = torch.tensor([0.3, 0.9])
+    seen = {}
+
+    def model(x_t, timestep, y, role, mask, clean_x):
+        seen.update(x_t=x_t, timestep=timestep, clean_x=clean_x)
+        out = noise - x0 + 5.0  # wrong everywhere by 5 ...
+        gen = (role == GENERATE)[:, :, None, None, None]
+        return torch.where(gen, noise - x0 + 1.0, out)  # ... but by 1 on generated domains
+
+    loss = flow_matching_loss(model, x0, roles, sigmas, noise)
+    assert loss.item() == pytest.approx(1.0)
+    s = sigmas[:, None, None, None, None]
+    torch.testing.assert_close(seen["x_t"], (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(seen["timestep"], sigmas * 1000)
+    torch.testing.assert_close(seen["clean_x"], x0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_on_example_data_reduces_both_losses(tmp_path, example_data):
+    cfg = _config(tmp_path, data=DataConfig(kind="joint", root=str(example_data), size=32, fixed_batch=True),
+                  fixed_noise=True, dcae_steps=10, dit_steps=10)
+    result = train(cfg)
+    d, t = result.dcae_losses, result.dit_losses
+    assert len(d) == 10 and len(t) == 10
+    assert np.mean(d[-3:]) < 0.75 * d[0], d
+    assert np.mean(t[-3:]) < 0.75 * t[0], t
+    assert result.scaling_factor > 0
+    summary = json.loads((cfg_out := tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["scaling_factor"] == pytest.approx(result.scaling_factor)
+    assert cfg_out.parent.joinpath("last.pt").is_file()
+
+    # The outputs load with the package's own loaders, as the official key layouts.
+    from jodi_core.checkpoint import identify_checkpoint, read_state_dict
+    from jodi_core.dcae import DCAE
+    from jodi_core.loading import jodi_from_state_dict
+
+    jsd = read_state_dict(result.transformer_path)
+    assert identify_checkpoint(jsd) == "jodi"
+    model = jodi_from_state_dict(jsd, num_heads=2, base_size=8)
+    assert model.config.hidden_size == 64 and model.config.depth == 2
+    dsd = read_state_dict(result.dcae_path)
+    assert identify_checkpoint(dsd) == "dcae"
+    assert DCAE.from_state_dict(dsd).config.width_list == (8, 16, 32)
+
+
+def test_resume_reproduces_the_next_losses(tmp_path):
+    common = dict(data=DataConfig(size=32), dcae_steps=3, save_every=2)
+    straight = train(_config(tmp_path / "a", dit_steps=4, **common))
+    # Stop after 2 DiT steps, then resume to 4 with a fresh process state.
+    first = train(_config(tmp_path / "b", dit_steps=2, **common))
+    torch.manual_seed(12345)
+    np.random.seed(999)
+    resumed = train(_config(tmp_path / "b", dit_steps=4, **common))
+    assert first.dit_losses == straight.dit_losses[:2]
+    assert resumed.dit_losses[:2] == first.dit_losses  # the history comes back with the checkpoint
+    np.testing.assert_allclose(resumed.dit_losses[2:], straight.dit_losses[2:], rtol=1e-5)
+    state = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)
+    assert state["stage"] == "dit" and state["step"] == 4 and "rng" in state and "dit_opt" in state
+
+
+def test_config_files_and_command_line(tmp_path):
+    cfg = _config(tmp_path, dcae_steps=1, dit_steps=1)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_file(path) == cfg
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text("batch_size: 2\ndata:\n  size: 32\n")
+    loaded = TrainConfig.from_file(yml)
+    assert loaded.batch_size == 2 and loaded.data.size == 32
+    with pytest.raises(ValueError, match="Unknown training config keys: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="data.root"):
+        TrainConfig.from_dict({"data": {"kind": "joint"}})
+    with pytest.raises(ValueError, match="caption_encoder"):
+        train(_config(tmp_path, caption_dropout=0.5))
+    assert main_train(["--config", str(path), "--output-dir", str(tmp_path / "cli"), "--dit-steps", "2"]) == 0
+    assert (tmp_path / "cli" / "jodi.safetensors").is_file()
+    state = torch.load(tmp_path / "cli" / "last.pt", weights_only=False)
+    assert state["step"] == 2
