@@ -149,9 +149,16 @@ def check_dwconv_glu(device, big, dtype_name, layout, with_bias):
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(2 * M, 1, 3, 3, device=device) / 3).to(dtype)
     b = torch.randn(2 * M, device=device).to(dtype) if with_bias else None
-    out = dwconv_glu_triton(x, w, b)
     ref = dwconv_glu_torch(x.double(), w.double(), None if b is None else b.double())
-    _assert_close(out, ref, dtype, f"dwconv_glu {dtype_name} {layout} bias={with_bias}")
+    _assert_close(dwconv_glu_triton(x, w, b), ref, dtype, f"dwconv_glu {dtype_name} {layout} bias={with_bias}")
+    # Other tilings on a smaller image, row blocks that split it (the last one partial) included.
+    if dtype_name == "bf16":
+        x, w = x[:1, : 2 * 20, :, :7], w[: 2 * 20]
+        b = None if b is None else b[: 2 * 20]
+        ref = dwconv_glu_torch(x.double(), w.double(), None if b is None else b.double())
+        for bx, bc, rows in ((4, 16, 2), (8, 32, 3)):
+            out = dwconv_glu_triton(x, w, b, block_x=bx, block_c=bc, rows=rows)
+            _assert_close(out, ref, dtype, f"dwconv_glu {dtype_name} block_x={bx} block_c={bc} rows={rows}")
 
 
 def check_dwconv_glu_tiny_images(device, big):

@@ -48,11 +48,15 @@ def kernel(
     Hh, Ww, M,
     s_xb, s_xc, s_xh, s_xw,
     s_ob, s_oc, s_oh, s_ow,
-    HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, FAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr,
 ):
+    """One program: output rows [r0, r0 + ROWS) x BLOCK_X columns x BLOCK_C channels of one image."""
     pid_c = tl.program_id(0)
     pid_x = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    n_row_blocks = tl.cdiv(Hh, ROWS)
+    b = (tl.program_id(2) // n_row_blocks).to(tl.int64)
+    r0 = (tl.program_id(2) % n_row_blocks) * ROWS
+    r_end = tl.minimum(r0 + ROWS, Hh)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < M
     xs = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -77,14 +81,15 @@ def kernel(
         bg = tl.zeros((BLOCK_C,), dtype=tl.float32)
 
     zero = tl.zeros((BLOCK_X, BLOCK_C), dtype=tl.float32)
-    # acc_*_prev: output row y-1, acc_*_cur: output row y (each bias-initialised).
+    # Walking input rows y = r0-1 .. r_end (rows outside the image read as zeros): acc_*_prev holds output row y-1,
+    # acc_*_cur output row y; input row y completes output row y-1.
     acc_v_prev = zero
     acc_g_prev = zero
     acc_v_cur = zero + bv[None, :]
     acc_g_cur = zero + bg[None, :]
     o_base = o_ptr + b * s_ob + c[None, :] * s_oc + xs[:, None] * s_ow
     o_mask = xmask[:, None] & cmask[None, :]
-    for y in range(0, Hh):
+    for y in range(r0 - 1, r_end + 1):
         l, m, r = silu_row(base_v, y, Hh, Ww, xs, cv, cmask, s_xh, s_xw, FAST)
         acc_v_prev += l * v20[None, :] + m * v21[None, :] + r * v22[None, :]  # input y is row +1 of output y-1
         acc_v_cur += l * v10[None, :] + m * v11[None, :] + r * v12[None, :]
@@ -95,11 +100,8 @@ def kernel(
         acc_g_next = bg[None, :] + l * g00[None, :] + m * g01[None, :] + r * g02[None, :]
         # Output row y-1 is complete.
         out = acc_v_prev * silu(acc_g_prev, FAST)
-        tl.store(o_base + (y - 1) * s_oh, out.to(o_ptr.dtype.element_ty), mask=o_mask & (y >= 1))
+        tl.store(o_base + (y - 1) * s_oh, out.to(o_ptr.dtype.element_ty), mask=o_mask & (y - 1 >= r0))
         acc_v_prev = acc_v_cur
         acc_g_prev = acc_g_cur
         acc_v_cur = acc_v_next
         acc_g_cur = acc_g_next
-    # The last row has no input row below it (zero padding).
-    out = acc_v_prev * silu(acc_g_prev, FAST)
-    tl.store(o_base + (Hh - 1) * s_oh, out.to(o_ptr.dtype.element_ty), mask=o_mask)

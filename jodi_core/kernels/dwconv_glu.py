@@ -13,7 +13,8 @@ Why fuse (see benchmarks/README.md): at 1024 px with CFG the GLUMBConv hidden te
 367 MB in bf16. The unfused chain reads and writes it three times (SiLU, depthwise conv, GLU); the kernel reads ``x``
 once and writes only the 183 MB result.
 
-Kernel: one program per (channel block, column block, batch row) walks down the image rows; each input row is loaded
+Kernel: one program per (channel block, column block, batch row, block of output rows) walks down its rows (plus
+one halo row above and below); each input row is loaded
 once per horizontal tap (the shifted loads hit the cache), passed through SiLU in float32 and added to the
 accumulators of the three output rows it touches, so only two output rows per half are live. Float32 throughout
 (for bfloat16 the SiLUs use the hardware tanh, relative error ~2^-11, below bf16's 2^-8 rounding), one rounding at
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from . import interpreter_enabled, mark_failed, use_triton
 
 _NAME = "dwconv_glu"
-_BLOCK_X = 16
-_BLOCK_C = 64
+_BLOCK_X = 8  # tuned on an H100 at the joint-generation size (benchmarks/README.md)
+_BLOCK_C = 128
+_ROWS = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -71,7 +73,7 @@ def _kernel():
 
 def dwconv_glu_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, block_x: int = _BLOCK_X,
-    block_c: int = _BLOCK_C, num_warps: int = 4,
+    block_c: int = _BLOCK_C, rows: int = _ROWS, num_warps: int = 4,
 ) -> torch.Tensor:
     """The Triton kernel (no fallback; ``dwconv_glu`` adds one). The keywords are tuning knobs (powers of two)."""
     _check(x, weight, bias)
@@ -86,13 +88,14 @@ def dwconv_glu_triton(
         return out
     w = weight.detach().reshape(C2, 9).contiguous()
     b = bias.detach().contiguous() if bias is not None else w
-    grid = (triton.cdiv(M, block_c), triton.cdiv(W, block_x), B)
+    rows = max(rows, triton.cdiv(B * H, 65535))  # the grid's third axis is limited to 65535
+    grid = (triton.cdiv(M, block_c), triton.cdiv(W, block_x), B * triton.cdiv(H, rows))
     kernel[grid](
         x, w, b, out,
         H, W, M,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        HAS_BIAS=bias is not None, BLOCK_X=block_x, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, BLOCK_X=block_x, BLOCK_C=block_c, ROWS=rows,
         # bfloat16 output: the hardware tanh's 2^-11 error is far below the 2^-8 rounding of the result.
         FAST=x.dtype == torch.bfloat16 and not interpreter_enabled(),
         num_warps=num_warps,
