@@ -25,9 +25,36 @@ CAPTION_MASK_BIAS = -10000.0  # additive bias of padded caption tokens, as the r
 TIMESTEP_FREQ_DIM = 256
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fused_ops_backend(backend: str, x: torch.Tensor) -> Optional[str]:
+    """The backend for the fused Triton ops (``jodi_core.kernels``), or None to run the plain torch code here.
+
+    They follow the model's ``attention_backend``: never under ``torch``, and only for CUDA tensors otherwise, so
+    the CPU path (and its parity with the reference) never depends on Triton. The kernels fall back to torch by
+    themselves when Triton cannot run or a kernel fails.
+    """
+    if backend == "torch" or not x.is_cuda:
+        return None
+    return backend if backend in ("auto", "triton") else "auto"
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """adaLN: LayerNorm without affine, then ``x * (1 + scale) + shift`` (broadcast over tokens)."""
+    fused = fused_ops_backend(backend, x)
+    if fused is not None:
+        from .kernels.layernorm_modulate import layernorm_modulate
+
+        return layernorm_modulate(x, shift, scale, eps=_LN_EPS, backend=fused)
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS), 1 + scale)  # one pass, not two
+
+
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """``x + gate * y`` with ``gate`` broadcast over tokens."""
+    fused = fused_ops_backend(backend, x)
+    if fused is not None:
+        from .kernels.gate_residual import gate_residual as fused_gate_residual
+
+        return fused_gate_residual(x, gate, y, backend=fused)
+    return torch.addcmul(x, gate, y)  # one pass, not two
 
 
 def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
@@ -209,7 +236,7 @@ class GLUMBConv(nn.Module):
         self.depth_conv = ConvLayer(2 * mlp_hidden, 2 * mlp_hidden, 3, groups=2 * mlp_hidden, **kw)
         self.point_conv = ConvLayer(mlp_hidden, hidden_size, 1, bias=False, **kw)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, backend: str = "torch") -> torch.Tensor:
         """``x (B, h*w, C)`` with one image per row (a row is one domain of one sample) -> ``(B, h*w, C)``.
 
         The permuted view is channels-last, so the convs run without a layout copy; the 3x3 conv pads at each
@@ -217,9 +244,16 @@ class GLUMBConv(nn.Module):
         """
         B, T, C = x.shape
         z = x.view(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last memory
-        z = F.silu(self.inverted_conv(z), inplace=True)
-        value, gate = self.depth_conv(z).chunk(2, dim=1)
-        z = self.point_conv(F.silu(gate).mul_(value))
+        z = self.inverted_conv(z)
+        fused = fused_ops_backend(backend, z)
+        if fused is not None:  # SiLU -> depthwise 3x3 -> GLU in one pass over the 2H-channel tensor
+            from .kernels.dwconv_glu import dwconv_glu
+
+            z = dwconv_glu(z, self.depth_conv.conv.weight, self.depth_conv.conv.bias, backend=fused)
+        else:
+            value, gate = self.depth_conv(F.silu(z, inplace=True)).chunk(2, dim=1)
+            z = F.silu(gate).mul_(value)
+        z = self.point_conv(z)
         return z.permute(0, 2, 3, 1).reshape(B, T, C)
 
 
@@ -250,15 +284,13 @@ class JodiBlock(nn.Module):
         mod = self.scale_shift_table.to(cond.dtype) + cond  # (N, L, 6, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x (N, L, 1, C)
 
-        # Gated residuals as addcmul: one memory pass per update instead of two.
-        z = modulate(x, shift1, scale1).view(N, L * T, C)
-        x = torch.addcmul(x, gate1, self.attn(z, key_mask, backend).view(N, L, T, C))
+        z = modulate(x, shift1, scale1, backend).view(N, L * T, C)
+        x = gate_residual(x, gate1, self.attn(z, key_mask, backend).view(N, L, T, C), backend)
 
         x = x + self.cross_attn(x.view(N, L * T, C), caption_kv, caption_bias).view(N, L, T, C)
 
-        z = modulate(x, shift2, scale2).view(N * L, T, C)
-        x = torch.addcmul(x, gate2, self.mlp(z, *hw).view(N, L, T, C))
-        return x
+        z = modulate(x, shift2, scale2, backend).view(N * L, T, C)
+        return gate_residual(x, gate2, self.mlp(z, *hw, backend=backend).view(N, L, T, C), backend)
 
 
 class FinalLayer(nn.Module):
@@ -274,4 +306,4 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``x (N, T, C)``, ``cond (N, C)`` -> ``(N, T, patch^2 * out_channels)``."""
         shift, scale = (self.scale_shift_table.to(cond.dtype)[None] + cond[:, None]).unbind(1)  # 2 x (N, C)
-        return self.linear(modulate(x, shift[:, None], scale[:, None]))
+        return self.linear(modulate(x, shift[:, None], scale[:, None]))  # small: the torch path is enough
