@@ -211,11 +211,13 @@ class Distributed:
                 device = torch.device("cuda", self.local_rank)
         return device
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+        """DDP around ``model`` when there are several ranks. ``find_unused`` for models that skip parameters in
+        some steps (the DiT prunes domains that a batch ignores everywhere)."""
         if self.world_size == 1:
             return model
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average a scalar over ranks (for logging)."""
@@ -665,7 +667,7 @@ class Trainer:
         if self.step < cfg.dit_steps:
             self.transformer.train()
             self._run_stage("dit", cfg.dit_steps, self.dit_step,
-                            self.dist.wrap(_TrainForward(self.transformer), self.device))
+                            self.dist.wrap(_TrainForward(self.transformer), self.device, find_unused=True))
         self.transformer.eval()
         if self.dist.is_main:
             transformer_path = self.out / "jodi.safetensors"
@@ -686,7 +688,8 @@ class _AutoEncoder(nn.Module):
         self.dcae = dcae
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dcae.decode(self.dcae.encode(x))
+        z = self.dcae.encode(x)
+        return self.dcae.decode(z.to(x.dtype))  # under autocast the latent comes out in bf16
 
 
 def _tail(losses: list, n: int = 20) -> Optional[float]:

@@ -226,9 +226,20 @@ class _Materials:
     def random(self, rng: np.random.Generator, cls: int, origin) -> tuple[int, str]:
         h, s, v = rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.25, 0.95)
         base = _hsv(h, s, v)
-        kind = int(rng.choice((_SOLID, _CHECKER, _STRIPES), p=(0.5, 0.25, 0.25)))
-        second = np.clip(base * rng.uniform(0.4, 0.7) + rng.uniform(0, 0.25, 3).astype(np.float32), 0, 1)
+        r = rng.random()
+        kind = _SOLID if r < 0.5 else (_CHECKER if r < 0.75 else _STRIPES)
+        second = np.clip(base * rng.uniform(0.4, 0.7) + rng.random(3, dtype=np.float32) * 0.25, 0, 1)
         return self.add(base, second, kind, rng.uniform(1.5, 4.0), cls, origin), _color_name(h, s, v)
+
+
+def _pick(rng: np.random.Generator, options: tuple):
+    """A uniform choice (``rng.choice`` costs ~20x more per call, and scenes make dozens)."""
+    return options[min(int(rng.random() * len(options)), len(options) - 1)]
+
+
+def _count(rng: np.random.Generator, low: int, high: int) -> int:
+    """Uniform integer in [low, high]."""
+    return low + min(int(rng.random() * (high - low + 1)), high - low)
 
 
 def _frustum_x(rng: np.random.Generator, z: float, half_fov: float, margin: float = 0.85) -> float:
@@ -340,11 +351,11 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
         "cylinder": ("building", "furniture", "plant"),
         "cone": ("plant", "building"),
     }
-    for _ in range(int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))):
-        shape = str(rng.choice(("sphere", "box", "cylinder", "cone")))
+    for _ in range(_count(rng, *cfg.objects)):
+        shape = _pick(rng, ("sphere", "box", "cylinder", "cone"))
         z = rng.uniform(3.0, 14.0)
         x = _frustum_x(rng, z, half_fov)
-        cls = SEG_CLASS[str(rng.choice(shape_classes[shape]))]
+        cls = SEG_CLASS[_pick(rng, shape_classes[shape])]
         if shape == "sphere":
             r = rng.uniform(0.3, 1.1)
             y = r + (rng.uniform(0.0, 1.0) if rng.random() < 0.25 else 0.0)
@@ -366,7 +377,7 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
             cones.append((x, z, r, h, m))
         words.append(f"a {colour} {shape}")
     if rng.random() < cfg.mountain_probability:
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(_count(rng, 1, 2)):
             z = rng.uniform(40, 80)
             r, h = rng.uniform(12, 30), rng.uniform(6, 20)
             base = _hsv(rng.uniform(0.25, 0.7), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.6))
@@ -376,7 +387,7 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
 
     figures = []
     if cfg.max_figures > 0 and rng.random() < cfg.figure_probability:
-        n = int(rng.integers(1, cfg.max_figures + 1))
+        n = _count(rng, 1, cfg.max_figures)
         for _ in range(n):
             z = rng.uniform(2.5, 7.0)
             x = _frustum_x(rng, z, half_fov, 0.7)
@@ -538,6 +549,9 @@ def _ray_sphere_mask(o, d, center, radius):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_HIT_FNS = {"sphere": _hit_spheres, "box": _hit_boxes, "cylinder": _hit_cylinders, "cone": _hit_cones}
+
+
 def _take(o, idx):
     return tuple(c if np.ndim(c) == 0 else c[idx] for c in o)
 
@@ -564,17 +578,18 @@ class _Caster:
             self.figure_parts.append(part)
             part += len(fig.cap_r)
 
-    def cast(self, o, d, any_hit: bool = False):
+    def cast(self, o, d):
+        """Closest hits: ``(t, part, material)`` per ray; sky rays get t = inf, part -1 and material -1."""
         n = d[0].shape[0]
         # Ground plane y = 0, hit from above.
         with np.errstate(divide="ignore", invalid="ignore"):
             tg = -o[1] / d[1]
         best_t = np.where((d[1] < 0) & (tg > _EPS), tg, _INF).astype(np.float32)
-        best_part = np.where(np.isfinite(best_t), 0, -1)
-        best_mat = np.where(np.isfinite(best_t), 0, _SKY)
-        hit_fns = {"sphere": _hit_spheres, "box": _hit_boxes, "cylinder": _hit_cylinders, "cone": _hit_cones}
+        ground = np.isfinite(best_t)
+        best_part = np.where(ground, 0, -1)
+        best_mat = np.where(ground, 0, _SKY)
         for kind, params, mats, part0 in self.groups:
-            t = hit_fns[kind](o, d, params)  # (P, N)
+            t = _HIT_FNS[kind](o, d, params)  # (P, N)
             i = t.argmin(0)
             tm = t[i, np.arange(n)]
             closer = tm < best_t
@@ -585,8 +600,7 @@ class _Caster:
             sel = np.nonzero(_ray_sphere_mask(o, d, fig.center, fig.radius))[0]
             if not len(sel):
                 continue
-            dsel = _take(d, sel)
-            t = _hit_capsules(_take(o, sel), dsel, fig.cap_a, fig.cap_b, fig.cap_r)  # (K, M)
+            t = _hit_capsules(_take(o, sel), _take(d, sel), fig.cap_a, fig.cap_b, fig.cap_r)  # (K, M)
             i = t.argmin(0)
             tm = t[i, np.arange(len(sel))]
             closer = tm < best_t[sel]
@@ -594,6 +608,18 @@ class _Caster:
             best_part[sel] = np.where(closer, part0 + i, best_part[sel])
             best_mat[sel] = np.where(closer, fig.cap_material[i], best_mat[sel])
         return best_t, best_part, best_mat
+
+    def occluded(self, o, d) -> np.ndarray:
+        """Whether each ray hits anything (shadow rays: they start on a surface and head up, so not the ground)."""
+        blocked = np.zeros(d[0].shape[0], dtype=bool)
+        for kind, params, _, _ in self.groups:
+            blocked |= (_HIT_FNS[kind](o, d, params) < _INF).any(0)
+        for fig in self.s.figures:
+            sel = np.nonzero(_ray_sphere_mask(o, d, fig.center, fig.radius))[0]
+            if len(sel):
+                t = _hit_capsules(_take(o, sel), _take(d, sel), fig.cap_a, fig.cap_b, fig.cap_r)
+                blocked[sel] |= (t < _INF).any(0)
+        return blocked
 
     def normals(self, px, py, pz, part):
         """World-space unit normals at hit points of the given parts (all non-sky)."""
@@ -669,50 +695,50 @@ def _pairs(a: np.ndarray, fn) -> tuple[np.ndarray, np.ndarray]:
     return fn(a[:, :-1], a[:, 1:]), fn(a[:-1], a[1:])
 
 
-def _paint(canvas: np.ndarray, inside_fn, box, colour) -> None:
-    """Paint ``colour`` where ``inside_fn(x, y)`` holds, testing only pixel centres in ``box`` (x0, y0, x1, y1)."""
-    H, W = canvas.shape[:2]
-    x0, y0 = max(int(math.floor(box[0])), 0), max(int(math.floor(box[1])), 0)
-    x1, y1 = min(int(math.ceil(box[2])) + 1, W), min(int(math.ceil(box[3])) + 1, H)
-    if x0 >= x1 or y0 >= y1:
-        return
-    x = np.arange(x0, x1, dtype=np.float32)[None] + 0.5
-    y = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
-    window = canvas[y0:y1, x0:x1]
-    window[inside_fn(x, y)] = colour
-
-
 def _draw_poses(canvas: np.ndarray, figures: list) -> None:
     """Draw skeletons ``[(points (18, 2), visible (18,)), ...]`` onto ``canvas (H, W, 3)`` in [0, 1], in place, the
     OpenPose way: first every limb of every figure as a filled ellipse (half-width ``stick``) in 0.6 x the limb
-    colour, then every keypoint as a disc in full colour."""
+    colour, then every keypoint as a disc in full colour; later shapes cover earlier ones."""
     H, W = canvas.shape[:2]
     stick = radius = max(_POSE_SIZE_AT_512 * min(H, W) / 512, 1.0)
+    # Shapes in drawing order: (kind, centre, axis unit, half length, colour); kind 0 ellipse, 1 disc.
+    centre, unit, half, colour = [], [], [], []
     for k, (i, j) in enumerate(OPENPOSE_LIMBS):
-        colour = np.array(OPENPOSE_COLORS[k], np.float32) * OPENPOSE_LIMB_SHADE / 255
         for points, visible in figures:
-            if not (visible[i] and visible[j]):
-                continue
-            mid = (points[i] + points[j]) / 2
-            axis = points[j] - points[i]
-            length = float(np.hypot(*axis))
-            u = axis / length if length > 0 else np.array([1.0, 0.0])
-            half = max(length / 2, stick)
-
-            def inside(x, y, mid=mid, u=u, half=half):
-                rx, ry = x - mid[0], y - mid[1]
-                along, across = rx * u[0] + ry * u[1], -rx * u[1] + ry * u[0]
-                return (along / half) ** 2 + (across / stick) ** 2 <= 1
-
-            reach = half + stick
-            _paint(canvas, inside, (mid[0] - reach, mid[1] - reach, mid[0] + reach, mid[1] + reach), colour)
+            if visible[i] and visible[j]:
+                axis = points[j] - points[i]
+                length = float(np.hypot(*axis))
+                centre.append((points[i] + points[j]) / 2)
+                unit.append(axis / length if length > 0 else np.array([1.0, 0.0]))
+                half.append(max(length / 2, stick))
+                colour.append(np.array(OPENPOSE_COLORS[k]) * OPENPOSE_LIMB_SHADE)
     for k in range(len(OPENPOSE_KEYPOINTS)):
-        colour = np.array(OPENPOSE_COLORS[k], np.float32) / 255
         for points, visible in figures:
             if visible[k]:
-                cx, cy = points[k]
-                _paint(canvas, lambda x, y: (x - cx) ** 2 + (y - cy) ** 2 <= radius**2,
-                       (cx - radius, cy - radius, cx + radius, cy + radius), colour)
+                centre.append(points[k])
+                unit.append(np.array([1.0, 0.0]))
+                half.append(radius)  # a disc is an ellipse with equal axes
+                colour.append(np.array(OPENPOSE_COLORS[k], np.float64))
+    if not centre:
+        return
+    c, u, a = np.array(centre, np.float32), np.array(unit, np.float32), np.array(half, np.float32)
+    # Only the window that the shapes can reach.
+    reach = a + stick
+    x0, y0 = max(int(np.floor((c[:, 0] - reach).min())), 0), max(int(np.floor((c[:, 1] - reach).min())), 0)
+    x1, y1 = min(int(np.ceil((c[:, 0] + reach).max())) + 1, W), min(int(np.ceil((c[:, 1] + reach).max())) + 1, H)
+    if x0 >= x1 or y0 >= y1:
+        return
+    px = np.arange(x0, x1, dtype=np.float32)[None, None] + 0.5  # (1, 1, w) pixel centres
+    py = np.arange(y0, y1, dtype=np.float32)[None, :, None] + 0.5  # (1, h, 1)
+    rx, ry = px - c[:, 0, None, None], py - c[:, 1, None, None]  # (S, h, w)
+    along = rx * u[:, 0, None, None] + ry * u[:, 1, None, None]
+    across = -rx * u[:, 1, None, None] + ry * u[:, 0, None, None]
+    inside = (along / a[:, None, None]) ** 2 + (across / stick) ** 2 <= 1  # (S, h, w)
+    covered = inside.any(0)
+    last = len(c) - 1 - inside[::-1].argmax(0)  # the last shape drawn over each pixel
+    palette = np.array(colour, np.float32) / 255
+    window = canvas[y0:y1, x0:x1]
+    window[covered] = palette[last[covered]]
 
 
 _PALETTE12 = None
@@ -749,16 +775,15 @@ def render_scene(scene: Scene, height: int, width: int, shadows: bool = True) ->
     nx, ny, nz = caster.normals(px, py, pz, part[hit])
     pattern_h, albedo_h = _texture(scene, mh, px, py, pz)
 
-    # Shading: ambient + Lambert per light, each shadowed by one any-hit ray.
+    # Shading: ambient + Lambert per light; the key light is shadowed by one ray per lit pixel.
     light = np.broadcast_to(scene.ambient, (len(hit), 3)).copy()
-    for ldir, lcol in zip(scene.light_dirs, scene.light_colors):
+    for li, (ldir, lcol) in enumerate(zip(scene.light_dirs, scene.light_colors)):
         lam = np.maximum(nx * ldir[0] + ny * ldir[1] + nz * ldir[2], 0)
-        if shadows and len(hit):
+        if shadows and li == 0 and len(hit):  # the key light casts shadows; the weak fill light does not
             lit = np.nonzero(lam > 0)[0]
             so = (px[lit] + nx[lit] * 1e-3, py[lit] + ny[lit] * 1e-3, pz[lit] + nz[lit] * 1e-3)
             sd = tuple(np.full(len(lit), c, np.float32) for c in ldir)
-            st, _, _ = caster.cast(so, sd)
-            lam[lit] *= ~np.isfinite(st)
+            lam[lit] *= ~caster.occluded(so, sd)
         light += lam[:, None] * lcol
     image_h = np.clip(albedo_h * light, 0, 1)
 
