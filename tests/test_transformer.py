@@ -421,3 +421,31 @@ def test_fused_op_call_sites(fixture_model, cases, monkeypatch):
     torch.testing.assert_close(out, cases[f"{n}.out"], atol=ATOL, rtol=0)
     # per block 2 modulate + 2 gate_residual + 1 GLUMBConv; one modulate per final layer
     assert len(used) == 5 * fixture_model.config.depth + fixture_model.config.num_domains
+
+
+@torch.no_grad()
+def test_host_operations_keep_their_forward(fixture_model, cases):
+    """Host op classes (ComfyUI casts weights inside their forward) are called, not bypassed, and give the same
+    numbers as the plain torch modules (whose 1x1 convs run as Linear GEMMs)."""
+    calls = {"Linear": 0, "Conv2d": 0}
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            calls["Linear"] += 1
+            return super().forward(x)
+
+    class Conv2d(nn.Conv2d):
+        def forward(self, x):
+            calls["Conv2d"] += 1
+            return super().forward(x)
+
+    model = JodiTransformer(fixture_model.config, attention_backend="torch",
+                            operations=types.SimpleNamespace(Linear=Linear, Conv2d=Conv2d)).eval()
+    model.load_state_dict(fixture_model.state_dict(), strict=True)
+    n = "d_mixed_nonsquare"
+    x, t, y, mask, role, clean = (cases[f"{n}.{k}"] for k in ("x", "timestep", "y", "mask", "role", "clean_x"))
+    out = model(x, t, y, role, mask, clean)
+    torch.testing.assert_close(out, cases[f"{n}.out"], atol=ATOL, rtol=0)
+    depth = model.config.depth
+    assert calls["Conv2d"] == 8 + 3 * depth  # patch embeddings + the three GLUMBConv convs of every block
+    assert calls["Linear"] > 0
