@@ -209,6 +209,7 @@ class Distributed:
                 raise ValueError(f"device {requested!r} requested but CUDA is not available.")
             if device.index is None:
                 device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
         return device
 
     def wrap(self, model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:

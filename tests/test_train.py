@@ -198,3 +198,16 @@ def test_config_files_and_command_line(tmp_path):
     assert (tmp_path / "cli" / "jodi.safetensors").is_file()
     state = torch.load(tmp_path / "cli" / "last.pt", weights_only=False)
     assert state["step"] == 2
+
+
+def test_caption_dropout_mixes_text_and_null_captions(tmp_path):
+    seen = []
+
+    def encoder(captions):
+        seen.append(list(captions))
+        B = len(captions)
+        return torch.randn(B, 4, 16), torch.tensor([[1, 1, 0, 0]] * B)
+
+    result = train(_config(tmp_path / "text", caption_dropout=0.5, dcae_steps=1, dit_steps=2), caption_encoder=encoder)
+    assert len(seen) == 2 and all(isinstance(c, str) and c for c in seen[0])
+    assert all(np.isfinite(result.dit_losses))
