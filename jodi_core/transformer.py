@@ -192,7 +192,20 @@ class JodiContext:
 
 
 class JodiTransformer(nn.Module):
-    """Jodi DiT. Submodule names equal the reference state-dict keys (``pos_embed`` is computed, never stored)."""
+    """Jodi DiT. Submodule names equal the reference state-dict keys (``pos_embed`` is computed, never stored).
+
+    Args:
+        config: the architecture (default: the released ``JODI_1600M_P1_D20``).
+        attention_backend: ``"auto" | "triton" | "torch"`` (or a name registered in ``jodi_core.attention``); also
+            an attribute that may be changed at any time. ``auto``/``triton`` use the Triton kernels on CUDA (linear
+            attention, LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where
+            they cannot run; ``torch`` never uses them.
+        dtype, device, operations: as in ComfyUI's ``comfy/ldm`` models; ``operations`` supplies Linear/Conv2d
+            (default ``torch.nn``). On the meta device no weights are initialised.
+
+    ``check_inputs`` (attribute, default True) enables the value checks (NaN/inf, role range), which cost one host
+    synchronisation per call.
+    """
 
     def __init__(
         self,
