@@ -14,10 +14,10 @@ Paths:
 - ``ref``: the model's ``forward`` (every slot computed, caption K/V recomputed per call, as the reference does) with
   its attention replaced by a faithful re-statement of the official LiteLA (channel-major layout, bf16 pad-with-ones,
   two bf16 matmuls, divide in fp32);
-- ``torch``: ``prepare`` + ``forward_prepared`` with ``attention_backend="torch"``;
-- ``triton``: the same with ``attention_backend="triton"``;
-- ``triton+fused``: ``triton`` plus the fused ops from ``jodi_core.kernels`` (LayerNorm+modulate, SiLU+depthwise
-  3x3+GLU, gated residual) patched into the blocks: the wiring layers.py would do.
+- ``torch``: ``prepare`` + ``forward_prepared`` with ``attention_backend="torch"`` (no Triton anywhere);
+- ``triton-attn``: ``attention_backend="triton"`` with the fused glue ops switched off (attention kernel only);
+- ``triton``: ``attention_backend="triton"`` as the model runs it: Triton attention plus the fused ops from
+  ``jodi_core.kernels`` (LayerNorm+modulate, SiLU+depthwise 3x3+GLU, gated residual) that layers.py calls.
 
 GPU run: ``python benchmarks/bench_dit.py [--compile] [--json out.json]``. On a machine without CUDA a reduced size
 runs (depth 2, 256 px, float32) so that the script itself is exercised.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -78,56 +77,18 @@ def _reference_attn_forward(self, x, key_mask, backend="auto"):
     return self.proj(reference_litela_core(self.qkv(x), self.heads, self.head_dim, ignore, self.eps))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The fused ops patched into the blocks (what layers.py would call)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _fused_modulate(x, shift, scale):
-    from jodi_core.kernels.layernorm_modulate import layernorm_modulate
-
-    return layernorm_modulate(x, shift, scale, eps=layers._LN_EPS)
-
-
-def _fused_glumbconv_forward(self, x, h, w):
-    from jodi_core.kernels.dwconv_glu import dwconv_glu
-
-    B, T, C = x.shape
-    z = x.view(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last memory
-    z = dwconv_glu(self.inverted_conv(z), self.depth_conv.conv.weight, self.depth_conv.conv.bias)
-    z = self.point_conv(z)
-    return z.permute(0, 2, 3, 1).reshape(B, T, C)
-
-
-def _fused_block_forward(self, x, cond, hw, key_mask, caption_kv, caption_bias, backend="auto"):
-    """JodiBlock.forward with the gated residuals fused (same maths as layers.JodiBlock.forward)."""
-    from jodi_core.kernels.gate_residual import gate_residual
-
-    N, L, T, C = x.shape
-    mod = self.scale_shift_table.to(cond.dtype) + cond  # (N, L, 6, C)
-    shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x (N, L, 1, C)
-    z = layers.modulate(x, shift1, scale1).view(N, L * T, C)
-    x = gate_residual(x, gate1, self.attn(z, key_mask, backend).view(N, L, T, C))
-    x = x + self.cross_attn(x.view(N, L * T, C), caption_kv, caption_bias).view(N, L, T, C)
-    z = layers.modulate(x, shift2, scale2).view(N * L, T, C)
-    return gate_residual(x, gate2, self.mlp(z, *hw).view(N, L, T, C))
-
-
 @contextlib.contextmanager
 def patched(mode: str):
-    """mode: 'ref' (reference LiteLA), 'fused' (fused ops), anything else: the model as written."""
-    saved = (layers.LinearSelfAttention.forward, layers.modulate, layers.GLUMBConv.forward, layers.JodiBlock.forward)
+    """mode: 'ref' (reference LiteLA), 'nofused' (Triton attention but the fused glue ops off), else the model as is."""
+    saved = (layers.LinearSelfAttention.forward, layers.fused_ops_backend)
     try:
         if mode == "ref":
             layers.LinearSelfAttention.forward = _reference_attn_forward
-        elif mode == "fused":
-            layers.modulate = _fused_modulate
-            layers.GLUMBConv.forward = _fused_glumbconv_forward
-            layers.JodiBlock.forward = _fused_block_forward
+        elif mode == "nofused":
+            layers.fused_ops_backend = lambda backend, x: None
         yield
     finally:
-        (layers.LinearSelfAttention.forward, layers.modulate, layers.GLUMBConv.forward,
-         layers.JodiBlock.forward) = saved
+        layers.LinearSelfAttention.forward, layers.fused_ops_backend = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,10 +204,11 @@ def bench_dit(model, device, dtype, hw, results, rep_ms):
         clean_x = clean if rows == 1 else clean.repeat(rows, 1, 1, 1, 1)
         flops = dit_flops(cfg, T * active, rows)
         row = {"rows": rows, "active_domains": active, "tflop": flops / 1e12}
-        paths = [("ref", "torch", "ref"), ("torch", "torch", None), ("triton", "triton", None),
-                 ("triton+fused", "triton", "fused")]
+        paths = [("ref", "torch", "ref"), ("torch", "torch", None), ("triton-attn", "triton", "nofused"),
+                 ("triton", "triton", None)]
         if device.type != "cuda":
             paths = [p for p in paths if p[1] == "torch"]
+        outputs = {}
         for name, backend, patch in paths:
             model.attention_backend = backend
             with patched(patch or ""), torch.inference_mode():
@@ -260,6 +222,7 @@ def bench_dit(model, device, dtype, hw, results, rep_ms):
                         return model.forward_prepared(x, t, ctx, clean_x)
                 o = fn()
                 finite = bool(torch.isfinite(o).all())
+                outputs[name] = o.float()
                 ms = bench(fn, device, rep_ms)
                 mem = peak_mem_gib(fn, device)
             tflops = flops / (ms * 1e-3) / 1e12
@@ -267,9 +230,17 @@ def bench_dit(model, device, dtype, hw, results, rep_ms):
                          "finite": finite}
             print(f"  DiT {scen:28s} {name:12s} {ms:9.2f} ms  peak {mem:6.2f} GiB  {tflops:6.1f} TFLOP/s  "
                   f"MFU {100 * tflops / BF16_PEAK_TFLOPS:5.1f}%  finite={finite}")
-        for name in ("torch", "triton", "triton+fused"):
-            if name in row:
+        # Generated slots only (the reference path returns garbage for condition/ignored slots).
+        gen = [d for d in range(cfg.num_domains) if bool((role[:, d] == 0).any())]
+        base = outputs["torch"][:, gen]
+        for name in ("ref", "torch", "triton-attn", "triton"):
+            if name not in row:
+                continue
+            diff = float((outputs[name][:, gen] - base).norm() / base.norm())
+            row[name]["rel_diff_vs_torch"] = diff
+            if name != "ref":
                 print(f"  DiT {scen:28s} speed-up {name} vs ref: {row['ref']['ms'] / row[name]['ms']:.2f}x")
+            print(f"  DiT {scen:28s} {name:12s} output rel. difference vs torch path: {diff:.2e}")
         out[scen] = row
     results["dit"] = out
 
@@ -288,8 +259,7 @@ def bench_compile(model, device, dtype, hw, results, rep_ms):
     t = torch.full((rows,), 700.0, device=device)
     flops = dit_flops(cfg, T * active, rows)
     comp = {}
-    for name, backend, patch in (("torch+compile", "torch", None), ("triton+compile", "triton", None),
-                                 ("triton+fused+compile", "triton", "fused")):
+    for name, backend, patch in (("torch+compile", "torch", None), ("triton+compile", "triton", None)):
         torch._dynamo.reset()
         compiled = [torch.compile(blk) for blk in model.blocks]
         saved = model.blocks
@@ -337,8 +307,9 @@ def bench_fused_ops(device, dtype, rows, hw, C, Hd, results, rep_ms):
         gb = (x.numel() + x.numel() // 2) * x.element_size() / 1e9
         print(f"  SiLU+dwconv3x3+GLU {name:26s} {ms:8.3f} ms  ({gb / (ms * 1e-3):6.0f} GB/s vs 1R+0.5W)  "
               f"rel err vs fp32 {err:.1e}")
-    N, L, T = rows // 8 if rows >= 8 else 1, 8, hw * hw
+    N, L, T = max(1, rows // 8), 8, hw * hw
     xs = torch.randn(N, L, T, C, device=device, dtype=dtype)
+    print(f"  LayerNorm+modulate and gated residual on x of shape {tuple(xs.shape)}")
     mod = torch.randn(N, L, 6, C, device=device, dtype=dtype)
     shift, scale, *_ = mod.unsqueeze(3).unbind(2)
     ref = layernorm_modulate_torch(xs.float(), shift.float(), scale.float())
@@ -371,7 +342,7 @@ def profile_step(model, device, dtype, hw, out_dir, results):
     y = torch.randn(2, 1, cfg.model_max_length, cfg.caption_channels, device=device, dtype=dtype)
     t = torch.full((2,), 700.0, device=device)
     tables = {}
-    for name, backend, patch in (("torch", "torch", None), ("triton+fused", "triton", "fused")):
+    for name, backend, patch in (("torch", "torch", None), ("triton", "triton", None)):
         model.attention_backend = backend
         with patched(patch or ""), torch.inference_mode():
             ctx = model.prepare(torch.zeros(1, cfg.num_domains, dtype=torch.long, device=device), y, None)
@@ -404,7 +375,7 @@ def bench_dcae_and_generation(model, device, dtype, hw, n_domains, results, rep_
 
     cfg = model.config
     gen = {}
-    paths = [("torch", "torch", None), ("triton+fused", "triton", "fused")]
+    paths = [("torch", "torch", None), ("triton", "triton", None)]
     if device.type != "cuda":
         paths = paths[:1]
     for name, backend, patch in paths:

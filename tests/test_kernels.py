@@ -335,9 +335,11 @@ def test_bad_inputs_raise_clear_errors():
     pytest.importorskip("triton")
     from jodi_core.kernels.dwconv_glu import dwconv_glu
     from jodi_core.kernels.layernorm_modulate import layernorm_modulate
-    from jodi_core.kernels.linear_attention import linear_attention_triton
+    from jodi_core.kernels.linear_attention import linear_attention_triton, supports
 
     q = torch.randn(1, 4, 2, 32)
+    assert not supports(*(torch.randn(1, 4, 2, 48),) * 3)
+    assert not supports(q, q, q.half())
     with pytest.raises(ValueError, match="same shape"):
         linear_attention_triton(q, q[:, :3], q)
     with pytest.raises(ValueError, match="head dims"):

@@ -14,7 +14,6 @@ Modules:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -22,17 +21,21 @@ import os
 logger = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
+_importable: dict[str, bool] = {}  # a plain dict cache: torch.compile traces it without warnings
+
+
 def _triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # a broken install can raise anything at import
-        logger.info("Triton is installed but does not import (%r).", exc)
-        return False
-    return True
+    if "triton" not in _importable:
+        ok = importlib.util.find_spec("triton") is not None
+        if ok:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+            except Exception as exc:  # a broken install can raise anything at import
+                logger.info("Triton is installed but does not import (%r).", exc)
+                ok = False
+        _importable["triton"] = ok
+    return _importable["triton"]
 
 
 def interpreter_enabled() -> bool:

@@ -27,7 +27,6 @@ image (2M x h x w) under 2**31 elements.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -62,8 +61,8 @@ def _check(x, weight, bias) -> None:
         raise ValueError(f"bias must have shape ({C2},) or be None, got {getattr(bias, 'shape', None)}.")
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
+    # The kernel module imports Triton, so it is imported on first use. (No lru_cache: dynamo would warn on it.)
     import triton
 
     from ._dwconv_glu_kernel import kernel

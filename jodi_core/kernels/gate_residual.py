@@ -18,7 +18,6 @@ Limits: float16, bfloat16, float32; C up to 16384; CUDA tensors (or ``TRITON_INT
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -41,8 +40,8 @@ def _grouped(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> bool:
     return tuple(gate.shape) == want and gate.dtype == y.dtype == x.dtype
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
+    # The kernel module imports Triton, so it is imported on first use. (No lru_cache: dynamo would warn on it.)
     import triton
 
     from ._gate_residual_kernel import kernel

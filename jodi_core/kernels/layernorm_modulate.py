@@ -19,7 +19,6 @@ Limits: float16, bfloat16, float32; C up to 16384; CUDA tensors (or ``TRITON_INT
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +47,8 @@ def _grouped(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
+    # The kernel module imports Triton, so it is imported on first use. (No lru_cache: dynamo would warn on it.)
     import triton
 
     from ._layernorm_modulate_kernel import kernel

@@ -14,6 +14,9 @@ Per batch row and head::
 over the keys j whose mask is True. Masked keys are never read (neither K nor V), so no padded or masked copy of K/V
 is built.
 
+``supports(q, k, v, key_mask)`` says whether the inputs are within the limits below (else the function raises
+ValueError/TypeError before launching anything).
+
 Limits: head dim D in {16, 32, 64} (Jodi and Sana use 32); dtypes float16, bfloat16, float32 (all three tensors the
 same); tensors on a CUDA device, or anywhere when ``TRITON_INTERPRET=1`` (the CPU tests). Any token count T >= 0 and
 batch size.
@@ -167,6 +170,15 @@ def _check_inputs(q, k, v, key_mask) -> None:
             raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}.")
     if not tensors_supported(q):
         raise ValueError(f"Triton linear attention needs CUDA tensors, got {q.device}.")
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``linear_attention_triton`` takes these inputs (so a dispatcher can route others to torch up front)."""
+    try:
+        _check_inputs(q, k, v, key_mask)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
