@@ -771,6 +771,6 @@ def main_train(argv: Optional[Sequence[str]] = None) -> int:
     if args.no_resume:
         cfg.resume = False
     result = train(cfg.validate())
-    logger.warning("done: %s, %s (latent scale %.5f)", result.dcae_path, result.transformer_path,
+    logger.info("done: %s, %s (latent scale %.5f)", result.dcae_path, result.transformer_path,
                    result.scaling_factor)
     return 0
