@@ -43,16 +43,20 @@ def _cmd_convert_gemma(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_train(argv: list[str]) -> int:
     from .train import main_train
 
-    return main_train(args.rest) or 0
+    return main_train(argv) or 0
 
 
-def _cmd_annotate(args: argparse.Namespace) -> int:
+def _run_annotate(argv: list[str]) -> int:
     from .annotate import main_annotate
 
-    return main_annotate(args.rest) or 0
+    return main_annotate(argv) or 0
+
+
+# Commands with their own argument parsers: everything after the command name is theirs.
+_PASSTHROUGH = {"train": _run_train, "annotate": _run_annotate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,17 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     gemma.add_argument("out")
     gemma.set_defaults(func=_cmd_convert_gemma)
 
-    for name, func, text in (
-        ("train", _cmd_train, "train or fine-tune a DC-AE and a Jodi DiT (see --help of the command)"),
-        ("annotate", _cmd_annotate, "label a folder of images with Jodi perception (see --help of the command)"),
-    ):
-        cmd = sub.add_parser(name, help=text, add_help=False)
-        cmd.add_argument("rest", nargs=argparse.REMAINDER)
-        cmd.set_defaults(func=func)
+    sub.add_parser("train", help="train or fine-tune a DC-AE and a Jodi DiT (train --help)", add_help=False)
+    sub.add_parser("annotate", help="label a folder of images with Jodi perception (annotate --help)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        return _PASSTHROUGH[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -55,6 +55,20 @@ def read_state_dict(path: "str | os.PathLike", *, device: "str | torch.device" =
     return sd
 
 
+def read_metadata(path: "str | os.PathLike") -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (empty for other formats or files without any)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"Checkpoint {path.name} is corrupt or truncated (safetensors: {e}).") from e
+
+
 def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -10,6 +10,8 @@ second full-precision copy in memory.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from typing import Optional
@@ -22,12 +24,16 @@ from .checkpoint import (
     check_finite,
     expect_checkpoint,
     load_state_dict_strict,
+    read_metadata,
     read_state_dict,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["load_jodi", "load_dcae", "jodi_from_state_dict", "CheckpointError"]
+
+# JodiConfig fields that shapes cannot tell; our own training writes them into the safetensors metadata.
+_JODI_HIDDEN_FIELDS = ("base_size", "num_heads", "linear_head_dim", "pe_interpolation", "use_pe", "y_norm_scale_factor")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -80,8 +86,15 @@ def load_jodi(
     attention_backend: str = "auto",
     **config_overrides,
 ):
-    """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype."""
+    """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype.
+
+    Settings that tensor shapes cannot tell (``base_size``: the latent size the model was trained at, and the head
+    counts) come from ``config_overrides``, else from the file's metadata (written by :mod:`jodi_core.train`), else
+    the released model's values.
+    """
     sd = read_state_dict(path)
+    stored = _stored_config(path)
+    config_overrides = {**{k: stored[k] for k in _JODI_HIDDEN_FIELDS if k in stored}, **config_overrides}
     return jodi_from_state_dict(
         sd, name=os.path.basename(str(path)), dtype=dtype, device=device, attention_backend=attention_backend,
         **config_overrides,
@@ -106,4 +119,19 @@ def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = 
     expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE")
     check_finite(sd, name=name)
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
-    return DCAE.from_state_dict(sd, dtype=dtype, device=device).eval().requires_grad_(False)
+    model = DCAE.from_state_dict(sd, dtype=dtype, device=device, name=name)
+    scaling = read_metadata(path).get("scaling_factor")
+    if scaling is not None:  # a DC-AE trained by jodi_core.train carries its measured latent scale
+        model.config = dataclasses.replace(model.config, scaling_factor=float(scaling))
+    return model.eval().requires_grad_(False)
+
+
+def _stored_config(path) -> dict:
+    raw = read_metadata(path).get("config")
+    if not raw:
+        return {}
+    try:
+        stored = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{os.path.basename(str(path))}: its 'config' metadata is not valid JSON ({e}).") from e
+    return stored if isinstance(stored, dict) else {}
