@@ -123,13 +123,22 @@ def dispatch_linear_attention(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Run linear attention on the chosen backend; a backend that raises is reported once and replaced by torch."""
+    """Run linear attention on the chosen backend.
+
+    Inputs the backend rejects (TypeError/ValueError) run on torch for that call; any other failure (a Triton compile
+    or launch error) is reported once and turns the backend off for the rest of the process.
+    """
     name, fn = resolve_backend(backend, q.device)
     if name == "torch":
         return linear_attention(q, k, v, key_mask, eps)
     try:
         return fn(q, k, v, key_mask, eps)
-    except Exception as exc:
+    except (TypeError, ValueError) as exc:
+        # Inputs this backend does not take (e.g. another head dim): route them to torch, keep the backend.
+        _warn_once(f"inputs:{name}:{exc}", f"The {name} linear attention does not take these inputs ({exc}); "
+                   "using PyTorch for them.")
+        return linear_attention(q, k, v, key_mask, eps)
+    except Exception as exc:  # a compile or launch failure: the backend is unusable here
         _warn_once(f"call:{name}", f"The {name} linear attention failed ({exc!r}); falling back to PyTorch for good.")
         _resolved[name] = None
         return linear_attention(q, k, v, key_mask, eps)

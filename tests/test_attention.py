@@ -169,3 +169,27 @@ def test_dit_block_compiles_as_one_graph():
         ref = block(x, cond, (h, w), key_mask, kv, bias, "torch")
         compiled = torch.compile(block, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x, cond, (h, w), key_mask, kv, bias, "auto"), ref, atol=1e-5, rtol=0)
+
+
+def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off():
+    from jodi_core import attention
+
+    calls = []
+
+    def picky(q, k, v, key_mask=None, eps=1e-8):
+        calls.append(q.shape[-1])
+        if q.shape[-1] != 32:
+            raise ValueError("head dim must be 32")
+        raise RuntimeError("compile failed")
+
+    attention.register_backend("picky", lambda: picky)
+    q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
+    out = attention.dispatch_linear_attention(q, k, v, backend="picky")
+    torch.testing.assert_close(out, attention.linear_attention(q, k, v))
+    assert attention.resolve_backend("picky", q.device)[0] == "picky"  # still enabled after a rejected input
+
+    q, k, v = (torch.randn(1, 5, 2, 32) for _ in range(3))
+    out = attention.dispatch_linear_attention(q, k, v, backend="picky")
+    torch.testing.assert_close(out, attention.linear_attention(q, k, v))
+    assert attention.resolve_backend("picky", q.device)[0] == "torch"  # a real failure turns it off
+    assert calls == [16, 32]
