@@ -171,8 +171,11 @@ def test_dit_block_compiles_as_one_graph():
         torch.testing.assert_close(compiled(x, cond, (h, w), key_mask, kv, bias, "auto"), ref, atol=1e-5, rtol=0)
 
 
-def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off():
+def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off(monkeypatch):
     from jodi_core import attention
+
+    monkeypatch.setattr(attention, "_BACKENDS", dict(attention._BACKENDS))
+    monkeypatch.setattr(attention, "_resolved", {})
 
     calls = []
 
