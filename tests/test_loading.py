@@ -1,0 +1,133 @@
+"""Checkpoint loading: the official formats, dtypes, config inference, and clear errors for bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from jodi_core.checkpoint import CheckpointError, identify_checkpoint, read_state_dict
+from jodi_core.loading import load_dcae, load_jodi
+
+
+@pytest.fixture(scope="module")
+def dit_sd(fixtures_dir):
+    return load_file(fixtures_dir / "dit_tiny_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def dcae_sd(fixtures_dir):
+    return load_file(fixtures_dir / "dcae_tiny_weights.safetensors")
+
+
+def _fixture_base_size(fixtures_dir):
+    cfg = json.loads((fixtures_dir / "dit_tiny_weights.json").read_text())["config"]
+    return cfg["input_size"] // cfg["patch_size"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_official_pth_layout_loads_in_any_dtype(tmp_path, fixtures_dir, dit_sd, dtype):
+    # Jodi.pth is {'state_dict': ...} (plus training state); an old checkpoint may carry pos_embed.
+    sd = {k: v.to(dtype) for k, v in dit_sd.items()}
+    sd["pos_embed"] = torch.zeros(1, 64, 64, dtype=dtype)
+    path = tmp_path / "Jodi.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    model = load_jodi(path, base_size=_fixture_base_size(fixtures_dir))
+    assert next(model.parameters()).dtype == dtype
+    assert model.config.hidden_size == 64 and model.config.depth == 2 and model.config.caption_channels == 48
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_safetensors_with_dtype_cast(tmp_path, dit_sd):
+    path = tmp_path / "jodi.safetensors"
+    save_file(dit_sd, path)
+    model = load_jodi(path, dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_dcae_loads_in_both_key_formats(tmp_path, dcae_sd):
+    from jodi_core.dcae_keys import original_to_diffusers
+
+    save_file(dcae_sd, tmp_path / "original.safetensors")
+    save_file({k: v.contiguous() for k, v in original_to_diffusers(dcae_sd).items()}, tmp_path / "diffusers.safetensors")
+    a = load_dcae(tmp_path / "original.safetensors")
+    b = load_dcae(tmp_path / "diffusers.safetensors")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_truncated_and_corrupt_files(tmp_path, dit_sd):
+    path = tmp_path / "jodi.safetensors"
+    save_file(dit_sd, path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_jodi(tmp_path / "truncated.safetensors")
+    torch.save({"state_dict": dit_sd}, tmp_path / "Jodi.pth")
+    pth = (tmp_path / "Jodi.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(pth[: len(pth) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        load_jodi(tmp_path / "truncated.pth")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_jodi(tmp_path / "empty.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_jodi(tmp_path / "missing.safetensors")
+    (tmp_path / "weights.onnx").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="Unsupported checkpoint extension"):
+        read_state_dict(tmp_path / "weights.onnx")
+
+
+@pytest.mark.parametrize(
+    "keys,family",
+    [
+        (["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight"], "SDXL"),
+        (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
+        (["model.diffusion_model.input_blocks.0.0.weight"], "Stable Diffusion 1.x/2.x"),
+        (["x_embedder.proj.weight", "blocks.0.attn.qkv.weight"], "Sana"),
+    ],
+)
+def test_a_checkpoint_of_another_model_is_named(tmp_path, keys, family):
+    path = tmp_path / "other.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in keys}, path)
+    with pytest.raises(CheckpointError, match=f"looks like {family}"):
+        load_jodi(path)
+
+
+def test_dcae_file_in_the_jodi_loader_and_back(tmp_path, dit_sd, dcae_sd):
+    save_file(dcae_sd, tmp_path / "vae.safetensors")
+    save_file(dit_sd, tmp_path / "dit.safetensors")
+    with pytest.raises(CheckpointError, match="looks like dcae checkpoint, not a Jodi DiT"):
+        load_jodi(tmp_path / "vae.safetensors")
+    with pytest.raises(CheckpointError, match="looks like jodi checkpoint, not a DC-AE"):
+        load_dcae(tmp_path / "dit.safetensors")
+
+
+def test_missing_unexpected_and_mismatched_keys_are_listed(tmp_path, dit_sd):
+    sd = dict(dit_sd)
+    del sd["blocks.1.attn.proj.bias"]
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    sd["final_layers.3.linear.bias"] = torch.zeros(7)
+    save_file(sd, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_jodi(tmp_path / "broken.safetensors")
+    msg = str(e.value)
+    assert "1 missing keys: blocks.1.attn.proj.bias" in msg
+    assert "1 unexpected keys: blocks.0.extra.weight" in msg
+    assert "final_layers.3.linear.bias: checkpoint (7,) vs model (32,)" in msg
+
+
+def test_nan_weights_are_refused(tmp_path, dit_sd):
+    sd = dict(dit_sd)
+    sd["t_block.1.bias"] = torch.full_like(sd["t_block.1.bias"], float("nan"))
+    save_file(sd, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_jodi(tmp_path / "nan.safetensors")
+
+
+def test_identify(dit_sd, dcae_sd):
+    assert identify_checkpoint(dit_sd) == "jodi"
+    assert identify_checkpoint(dcae_sd) == "dcae"
+    assert identify_checkpoint({"foo": torch.zeros(1)}) is None
