@@ -1,0 +1,472 @@
+"""Janus / Janus-Pro nodes: loader, captioning, visual question answering and text-to-image.
+
+The model runs on jodi_core.janus (plain PyTorch, no ``janus`` package, no remote code). A model is a folder under
+models/Janus-Pro (or a folder extra_model_paths.yaml adds under the name ``Janus-Pro``) holding the checkpoint as
+published: weights (pytorch_model.bin or model.safetensors, maybe sharded), config.json, tokenizer.json and
+preprocessor_config.json. The loader wraps it in a ComfyUI ModelPatcher, so it moves to the GPU when a node uses it,
+is offloaded when ComfyUI needs the room and is dropped by 'Free model and node cache'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..jodi_core import nodekit
+from . import common
+
+log = logging.getLogger(__name__)
+
+JanusModelType = io.Custom("JANUS_MODEL")
+
+JANUS_FOLDER = "Janus-Pro"  # registered by the pack's __init__ (models/Janus-Pro plus extra_model_paths.yaml)
+_MODEL_MARKERS = ("config.json", "tokenizer.json")  # what makes a folder a model folder
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+MAX_NEW_TOKENS = 4096
+MAX_PARALLEL = 16  # the reference's parallel_size
+MAX_CFG = 50.0
+UNDERSTAND_CHUNK = 4  # images captioned per batch: bounds the KV cache (about 0.2 GB per row for Janus-Pro-1B)
+
+# Caption presets: (question, whether the answer is folded into one line). The "Jodi prompt" wording asks for what
+# a text-to-image caption holds (subjects, setting, light, style) and nothing else, so it can go to Jodi Text Encode.
+CAPTION_PRESETS: dict[str, tuple[str, bool]] = {
+    "brief": ("Describe this image in one sentence.", True),
+    "detailed": ("Describe this image in detail.", False),
+    "for a Jodi prompt": (
+        "Describe this image as a prompt for a text-to-image model, in one paragraph: the main subjects and their "
+        "appearance, the setting, the lighting, the colours and the style. Reply with the description only.",
+        True,
+    ),
+}
+
+_DTYPE_TIP = (
+    "Weight and compute precision. auto: bf16 where the device supports it (Janus was trained in bf16), else fp32 "
+    "(CPU, --cpu). fp16 halves the memory on GPUs without bf16 but may overflow."
+)
+_MODEL_TIP = "A Janus / Janus-Pro model from Janus Loader."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def janus_roots() -> list[Path]:
+    """The folders Janus models are listed from, in lookup order."""
+    fp = common._folder_paths()
+    entry = fp.folder_names_and_paths.get(JANUS_FOLDER)
+    return [Path(p) for p in (entry[0] if entry else [])]
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and all((path / m).is_file() for m in _MODEL_MARKERS)
+
+
+def janus_choices() -> list[str]:
+    """Model folders under the Janus roots, as relative names: ``Janus-Pro-1B`` or one level deeper
+    (``deepseek-ai/Janus-Pro-7B``, as a hub download tool may lay them out)."""
+    names: list[str] = []
+    for root in janus_roots():
+        if not root.is_dir():
+            continue
+        for child in sorted(root.iterdir()):
+            if _is_model_folder(child):
+                candidates = [child.name]
+            elif child.is_dir():
+                candidates = [f"{child.name}/{g.name}" for g in sorted(child.iterdir()) if _is_model_folder(g)]
+            else:
+                candidates = []
+            names += [c for c in candidates if c not in names]
+    return sorted(names)
+
+
+def resolve_janus_path(name: str) -> Path:
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise ValueError(f"model_name must be a folder name from the list, got {name!r}.")
+    for root in janus_roots():
+        path = root / name
+        if _is_model_folder(path):
+            return path
+    roots = ", ".join(str(r) for r in janus_roots()) or "models/Janus-Pro"
+    raise FileNotFoundError(
+        f"Janus model folder {name!r} was not found in {roots}. Put the whole model folder there (e.g. "
+        "deepseek-ai/Janus-Pro-1B as models/Janus-Pro/Janus-Pro-1B with its weights, config.json and tokenizer.json) "
+        "and refresh."
+    )
+
+
+def _folder_fingerprint(name: str):
+    """Changes when a file of the model folder changes, so a replaced or completed download is reloaded."""
+    try:
+        path = resolve_janus_path(name)
+        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                       if p.suffix in _WEIGHT_SUFFIXES)
+        return f"{path}:{stats}"
+    except (OSError, ValueError):
+        return name  # validation/execution reports the problem
+
+
+def _auto_dtype(load_device) -> torch.dtype:
+    import comfy.model_management as mm
+
+    should_bf16 = getattr(mm, "should_use_bf16", None)
+    if load_device.type != "cpu" and should_bf16 is not None and should_bf16(load_device):
+        return torch.bfloat16
+    # fp16 only when asked for: the LLM was trained in bf16 and its activations can exceed the fp16 range.
+    return torch.float32
+
+
+def load_janus_patcher(model_name: str, dtype_choice: str):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from ..jodi_core.janus import load_janus
+
+    path = resolve_janus_path(model_name)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    dtype = nodekit.torch_dtype(dtype_choice) or _auto_dtype(load_device)
+    model = load_janus(path, dtype=dtype, device=offload_device)
+    log.info("Janus: loaded %s (%s) for %s", path.name, dtype, load_device)
+    return comfy.model_patcher.ModelPatcher(common.ManagedModule(model), load_device=load_device,
+                                            offload_device=offload_device)
+
+
+def _kv_cache_bytes(model, rows: int, length: int) -> int:
+    lm = model.config.language
+    elem = torch.finfo(model.dtype).bits // 8
+    return int(2 * lm.num_layers * rows * length * lm.num_kv_heads * lm.head_dim * elem)
+
+
+def _ready(model_patcher, working_memory=None):
+    """The JanusModel behind a patcher, loaded on the patcher's device with room for ``working_memory(model)`` bytes
+    of activations and KV cache."""
+    import comfy.model_management as mm
+
+    from ..jodi_core.janus import JanusModel
+
+    common.check_patcher(model_patcher, "model", "Janus Loader")
+    model = common.unwrap(model_patcher)
+    if not isinstance(model, JanusModel):
+        raise TypeError(f"model must come from Janus Loader, got a {type(model).__name__}.")
+    need = int(working_memory(model)) if working_memory is not None else 0
+    mm.load_models_gpu([model_patcher], memory_required=need)
+    return model
+
+
+class _Progress:
+    """Engine callback: progress bar and ComfyUI's interrupt (raised from inside the token loop)."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self.pbar = comfy.utils.ProgressBar(total)
+        self.total = total
+        self.offset = 0
+
+    def __call__(self, step: int, steps: int) -> None:
+        common.interrupt_check()
+        self.pbar.update_absolute(min(self.offset + step, self.total), self.total)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input checks (the server does not check V3 combos; validate_inputs turns off its range checks for named inputs)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed) -> None:
+    nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    nodekit.check_number("temperature", temperature, 0.0, 2.0)
+    nodekit.check_number("top_p", top_p, 0.01, 1.0)
+    nodekit.check_number("repetition_penalty", repetition_penalty, 1.0, 2.0)
+    nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
+
+
+def _validation(checks) -> "bool | str":
+    try:
+        for check in checks:
+            check()
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def _image_rows(image, what: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, 3) -> (B, 3, H, W) in [0, 1] on the CPU (the processor resizes on the CPU)."""
+    return nodekit.image_to_bchw(image, what).cpu()
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().strip('"').strip()
+
+
+def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:
+    """Answers row by row in chunks: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
+    from ..jodi_core.janus import janus_understand
+
+    common.interrupt_check()
+    rows = len(questions)
+    images_per_row = max(1 if im is None or im.dim() == 3 else im.shape[0] for im in images)
+    # Prompt (system text + 576 tokens per image) plus the answer, for the rows of one chunk.
+    model = _ready(model_patcher, lambda m: _kv_cache_bytes(
+        m, min(rows, UNDERSTAND_CHUNK), 128 + images_per_row * m.processor.num_image_tokens + max_new_tokens))
+    chunks = [range(i, min(i + UNDERSTAND_CHUNK, rows)) for i in range(0, rows, UNDERSTAND_CHUNK)]
+    progress = _Progress(max_new_tokens * len(chunks))
+    answers: list[str] = []
+    for n, chunk in enumerate(chunks):
+        progress.offset = n * max_new_tokens
+        answers += janus_understand(model, [images[i] for i in chunk], [questions[i] for i in chunk],
+                                    max_new_tokens=max_new_tokens, callback=progress, **sampling)
+    progress.pbar.update_absolute(progress.total, progress.total)
+    return [a.strip() for a in answers]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nodes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class JanusLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = janus_choices()
+        return io.Schema(
+            node_id="JanusLoader",
+            display_name="Janus Loader",
+            category="Janus",
+            description=(
+                "Loads a Janus or Janus-Pro model (deepseek-ai Janus-1.3B, Janus-Pro-1B, Janus-Pro-7B, original or "
+                "transformers-converted) from a folder in models/Janus-Pro. Runs in plain PyTorch on any device "
+                "ComfyUI uses, CPU included; ComfyUI moves it to the GPU when used and offloads or unloads it like "
+                "its own models."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model_name", options=choices, default=choices[0] if choices else None,
+                    tooltip="Model folder in models/Janus-Pro (or an extra_model_paths.yaml 'Janus-Pro' folder) with "
+                            "the checkpoint's weights, config.json, tokenizer.json and preprocessor_config.json, "
+                            "e.g. Janus-Pro-1B downloaded from deepseek-ai/Janus-Pro-1B."),
+                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+            ],
+            outputs=[JanusModelType.Output(
+                display_name="janus_model",
+                tooltip="The Janus model (understanding and image generation), managed by ComfyUI.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name=None, dtype=None):
+        def check_model():
+            if model_name is None:
+                return
+            choices = janus_choices()
+            if not choices:
+                roots = ", ".join(str(r) for r in janus_roots()) or "models/Janus-Pro"
+                raise ValueError(f"No Janus model folder found in {roots}: put e.g. Janus-Pro-1B there (the whole "
+                                 "folder with weights, config.json and tokenizer.json) and refresh.")
+            nodekit.check_choice("model_name", model_name, choices)
+
+        return _validation([check_model, lambda: dtype is None or nodekit.check_choice(
+            "dtype", dtype, nodekit.DTYPE_CHOICES)])
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, dtype="auto"):
+        return (_folder_fingerprint(model_name), dtype)
+
+    @classmethod
+    def execute(cls, model_name, dtype="auto") -> io.NodeOutput:
+        nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+        return io.NodeOutput(load_janus_patcher(model_name, dtype))
+
+
+class JanusCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JanusCaption",
+            display_name="Janus Caption",
+            category="Janus",
+            description=(
+                "Captions every image of a batch with Janus (greedy decoding, so the same image gives the same "
+                "caption). The output is a list with one caption per image; 'for a Jodi prompt' gives a one-"
+                "paragraph description to connect to Jodi Text Encode's text."
+            ),
+            inputs=[
+                JanusModelType.Input("model", tooltip=_MODEL_TIP),
+                io.Image.Input("image", tooltip="Image or batch of images; each gets its own caption."),
+                io.Combo.Input(
+                    "detail", options=list(CAPTION_PRESETS), default="for a Jodi prompt",
+                    tooltip="brief: one sentence. detailed: a long description. for a Jodi prompt: one paragraph "
+                            "(subjects, setting, light, colours, style) folded into one line, for a text-to-image "
+                            "model."),
+                io.Int.Input("max_new_tokens", default=256, min=1, max=MAX_NEW_TOKENS,
+                             tooltip="Upper limit on the caption length in tokens (a token is about 3/4 of a word)."),
+            ],
+            outputs=[io.String.Output(display_name="caption", is_output_list=True,
+                                      tooltip="One caption per image (a list: the nodes after it run once per "
+                                              "caption).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, detail=None, max_new_tokens=None):
+        return _validation([
+            lambda: detail is None or nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
+            lambda: max_new_tokens is None or nodekit.check_number("max_new_tokens", max_new_tokens, 1,
+                                                                   MAX_NEW_TOKENS, integer=True),
+        ])
+
+    @classmethod
+    def execute(cls, model, image, detail="for a Jodi prompt", max_new_tokens=256) -> io.NodeOutput:
+        nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS))
+        max_new_tokens = nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+        question, one_line = CAPTION_PRESETS[detail]
+        rows = _image_rows(image)
+        captions = _understand(model, list(rows), [question] * rows.shape[0], max_new_tokens=max_new_tokens,
+                               do_sample=False)
+        if one_line:
+            captions = [_one_line(c) for c in captions]
+        return io.NodeOutput(captions, ui={"text": captions})
+
+
+class JanusAsk(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JanusAsk",
+            display_name="Janus Ask",
+            category="Janus",
+            description=(
+                "Asks Janus a question about an image (visual question answering, OCR, descriptions), or a plain "
+                "text question when no image is connected. One answer per image of the batch, or one answer about "
+                "all of them together."
+            ),
+            inputs=[
+                JanusModelType.Input("model", tooltip=_MODEL_TIP),
+                io.String.Input("question", multiline=True, default="What is in this image?",
+                                tooltip="The question or instruction, in plain language."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional image or batch. Unconnected: a text-only question."),
+                io.Boolean.Input("images_together", default=False,
+                                 tooltip="Off: one answer per image. On: one answer, with all images of the batch "
+                                         "shown to Janus in order (to compare them)."),
+                io.Boolean.Input("do_sample", default=False,
+                                 tooltip="Off: greedy decoding (deterministic; the reference's setting). On: sample "
+                                         "with temperature and top_p."),
+                io.Float.Input("temperature", default=1.0, min=0.0, max=2.0, step=0.05, round=0.01,
+                               tooltip="Sampling temperature (with do_sample). Lower is more focused; 0 is greedy."),
+                io.Float.Input("top_p", default=0.95, min=0.01, max=1.0, step=0.01, round=0.01,
+                               tooltip="Nucleus sampling (with do_sample): keep the most likely tokens up to this "
+                                       "total probability."),
+                io.Int.Input("max_new_tokens", default=512, min=1, max=MAX_NEW_TOKENS,
+                             tooltip="Upper limit on the answer length in tokens (the reference uses 512)."),
+                io.Float.Input("repetition_penalty", default=1.0, min=1.0, max=2.0, step=0.05, round=0.01,
+                               tooltip="Above 1 discourages repeating tokens already in the answer (1 = off)."),
+                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                             tooltip="Random seed for sampling (no effect with do_sample off)."),
+            ],
+            outputs=[io.String.Output(display_name="answer", is_output_list=True,
+                                      tooltip="The answers: one per image, or a single one (images_together or no "
+                                              "image).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, temperature=None, top_p=None, max_new_tokens=None, repetition_penalty=None, seed=None):
+        values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      repetition_penalty=repetition_penalty, seed=seed)
+        ranges = dict(max_new_tokens=(1, MAX_NEW_TOKENS, True), temperature=(0.0, 2.0, False),
+                      top_p=(0.01, 1.0, False), repetition_penalty=(1.0, 2.0, False),
+                      seed=(0, nodekit.MAX_SEED, True))
+        return _validation([
+            (lambda n=n, v=v: v is None or nodekit.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
+            for n, v in values.items()
+        ])
+
+    @classmethod
+    def execute(cls, model, question, image=None, images_together=False, do_sample=False, temperature=1.0,
+                top_p=0.95, max_new_tokens=512, repetition_penalty=1.0, seed=0) -> io.NodeOutput:
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}.")
+        if not question.strip():
+            raise ValueError("Janus Ask: the question is empty.")
+        _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+        if image is None:
+            images = [None]
+        else:
+            rows = _image_rows(image)
+            images = [rows] if images_together else list(rows)  # (N, 3, H, W) = N images in one question
+        answers = _understand(
+            model, images, [question] * len(images), max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample) and temperature > 0, temperature=float(temperature), top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty), seed=int(seed),
+        )
+        return io.NodeOutput(answers, ui={"text": answers})
+
+
+class JanusGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JanusGenerate",
+            display_name="Janus Generate",
+            category="Janus",
+            description=(
+                "Text-to-image with Janus: the model writes the image as 576 VQ tokens (with classifier-free "
+                "guidance), decoded to a 384x384 image for the released models. The progress bar counts image "
+                "tokens; Cancel stops between tokens."
+            ),
+            inputs=[
+                JanusModelType.Input("model", tooltip=_MODEL_TIP),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What to draw, in plain language (no weight syntax)."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=MAX_CFG, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance weight (the reference uses 5). 1 = no guidance; "
+                                       "higher follows the prompt more closely."),
+                io.Float.Input("temperature", default=1.0, min=0.0, max=2.0, step=0.05, round=0.01,
+                               tooltip="Sampling temperature of the image tokens (reference 1). 0 = greedy: "
+                                       "deterministic but usually flat images."),
+                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                             tooltip="Random seed: the same seed, prompt and settings give the same images on the "
+                                     "same device."),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_PARALLEL,
+                             tooltip="Images generated together (the reference's parallel_size)."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The generated images (B, 384, 384, 3).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg=None, temperature=None, seed=None, batch_size=None):
+        return _validation([
+            lambda: cfg is None or nodekit.check_number("cfg", cfg, 0.0, MAX_CFG),
+            lambda: temperature is None or nodekit.check_number("temperature", temperature, 0.0, 2.0),
+            lambda: seed is None or nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True),
+            lambda: batch_size is None or nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL,
+                                                               integer=True),
+        ])
+
+    @classmethod
+    def execute(cls, model, prompt, cfg=5.0, temperature=1.0, seed=0, batch_size=1) -> io.NodeOutput:
+        from ..jodi_core.janus import janus_generate_codes
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}.")
+        cfg = nodekit.check_number("cfg", cfg, 0.0, MAX_CFG)
+        temperature = nodekit.check_number("temperature", temperature, 0.0, 2.0)
+        seed = nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
+        batch_size = nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
+        common.interrupt_check()
+        # Conditional and unconditional rows: prompt plus the image tokens.
+        janus = _ready(model, lambda m: _kv_cache_bytes(m, 2 * batch_size, 256 + m.config.gen_image_tokens))
+        progress = _Progress(janus.config.gen_image_tokens)
+        codes = janus_generate_codes(janus, prompt, cfg_weight=cfg, temperature=temperature,
+                                     parallel_size=batch_size, seed=seed, callback=progress)
+        common.interrupt_check()
+        images = janus.decode_image_codes(codes)  # (B, 3, S, S) in [0, 1]
+        return io.NodeOutput(nodekit.bchw_to_image(images).to(common.intermediate_device()))
+
+
+NODES = [JanusLoader, JanusCaption, JanusAsk, JanusGenerate]

@@ -1,0 +1,272 @@
+"""The Janus nodes without ComfyUI: the pack loaded against the ComfyUI stand-in of test_nodes_unit.py, running the
+real jodi_core.janus engine on a tiny random model folder (tests/janus_tiny.py).
+
+Expected answers come from calling the engine directly on the same weights; the nodes must give exactly those (so
+layout conversions, presets, batching and seeds are checked, not the model's quality).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from janus_tiny import write_tiny_janus
+from jodi_core.janus import janus_generate, janus_understand, load_janus
+from test_nodes_unit import REPO, _Events, _make_stubs
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return write_tiny_janus(tmp_path_factory.mktemp("janus") / "Janus-Tiny", layout="original", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    """The same tiny model loaded straight through the engine (float32, CPU)."""
+    return load_janus(tiny_folder, dtype=torch.float32)
+
+
+@pytest.fixture
+def pack(tmp_path, monkeypatch, tiny_folder):
+    models = tmp_path / "models"
+    for d in ("jodi", "dm", "vae"):
+        (models / d).mkdir(parents=True)
+    janus_root = models / "Janus-Pro"
+    shutil.copytree(tiny_folder, janus_root / "Janus-Tiny")
+    shutil.copytree(tiny_folder, janus_root / "deepseek-ai" / "Janus-Nested")
+    (janus_root / "not-a-model").mkdir()
+    (janus_root / "not-a-model" / "readme.txt").write_text("x")
+    events = _Events()
+    for name, mod in _make_stubs(models, events).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    name = str(tmp_path / "custom_nodes" / "ComfyUI-Jodi")
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    ext = asyncio.run(module.comfy_entrypoint())
+    nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
+    yield types.SimpleNamespace(nodes=nodes, events=events, root=janus_root,
+                                mm=sys.modules["comfy.model_management"], janus=sys.modules[name + ".nodes.janus"])
+    for key in [k for k in sys.modules if k.startswith(name)]:
+        sys.modules.pop(key, None)
+
+
+def _load(pack, name="Janus-Tiny", dtype="auto"):
+    return pack.nodes["JanusLoader"].execute(name, dtype).result[0]
+
+
+def _image(batch=2, h=20, w=12, seed=0):
+    """ComfyUI IMAGE (B, H, W, 3); not square, so a wrong permute would change the picture the model sees."""
+    return torch.rand(batch, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schemas and the loader
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_janus_nodes_are_registered_and_documented(pack):
+    janus_nodes = {k: v for k, v in pack.nodes.items() if k.startswith("Janus")}
+    assert set(janus_nodes) == {"JanusLoader", "JanusCaption", "JanusAsk", "JanusGenerate"}
+    for node_id, cls in janus_nodes.items():
+        schema = cls.define_schema()
+        assert schema.category == "Janus" and len(schema.description) > 60, node_id
+        for rec in schema.inputs + schema.outputs:
+            assert rec.kwargs.get("tooltip"), f"{node_id}.{rec.id}"
+    caption_out = pack.nodes["JanusCaption"].define_schema().outputs[0]
+    assert caption_out.io_type == "STRING" and caption_out.kwargs["is_output_list"] is True
+
+
+def test_loader_lists_model_folders_only(pack):
+    combo = pack.nodes["JanusLoader"].define_schema().inputs[0]
+    assert combo.kwargs["options"] == ["Janus-Tiny", "deepseek-ai/Janus-Nested"]
+    loader = pack.nodes["JanusLoader"]
+    assert loader.validate_inputs(model_name="Janus-Tiny", dtype="fp32") is True
+    assert "model_name must be one of" in loader.validate_inputs(model_name="not-a-model")
+    assert "dtype must be one of" in loader.validate_inputs(dtype="int8")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        loader.execute("not-a-model", "auto")
+    with pytest.raises(ValueError, match="folder name"):
+        loader.execute("../Janus-Pro/Janus-Tiny", "auto")
+
+
+def test_loader_reports_an_empty_models_folder(pack):
+    shutil.rmtree(pack.root)
+    msg = pack.nodes["JanusLoader"].validate_inputs(model_name="Janus-Tiny")
+    assert "No Janus model folder found" in msg and "Janus-Pro" in msg
+
+
+def test_loader_wraps_the_model_for_memory_management(pack, reference):
+    patcher = _load(pack, "deepseek-ai/Janus-Nested", "auto")
+    model = patcher.model.module  # the ManagedModule keeps the JanusModel's read-only .device intact
+    assert type(model).__name__ == "JanusModel" and model.dtype == torch.float32  # auto on CPU: fp32
+    assert patcher.load_device == torch.device("cpu") and model.processor is not None
+    assert patcher.model.get_dtype() == torch.float32
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert _load(pack, dtype="bf16").model.module.dtype == torch.bfloat16
+
+
+def test_loader_auto_uses_bf16_where_comfy_says_so(pack, monkeypatch):
+    monkeypatch.setattr(pack.mm, "get_torch_device", lambda: torch.device("meta"), raising=False)
+    monkeypatch.setattr(pack.mm, "should_use_bf16", lambda device=None, **_: True, raising=False)
+    assert pack.janus._auto_dtype(torch.device("meta")) is torch.bfloat16
+    assert pack.janus._auto_dtype(torch.device("cpu")) is torch.float32
+
+
+def test_loader_fingerprint_follows_the_files(pack):
+    loader = pack.nodes["JanusLoader"]
+    before = loader.fingerprint_inputs("Janus-Tiny", "auto")
+    assert before == loader.fingerprint_inputs("Janus-Tiny", "auto")
+    cfg = pack.root / "Janus-Tiny" / "config.json"
+    stat = cfg.stat()
+    os.utime(cfg, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert loader.fingerprint_inputs("Janus-Tiny", "auto") != before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caption and Ask
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_caption_matches_the_engine_per_image(pack, reference):
+    patcher = _load(pack)
+    image = _image(batch=2)
+    out = pack.nodes["JanusCaption"].execute(patcher, image, "detailed", 12)
+    captions = out.result[0]
+    question = pack.janus.CAPTION_PRESETS["detailed"][0]
+    expected = janus_understand(reference, image.permute(0, 3, 1, 2), question, max_new_tokens=12)
+    assert captions == [e.strip() for e in expected] and len(captions) == 2
+    assert out.ui == {"text": captions}
+    # Memory management saw the patcher with room for the KV cache; the bar counted tokens.
+    loaded, need = pack.events.loaded[-1]
+    assert loaded == [patcher] and need > 0
+    assert pack.events.progress[-1][:2] == (12, 12)
+
+
+def test_caption_presets_differ_and_fold_to_one_line(pack, reference):
+    patcher = _load(pack)
+    image = _image(batch=1, seed=3)
+    node = pack.nodes["JanusCaption"]
+    jodi = node.execute(patcher, image, "for a Jodi prompt", 24).result[0][0]
+    question = pack.janus.CAPTION_PRESETS["for a Jodi prompt"][0]
+    raw = janus_understand(reference, image.permute(0, 3, 1, 2), question, max_new_tokens=24)[0]
+    assert jodi == pack.janus._one_line(raw) and "\n" not in jodi
+    assert pack.janus._one_line('  "a cat\n\n on  a mat"  ') == "a cat on a mat"
+    assert "detail must be one of" in node.validate_inputs(detail="verbose")
+    assert "max_new_tokens" in node.validate_inputs(max_new_tokens=0)
+    with pytest.raises(ValueError, match="detail must be one of"):
+        node.execute(patcher, image, "verbose", 8)
+
+
+def test_caption_batches_in_chunks_like_single_images(pack, reference):
+    patcher = _load(pack)
+    n = pack.janus.UNDERSTAND_CHUNK + 1
+    image = _image(batch=n, seed=5)
+    captions = pack.nodes["JanusCaption"].execute(patcher, image, "brief", 6).result[0]
+    question = pack.janus.CAPTION_PRESETS["brief"][0]
+    alone = janus_understand(reference, image[-1:].permute(0, 3, 1, 2), question, max_new_tokens=6)[0]
+    assert len(captions) == n and captions[-1] == pack.janus._one_line(alone)
+    assert pack.events.progress[-1][:2] == (12, 12)  # 2 chunks x 6 tokens
+
+
+def test_ask_modes(pack, reference):
+    patcher = _load(pack)
+    ask = pack.nodes["JanusAsk"]
+    image = _image(batch=2, seed=7)
+    settings = dict(do_sample=False, temperature=1.0, top_p=0.95, max_new_tokens=10, repetition_penalty=1.0, seed=0)
+    per_image = ask.execute(patcher, "What is in the picture?", image, False, **settings).result[0]
+    assert per_image == [a.strip() for a in janus_understand(
+        reference, image.permute(0, 3, 1, 2), "What is in the picture?", max_new_tokens=10)]
+    together = ask.execute(patcher, "What is in the picture?", image, True, **settings).result[0]
+    assert together == [janus_understand(reference, [image.permute(0, 3, 1, 2)], "What is in the picture?",
+                                         max_new_tokens=10)[0].strip()]
+    text_only = ask.execute(patcher, "How many people are there?", None, False, **settings).result[0]
+    assert text_only == [janus_understand(reference, None, "How many people are there?",
+                                          max_new_tokens=10)[0].strip()]
+
+
+def test_ask_sampling_follows_the_seed(pack, reference):
+    patcher = _load(pack)
+    ask = pack.nodes["JanusAsk"]
+    image = _image(batch=1, seed=9)
+    kw = dict(do_sample=True, temperature=1.5, top_p=1.0, max_new_tokens=16, repetition_penalty=1.2)
+    a = ask.execute(patcher, "Describe this image in detail.", image, False, seed=11, **kw).result[0]
+    b = ask.execute(patcher, "Describe this image in detail.", image, False, seed=11, **kw).result[0]
+    expected = janus_understand(reference, image.permute(0, 3, 1, 2), "Describe this image in detail.", seed=11,
+                                **kw)
+    assert a == b == [e.strip() for e in expected]
+    others = {ask.execute(patcher, "Describe this image in detail.", image, False, seed=s, **kw).result[0][0]
+              for s in range(12, 16)}
+    assert len(others | {a[0]}) > 1  # a random tiny model sampled at temperature 1.5: seeds change the answer
+
+
+def test_ask_input_errors(pack):
+    patcher = _load(pack)
+    ask = pack.nodes["JanusAsk"]
+    assert "top_p must be between" in ask.validate_inputs(top_p=0.0)
+    assert "repetition_penalty must be between" in ask.validate_inputs(repetition_penalty=0.5)
+    assert ask.validate_inputs(temperature=None, top_p=0.9, max_new_tokens=None) is True  # linked: None
+    with pytest.raises(ValueError, match="question is empty"):
+        ask.execute(patcher, "   ")
+    with pytest.raises(ValueError, match="temperature must be between"):
+        ask.execute(patcher, "Why?", temperature=3.0)
+    with pytest.raises(ValueError, match="IMAGE shaped"):
+        ask.execute(patcher, "Why?", torch.rand(1, 3, 8, 8, 2))
+    with pytest.raises(TypeError, match="Janus Loader"):
+        ask.execute(object(), "Why?")
+
+
+def test_nodes_refuse_a_jodi_model(pack):
+    fake = types.SimpleNamespace(model=pack.janus.common.ManagedModule(torch.nn.Linear(2, 2)),
+                                 load_device=torch.device("cpu"))
+    with pytest.raises(TypeError, match="Janus Loader"):
+        pack.nodes["JanusGenerate"].execute(fake, "a cat")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_matches_the_engine_and_reports_progress(pack, reference):
+    patcher = _load(pack)
+    gen = pack.nodes["JanusGenerate"]
+    image = gen.execute(patcher, "a dog runs on the beach", cfg=5.0, temperature=1.0, seed=3, batch_size=2).result[0]
+    size = reference.config.gen_image_size
+    assert image.shape == (2, size, size, 3) and image.dtype == torch.float32
+    expected = janus_generate(reference, "a dog runs on the beach", cfg_weight=5.0, temperature=1.0,
+                              parallel_size=2, seed=3)
+    assert torch.equal(image, expected.permute(0, 2, 3, 1))  # (B, 3, S, S) -> ComfyUI's (B, S, S, 3)
+    n = reference.config.gen_image_tokens
+    assert [p[:2] for p in pack.events.progress[-n:]] == [(i + 1, n) for i in range(n)]
+    other = gen.execute(patcher, "a dog runs on the beach", cfg=5.0, temperature=1.0, seed=4, batch_size=2)
+    assert not torch.equal(other.result[0], image)
+
+
+def test_generate_can_be_interrupted(pack):
+    patcher = _load(pack)
+    pack.events.interrupt_after = 5  # ComfyUI's interrupt flag goes up during the token loop
+    with pytest.raises(sys.modules["comfy.model_management"].InterruptProcessingException):
+        pack.nodes["JanusGenerate"].execute(patcher, "a cat", cfg=5.0, temperature=1.0, seed=0, batch_size=1)
+    assert 0 < len(pack.events.progress) < 16
+
+
+def test_generate_input_errors(pack):
+    gen = pack.nodes["JanusGenerate"]
+    assert "batch_size must be between 1 and 16" in gen.validate_inputs(batch_size=17)
+    assert "cfg must be between" in gen.validate_inputs(cfg=-1.0)
+    assert gen.validate_inputs(cfg=5.0, temperature=1.0, seed=1, batch_size=4) is True
+    with pytest.raises(ValueError, match="batch_size"):
+        gen.execute(_load(pack), "a cat", batch_size=0)
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        gen.execute(_load(pack), ["a cat"])
