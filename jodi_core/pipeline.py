@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -164,9 +164,14 @@ class JodiPipeline:
     def make_noise(batch: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         """Seeds ``seed, seed + 1, ...`` per sample on a CPU generator, so results do not depend on the device or on
         the batch size (sample ``i`` of a batch equals a batch of one with seed ``seed + i``)."""
+        return JodiPipeline.noise_from_seeds([int(seed) + i for i in range(batch)], shape)
+
+    @staticmethod
+    def noise_from_seeds(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """One CPU generator per sample, seeded with ``seeds[i]``: ``(len(seeds), *shape)`` float32."""
         noise = []
-        for i in range(batch):
-            g = torch.Generator("cpu").manual_seed(int(seed) + i)
+        for s in seeds:
+            g = torch.Generator("cpu").manual_seed(int(s))
             noise.append(torch.randn((1, *shape), generator=g, dtype=torch.float32))
         return torch.cat(noise)
 
@@ -258,12 +263,20 @@ class JodiPipeline:
         sampler: str = "dpmpp_2m",
         seed: int = 0,
         batch_size: int = 1,
+        seeds: Optional[Sequence[int]] = None,
         snap_to_bucket: bool = True,
         callback: Optional[StepCallback] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         decode: bool = True,
         tiled_decode: bool = False,
     ) -> JodiResult:
+        """``seeds``: one noise seed per sample (overrides ``seed``; the batch is ``len(seeds)``), for callers whose
+        samples must not depend on how they are batched."""
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if not seeds or batch_size not in (1, len(seeds)):
+                raise ValueError(f"seeds must hold one seed per sample; got {len(seeds)} for batch_size {batch_size}.")
+            batch_size = len(seeds)
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if int(steps) != steps or steps < 1:
@@ -278,7 +291,10 @@ class JodiPipeline:
         B = role_table.shape[0]
         work_h, work_w = self.working_size(height, width, snap_to_bucket)
         clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w)
-        noise = self.make_noise(B, tuple(clean_x.shape[1:]), seed)
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"Got {len(seeds)} seeds for {B} rows of roles.")
+        shape = tuple(clean_x.shape[1:])
+        noise = self.make_noise(B, shape, seed) if seeds is None else self.noise_from_seeds(seeds, shape)
         latents = self.sample(
             role_table,
             clean_x,

@@ -1,0 +1,768 @@
+"""Label a folder of images with Jodi perception and write a dataset in the Joint-1.6M layout.
+
+``python -m jodi_core annotate INPUT OUTPUT [options]``; INPUT is a folder of images (jpg, png, webp; searched
+recursively) or a ``metadata.jsonl`` in the Joint-1.6M layout whose missing maps are filled in. OUTPUT receives::
+
+    image/<rel>                                  the input image, copied byte for byte
+    annotation_<folder>/<rel>[.jpg]              one JPEG per label (``.jpg`` appended when <rel> is not a JPEG)
+    annotation_seg_12colors/<rel>.png            the segmentation, snapped to the 12-colour palette (lossless)
+    metadata.jsonl                               image, info.height/width, annotation_<folder> paths (+ input fields)
+    errors.jsonl                                 images that could not be read, with the reason
+
+Results do not depend on how the work is split: each image's noise seed is a hash of its path in the output, and
+images are batched by aspect bucket and by the set of maps they need. Work is split into deterministic shards
+(position ``i`` of the sorted list goes to rank ``i % world``) for torchrun, or spread by Ray Data
+(``--engine ray``).
+
+Nothing is lost or written twice: each file is written to a temporary name and renamed; an image counts as done once
+its record is appended to the writer's part file (``.annotate/part-*.jsonl``), after all of its files exist. A run
+started again reads the records already there, skips what is complete and redoes the rest. The part files are merged
+into ``metadata.jsonl`` at the end (idempotently: records are keyed by image path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import imaging
+from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnnotateConfig", "AnnotateSummary", "Annotator", "annotate", "main_annotate", "plan_work", "merge_outputs"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+STATE_DIR = ".annotate"  # part files and per-writer error logs, merged at the end
+GRAY_FILE_DOMAINS = frozenset({"depth"})  # written as one-channel JPEGs, as in Joint-1.6M
+
+
+class Stopped(Exception):
+    """Raised inside a run when ``stop_after`` images are done or the caller asked to stop."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration and results
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnnotateConfig:
+    input: str
+    output: str
+    dit: Optional[str] = None  # Jodi DiT checkpoint; None: the embedded demo model
+    vae: Optional[str] = None  # DC-AE checkpoint; None: the demo DC-AE
+    domains: Sequence[str] = LABEL_NAMES  # labels to produce
+    resolution: Optional[int] = None  # aspect buckets scaled to this size; None: the model's training size
+    steps: int = 20
+    batch_size: int = 4
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    device: str = "auto"
+    seed: int = 0
+    sampler: str = "dpmpp_2m"
+    flow_shift: float = 3.0
+    jpeg_quality: int = 95
+    stop_after: Optional[int] = None  # stop (without merging) once this many images are done: a simulated kill
+    progress: bool = True
+    threads: Optional[int] = None  # torch CPU threads per process
+
+    def validate(self) -> "AnnotateConfig":
+        self.domains = tuple(dict.fromkeys(get_domain(d).name for d in self.domains))
+        if not self.domains or "image" in self.domains:
+            raise ValueError(f"domains must be a non-empty list of labels from {', '.join(LABEL_NAMES)}.")
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if self.resolution is not None and (int(self.resolution) != self.resolution or self.resolution < 32):
+            raise ValueError(f"resolution must be an integer >= 32, got {self.resolution!r}.")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
+        if self.stop_after is not None and self.stop_after < 0:
+            raise ValueError(f"stop_after must be >= 0, got {self.stop_after!r}.")
+        if not 1 <= int(self.jpeg_quality) <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality!r}.")
+        if (self.dit is None) != (self.vae is None):
+            raise ValueError("Give both --dit and --vae, or neither (the embedded demo model).")
+        return self
+
+
+@dataclass
+class AnnotateSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+    def __str__(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        tail = " (stopped early; run again to finish)" if self.stopped else ""
+        return (f"annotate: {self.done} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f} s "
+                f"({rate:.2f} images/s){tail}")
+
+
+@dataclass
+class WorkItem:
+    """One image to label. ``key`` is the image's path in the output (the metadata's ``image`` field)."""
+
+    key: str
+    source: str  # where to read the image
+    record: dict  # the record so far (input fields, labels already present)
+    domains: tuple  # labels to make
+    copies: list = field(default_factory=list)  # (source file, output-relative path) to copy into the output
+
+    def to_row(self) -> dict:
+        return {"key": self.key, "source": self.source, "record": json.dumps(self.record),
+                "domains": list(self.domains), "copies": json.dumps(self.copies)}
+
+    @classmethod
+    def from_row(cls, row) -> "WorkItem":
+        return cls(str(row["key"]), str(row["source"]), json.loads(row["record"]), tuple(row["domains"]),
+                   [tuple(c) for c in json.loads(row["copies"])])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout: names and seeds
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def label_path(image_key: str, domain: str) -> str:
+    """Output-relative path of one label map of the image at ``image_key`` (``image/<rel>`` or any relative path)."""
+    d = get_domain(domain)
+    rel = image_key[len("image/"):] if image_key.startswith("image/") else image_key
+    if d.name == "segmentation":
+        return f"annotation_{d.dataset_folder}/{rel}.png"
+    suffix = "" if rel.lower().endswith((".jpg", ".jpeg")) else ".jpg"
+    return f"annotation_{d.dataset_folder}/{rel}{suffix}"
+
+
+def image_seed(key: str, seed: int = 0) -> int:
+    """A stable 63-bit seed from the image's output path (independent of the process, batch and shard)."""
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _has_label(record: dict, domain: str, root: Path) -> bool:
+    rel = record.get(get_domain(domain).metadata_key)
+    return isinstance(rel, str) and (root / rel).is_file()
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a torn or invalid line", path)
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def known_records(out: Path) -> dict[str, dict]:
+    """Image key -> newest complete record in ``out`` (metadata.jsonl, then the part files)."""
+    known = {r["image"]: r for r in _read_jsonl(out / "metadata.jsonl") if isinstance(r.get("image"), str)}
+    for part in sorted((out / STATE_DIR).glob("part-*.jsonl")):
+        for r in _read_jsonl(part):
+            if isinstance(r.get("image"), str):
+                known[r["image"]] = r
+    return known
+
+
+def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
+    """Image files under ``folder``, sorted; hidden entries, ``skip`` (the output when it lies inside the input) and
+    top-level ``annotation_*`` folders (labels of a Joint-1.6M layout input) are left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if skip is not None and (here.resolve() == skip or skip in here.resolve().parents):
+            dirnames[:] = []
+            continue
+        top = here == folder
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d.startswith("annotation_")))
+        found += [here / f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    return sorted(found)
+
+
+def plan_work(cfg: AnnotateConfig) -> tuple[list[WorkItem], int]:
+    """The images that still need labels, sorted by key, and how many are already complete."""
+    src, out = Path(cfg.input), Path(cfg.output)
+    known = known_records(out)
+    items, complete = [], 0
+    if src.is_dir():
+        skip = out.resolve() if out.resolve() != src.resolve() else None
+        entries = []
+        for path in _list_images(src, skip):
+            rel = path.relative_to(src).as_posix()
+            key = rel if src.resolve() == out.resolve() else f"image/{rel}"
+            entries.append((key, path, {"image": key}, src if key == rel else None))
+    elif src.is_file():
+        from .data.joint_dataset import read_metadata
+
+        root = src.parent
+        entries = [(r["image"], root / r["image"], r, root) for r in read_metadata(src)]
+    else:
+        raise FileNotFoundError(f"Input not found: {src} (a folder of images or a metadata.jsonl).")
+    in_place_root = out.resolve()
+    seen = set()
+    for key, path, base, base_root in entries:
+        if key in seen:
+            raise ValueError(f"{src}: the image {key!r} is listed twice.")
+        seen.add(key)
+        record = known.get(key)
+        record_root = out
+        if record is None:
+            record, record_root = dict(base), (base_root or out)
+        todo = tuple(d for d in cfg.domains if not _has_label(record, d, record_root))
+        if not todo and (out / key).is_file():
+            complete += 1
+            continue
+        copies = []
+        if Path(record_root).resolve() != in_place_root:  # bring the image and the labels already made along
+            copies.append((str(path), key))
+            for d in DOMAINS[1:]:
+                if d.name not in todo and _has_label(record, d.name, Path(record_root)):
+                    copies.append((str(Path(record_root) / record[d.metadata_key]), record[d.metadata_key]))
+        elif not (out / key).is_file():
+            copies.append((str(path), key))
+        items.append(WorkItem(key, str(path), record, todo, copies))
+    items.sort(key=lambda it: it.key)
+    return items, complete
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Position ``i`` goes to rank ``i % world``: disjoint, complete and the same on every rank."""
+    return list(items[rank::world])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _encode_image(x: torch.Tensor, fmt: str, gray: bool, quality: int) -> bytes:
+    """(3, H, W) [0, 1] -> encoded file bytes."""
+    from PIL import Image
+
+    arr = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    im = Image.fromarray(arr[..., 0] if gray else arr, "L" if gray else "RGB")
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        im.save(buf, "PNG")
+    else:
+        im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class PartWriter:
+    """Appends complete records (and errors) of one writer to its own files under ``<out>/.annotate``."""
+
+    def __init__(self, out: Path, name: str):
+        self.dir = out / STATE_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.part = self.dir / f"part-{name}.jsonl"
+        self.errors = self.dir / f"errors-{name}.jsonl"
+
+    @staticmethod
+    def _append(path: Path, rec: dict) -> None:
+        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size:  # a killed writer may have left a torn line: start on a fresh one
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def done(self, record: dict) -> None:
+        self._append(self.part, record)
+
+    def failed(self, key: str, source: str, reason: str) -> None:
+        self._append(self.errors, {"image": key, "source": source, "error": reason})
+
+
+def merge_outputs(out: "str | Path", order: Optional[Sequence[str]] = None) -> int:
+    """Fold the part files into ``metadata.jsonl`` and the error logs into ``errors.jsonl`` (idempotent; safe to run
+    again after a crash). Records keep ``order`` (the input's order) when given, else sorted by image path.
+    Returns the number of records."""
+    out = Path(out)
+    records = known_records(out)
+    keys = [k for k in (order or []) if k in records]
+    keys += sorted(set(records) - set(keys))
+    text = "".join(json.dumps(records[k], ensure_ascii=False) + "\n" for k in keys)
+    write_atomic(out / "metadata.jsonl", text.encode("utf-8"))
+    errors: dict[str, dict] = {e["image"]: e for e in _read_jsonl(out / "errors.jsonl") if "image" in e}
+    state = out / STATE_DIR
+    for path in sorted(state.glob("errors-*.jsonl")):
+        errors.update({e["image"]: e for e in _read_jsonl(path) if "image" in e})
+    errors = {k: v for k, v in errors.items() if k not in records}  # fixed since: no longer an error
+    if errors or (out / "errors.jsonl").exists():
+        text = "".join(json.dumps(errors[k], ensure_ascii=False) + "\n" for k in sorted(errors))
+        write_atomic(out / "errors.jsonl", text.encode("utf-8"))
+    # Everything is in the merged files now; the parts are redundant.
+    for path in list(state.glob("part-*.jsonl")) + list(state.glob("errors-*.jsonl")):
+        path.unlink(missing_ok=True)
+    return len(keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and the labelling step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested but CUDA is not available.")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def load_models(cfg: AnnotateConfig, device: torch.device):
+    """(transformer, vae) on ``device`` in the configured dtype."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.dit is None:
+        from .demo import load_demo_models
+
+        dit, vae, _ = load_demo_models(device, dtype)
+        return dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
+    from .loading import load_dcae, load_jodi
+
+    return (load_jodi(cfg.dit, dtype=dtype, device=device).eval(),
+            load_dcae(cfg.vae, dtype=dtype, device=device).eval())
+
+
+def read_image(path: "str | Path") -> torch.Tensor:
+    """``(3, H, W)`` float in [0, 1]; ValueError naming the file for anything unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        what = "empty file (0 bytes)" if size == 0 else f"{type(e).__name__}: {e}"
+        raise ValueError(f"cannot read image: {what}") from None
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError("cannot read image: zero-sized image")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
+
+
+class Annotator:
+    """Holds the pipeline once and labels lists of :class:`WorkItem`, writing their files and records.
+
+    Used as is by the single-process and torchrun engines, and wrapped by the Ray engine's per-worker class.
+    ``on_image(n)`` is called after each batch with the number of images finished (done or failed).
+    """
+
+    def __init__(self, cfg: AnnotateConfig, writer_name: str, *, models=None, device: Optional[torch.device] = None,
+                 should_stop: Optional[Callable[[], bool]] = None):
+        from .pipeline import JodiPipeline
+
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.device = device or resolve_device(cfg.device)
+        dit, vae = models if models is not None else load_models(cfg, self.device)
+        self.pipe = JodiPipeline(dit, vae)
+        self.resolution = int(cfg.resolution or self.pipe.base_size)
+        self.writer = PartWriter(self.out, writer_name)
+        self.should_stop = should_stop
+        self.done = self.failed = 0
+
+    def _fail(self, item: WorkItem, reason: str) -> None:
+        log.warning("annotate: %s failed: %s", item.source, reason)
+        self.writer.failed(item.key, item.source, reason)
+        self.failed += 1
+
+    def _check_stop(self) -> None:
+        if self.cfg.stop_after is not None and self.done >= self.cfg.stop_after:
+            raise Stopped()
+        if self.should_stop is not None and self.should_stop():
+            raise Stopped()
+
+    def run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> None:
+        """Label ``items``: read each, group by (bucket, maps to make), batch, sample, write."""
+        groups: dict[tuple, list] = {}
+        for item in items:
+            self._check_stop()
+            try:
+                image = read_image(item.source)
+            except (ValueError, OSError) as e:
+                self._fail(item, str(e))
+                if on_progress:
+                    on_progress(1)
+                continue
+            if not item.domains:  # every map exists already; only the files still need copying into the output
+                self._write(item, image, {})
+                self.done += 1
+                if on_progress:
+                    on_progress(1)
+                continue
+            H, W = image.shape[-2:]
+            bucket = imaging.snap_to_bucket(H, W, self.resolution, self.pipe.compression)
+            group = groups.setdefault((bucket, item.domains), [])
+            group.append((item, image))
+            if len(group) == self.cfg.batch_size:
+                self._run_batch(bucket, item.domains, groups.pop((bucket, item.domains)), on_progress)
+        for (bucket, domains), group in list(groups.items()):
+            self._check_stop()
+            self._run_batch(bucket, domains, group, on_progress)
+
+    @torch.no_grad()
+    def _run_batch(self, bucket, domains, group, on_progress) -> None:
+        self._check_stop()
+        if self.cfg.stop_after is not None:  # never finish more than stop_after images
+            group = group[: max(0, self.cfg.stop_after - self.done)]
+            if not group:
+                raise Stopped()
+        work_h, work_w = bucket
+        roles = [Role.CONDITION] + [Role.GENERATE if d.name in domains else Role.IGNORE for d in DOMAINS[1:]]
+        cond = torch.stack([imaging.resize_and_crop(img[None], work_h, work_w)[0] for _, img in group])
+        result = self.pipe(
+            roles, work_h, work_w, conditions={"image": cond}, steps=self.cfg.steps, cfg_scale=1.0,
+            flow_shift=self.cfg.flow_shift, sampler=self.cfg.sampler, seeds=[image_seed(it.key, self.cfg.seed)
+                                                                           for it, _ in group],
+            snap_to_bucket=False, decode=False,
+        )
+        maps = self._decode(result.latents, domains, [tuple(img.shape[-2:]) for _, img in group])
+        for i, (item, image) in enumerate(group):
+            self._write(item, image, {name: m[i] for name, m in maps.items()})
+            self.done += 1
+        if on_progress:
+            on_progress(len(group))
+
+    def _decode(self, latents: torch.Tensor, domains, sizes) -> dict[str, list[torch.Tensor]]:
+        """Decode each domain as one batch, then resize each sample to its own image size and post-process."""
+        vae, pipe = self.pipe.vae, self.pipe
+        p = next(vae.parameters())
+        out: dict[str, list[torch.Tensor]] = {}
+        for name in domains:
+            d = get_domain(name)
+            z = latents[:, d.index].to(device=p.device, dtype=p.dtype) / pipe.scaling_factor
+            x = vae.decode(z).float().cpu()  # (B, 3, h*f, w*f) in about [-1, 1]
+            out[name] = [d.postprocess(imaging.resize(x[i : i + 1], h, w).clamp(-1, 1))[0]
+                         for i, (h, w) in enumerate(sizes)]
+        return out
+
+    def _write(self, item: WorkItem, image: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
+        # image and info first, as in Joint-1.6M; the input's other fields (captions, ...) are kept
+        record = {"image": item.key, "info": dict(item.record.get("info") or {}), **item.record}
+        record["image"] = item.key
+        for src, rel in item.copies:
+            copy_atomic(Path(src), self.out / rel)
+        for name, x in maps.items():
+            rel = label_path(item.key, name)
+            seg = name == "segmentation"
+            data = _encode_image(x, "PNG" if seg else "JPEG", name in GRAY_FILE_DOMAINS, self.cfg.jpeg_quality)
+            write_atomic(self.out / rel, data)
+            record[get_domain(name).metadata_key] = rel
+        record["info"] = {**dict(record.get("info") or {}), "height": int(image.shape[-2]), "width": int(image.shape[-1])}
+        self.writer.done(record)  # last: the image counts as done only once every file exists
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str = "annotate"):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.n = 0
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)  # tqdm shows img/s
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _input_order(cfg: AnnotateConfig) -> Optional[list[str]]:
+    src = Path(cfg.input)
+    if src.is_file():
+        return [r["image"] for r in _read_jsonl(src) if isinstance(r.get("image"), str)]
+    return None
+
+
+def annotate(
+    cfg: AnnotateConfig,
+    *,
+    models=None,
+    rank: int = 0,
+    world: int = 1,
+    device: Optional[torch.device] = None,
+    barrier: Optional[Callable[[], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
+) -> AnnotateSummary:
+    """Label this rank's shard and (rank 0, after ``barrier``) merge. ``models``: preloaded (transformer, vae).
+    ``on_progress(finished, total)`` after each batch (the ComfyUI node's progress bar)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    items, complete = plan_work(cfg)
+    mine = shard(items, rank, world)
+    summary = AnnotateSummary(skipped=complete)
+    if mine:
+        annotator = Annotator(cfg, f"rank{rank}-{uuid.uuid4().hex[:6]}", models=models, device=device,
+                              should_stop=should_stop)
+        bar = _Progress(len(mine), cfg.progress and rank == 0)
+
+        def progress(n: int) -> None:
+            bar(n)
+            if on_progress:
+                on_progress(bar.n, len(mine))
+
+        try:
+            annotator.run(mine, progress)
+        except Stopped:
+            summary.stopped = True
+        finally:
+            bar.close()
+        summary.done, summary.failed = annotator.done, annotator.failed
+    if barrier is not None:
+        barrier()
+    if rank == 0 and not summary.stopped:
+        merge_outputs(out, _input_order(cfg))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
+    """One process per rank (``torchrun``); gloo only coordinates the final barrier, the work needs no collectives."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # A long timeout: ranks may finish their shards far apart, and the barrier only waits for the slowest.
+    tdist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    try:
+        summary = annotate(cfg, rank=rank, world=world, device=device, barrier=tdist.barrier)
+        totals = torch.tensor([summary.done, summary.failed, int(summary.stopped)], dtype=torch.long)
+        tdist.all_reduce(totals)
+        summary.done, summary.failed, summary.stopped = int(totals[0]), int(totals[1]), bool(totals[2])
+        if summary.stopped and rank == 0:
+            log.info("annotate: a rank stopped early; metadata.jsonl is merged by the next complete run")
+        return summary
+    finally:
+        tdist.destroy_process_group()
+
+
+class RayAnnotator:
+    """The Ray Data callable class: one model per worker, files written by the worker itself."""
+
+    def __init__(self, cfg_dict: dict):
+        cfg = AnnotateConfig(**cfg_dict).validate()
+        cfg.progress = False
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.annotator = Annotator(cfg, f"ray-{uuid.uuid4().hex[:10]}")
+
+    def __call__(self, batch: dict) -> dict:
+        items = [WorkItem.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))]
+        done0, failed0 = self.annotator.done, self.annotator.failed
+        try:
+            self.annotator.run(items)
+        except Stopped:
+            pass
+        return {"done": np.array([self.annotator.done - done0]), "failed": np.array([self.annotator.failed - failed0])}
+
+
+def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: int) -> AnnotateSummary:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--engine ray needs Ray: install the [scale] extra (ray[data]).") from None
+    t0 = time.perf_counter()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    items, complete = plan_work(cfg)
+    summary = AnnotateSummary(skipped=complete)
+    if items:
+        started_here = not ray.is_initialized()
+        if started_here:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(workers, 1), object_store_memory=256 * 2**20, include_dashboard=False,
+                         log_to_driver=False)
+        try:
+            if cfg.device == "auto":
+                gpu = bool(ray.cluster_resources().get("GPU", 0))
+            else:
+                gpu = torch.device(cfg.device).type == "cuda"
+            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "cuda" is that worker's GPU.
+            cfg = dataclasses.replace(cfg, device="cuda" if gpu else "cpu")
+            cfg_dict = dataclasses.asdict(cfg)
+            cfg_dict["domains"] = list(cfg.domains)
+            ds = ray.data.from_items([it.to_row() for it in items])
+            results = ds.map_batches(
+                RayAnnotator, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=cfg.batch_size,
+                concurrency=max(workers, 1), num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1,
+                batch_format="numpy",
+            )
+            bar = _Progress(len(items), cfg.progress)
+            for row in results.iter_rows():
+                summary.done += int(row["done"])
+                summary.failed += int(row["failed"])
+                bar(int(row["done"]) + int(row["failed"]))
+            bar.close()
+        finally:
+            if started_here:
+                ray.shutdown()
+    summary.stopped = cfg.stop_after is not None and summary.done + summary.failed < len(items)
+    if not summary.stopped:
+        merge_outputs(out, _input_order(cfg))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jodi_core annotate",
+                                description="Label images with Jodi perception into a Joint-1.6M layout folder.")
+    p.add_argument("input", help="a folder of images (searched recursively) or a Joint-1.6M metadata.jsonl")
+    p.add_argument("output", help="the output folder (may be the input's folder to fill in missing maps)")
+    p.add_argument("--dit", help="Jodi DiT checkpoint (default: the embedded demo model)")
+    p.add_argument("--vae", help="DC-AE checkpoint (default: the demo DC-AE)")
+    p.add_argument("--domains", default="all",
+                   help=f"comma-separated labels to produce (default all: {','.join(LABEL_NAMES)})")
+    p.add_argument("--resolution", type=int,
+                   help="bucket size: images go to the nearest official aspect bucket scaled to this size "
+                        "(default: the model's training size)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: each rank its LOCAL_RANK)")
+    p.add_argument("--seed", type=int, default=0, help="mixed into every image's path-derived noise seed")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler"])
+    p.add_argument("--flow-shift", type=float, default=3.0)
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--stop-after", type=int, help="stop after this many images without merging (tests resuming)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engine", default="auto", choices=["auto", "local", "ray"],
+                   help="auto: torchrun ranks when launched by torchrun, else one process; ray: Ray Data")
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray started in-process)")
+    p.add_argument("--ray-workers", type=int, default=1, help="model replicas (one GPU each on GPU clusters)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the part files into metadata.jsonl")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
+    domains = LABEL_NAMES if args.domains.strip().lower() == "all" else [d for d in args.domains.split(",") if d]
+    return AnnotateConfig(
+        input=args.input, output=args.output, dit=args.dit, vae=args.vae, domains=domains, resolution=args.resolution,
+        steps=args.steps, batch_size=args.batch_size, dtype=args.dtype, device=args.device, seed=args.seed,
+        sampler=args.sampler, flow_shift=args.flow_shift, stop_after=args.stop_after,
+        progress=not args.no_progress, threads=args.threads,
+    ).validate()
+
+
+def main_annotate(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.merge_only:
+            n = merge_outputs(cfg.output, _input_order(cfg))
+            log.info("annotate: merged %d records into %s", n, Path(cfg.output) / "metadata.jsonl")
+            return 0
+        if args.engine == "ray":
+            summary = _annotate_ray(cfg, args.ray_address, args.ray_workers)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            summary = _annotate_torchrun(cfg)
+        else:
+            summary = annotate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("annotate: %s", e)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("%s", summary)
+    return 3 if summary.stopped else 0
