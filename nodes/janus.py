@@ -206,6 +206,21 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip('"').strip()
 
 
+def _answer_room(model, images, questions) -> int:
+    """Tokens left for the answer in the model's context after the longest prompt of the rows."""
+    processor = model.processor
+    longest = 0
+    for image, question in zip(images, questions):
+        count = 0 if image is None else (1 if image.dim() == 3 else image.shape[0])
+        ids = processor.tokenizer.encode(processor.understanding_prompt(question, count))
+        longest = max(longest, len(ids) + count * (processor.num_image_tokens + 1))  # placeholder -> boi, N, eoi
+    room = model.config.language.max_position_embeddings - longest
+    if room < 1:
+        raise ValueError(f"The prompt takes {longest} tokens, the whole context of this Janus model; ask about "
+                         "fewer images at once or shorten the question.")
+    return room
+
+
 def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:
     """Answers row by row in chunks: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
     from ..jodi_core.janus import janus_understand
@@ -221,8 +236,14 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
     answers: list[str] = []
     for n, chunk in enumerate(chunks):
         progress.offset = n * max_new_tokens
-        answers += janus_understand(model, [images[i] for i in chunk], [questions[i] for i in chunk],
-                                    max_new_tokens=max_new_tokens, callback=progress, **sampling)
+        rows_images = [images[i] for i in chunk]
+        rows_questions = [questions[i] for i in chunk]
+        limit = _answer_room(model, rows_images, rows_questions)
+        if limit < max_new_tokens:
+            log.warning("Janus: max_new_tokens %d does not fit the model's context after the prompt; using %d.",
+                        max_new_tokens, limit)
+        answers += janus_understand(model, rows_images, rows_questions, max_new_tokens=min(max_new_tokens, limit),
+                                    callback=progress, **sampling)
     progress.pbar.update_absolute(progress.total, progress.total)
     return [a.strip() for a in answers]
 
