@@ -48,6 +48,12 @@ def load_definitions(comfy_dir: Path) -> dict:
     spec.loader.exec_module(pack)
     ext = asyncio.run(pack.comfy_entrypoint())
     classes = dict(core_nodes.NODE_CLASS_MAPPINGS)
+    try:  # "Preview as Text" (comfy_extras) shows the Janus captions
+        from comfy_extras import nodes_preview_any
+
+        classes.update(nodes_preview_any.NODE_CLASS_MAPPINGS)
+    except ImportError:
+        pass
     classes.update({c.GET_SCHEMA().node_id: c for c in asyncio.run(ext.get_node_list())})
     defs = {}
     for cname, cls in classes.items():
@@ -140,23 +146,28 @@ class Graph:
             for name, spec in self._order(node):
                 value = node.values.get(name)
                 linked = isinstance(value, tuple) and isinstance(value[0], Node)
-                if _is_widget(spec):
+                widget = _is_widget(spec)
+                if widget:
+                    # A widget fed by a link (e.g. a caption into a prompt) keeps its widgets_values slot.
                     widgets.append(_default(spec) if value is None or linked else value)
                     opts = spec[1] if len(spec) > 1 else {}
                     if opts.get("control_after_generate"):
                         widgets.append("fixed")
                     if opts.get("image_upload"):
                         widgets.append("image")
-                    if linked:
-                        raise NotImplementedError("widget inputs converted to sockets are not used here")
-                    continue
+                    if not linked:
+                        continue
                 link_id = None
                 if linked:
                     link = next(l for l in links if l[3] == node.id and l[4] is None and l[1] == value[0].id
                                 and l[2] == value[1])
                     link[4] = len(inputs)
                     link_id = link[0]
-                inputs.append({"name": name, "type": str(spec[0]), "link": link_id})
+                entry_in = {"name": name, "type": "COMBO" if isinstance(spec[0], (list, tuple)) else str(spec[0]),
+                            "link": link_id}
+                if widget:
+                    entry_in["widget"] = {"name": name}
+                inputs.append(entry_in)
             outputs = [{"name": out_names[i], "type": t, "links": out_links.get((node.id, i), []), "slot_index": i}
                        for i, t in enumerate(out_types)]
             entry = {
@@ -315,12 +326,97 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
                           "controlnet": ["control_v11f1p_sd15_depth.pth", "control_v11p_sd15_lineart.pth"]}}
 
 
+JANUS_MODEL = "Janus-Pro-1B"
+JODI_CKPT = "Jodi.pth"
+DCAE_FILE = "dc-ae-f32c32-sana-1.0.safetensors"
+GEMMA_FILE = "gemma-2-2b-it.safetensors"
+JANUS_NOTE = (
+    "Janus: download deepseek-ai/Janus-Pro-1B (or -7B) and put the whole folder (weights, config.json, "
+    "tokenizer.json, preprocessor_config.json) in models/Janus-Pro, e.g. models/Janus-Pro/Janus-Pro-1B; then pick "
+    "it in Janus Loader. It runs in plain PyTorch (no 'janus' package needed), on CPU too."
+)
+
+
+def janus_caption_to_jodi(defs) -> tuple[Graph, dict]:
+    g = Graph(defs)
+    photo = g.add("LoadImage", (40, 120), size=(300, 330), title="photo", image="jodi_pexels-jplenio-1105378.jpg")
+    janus = g.add("JanusLoader", (40, 500), size=(320, 90), model_name=JANUS_MODEL, dtype="auto")
+    caption = g.add("JanusCaption", (400, 120), size=(320, 130), model=janus[0], image=photo[0],
+                    detail="for a Jodi prompt", max_new_tokens=256)
+    g.add("PreviewAny", (400, 290), size=(320, 200), title="caption", source=caption[0])
+    clip = g.add("CLIPLoader", (400, 530), size=(320, 110), clip_name=GEMMA_FILE, type="lumina2", device="default")
+    encode = g.add("JodiTextEncode", (760, 530), size=(320, 160), clip=clip[0], text=caption[0],
+                   complex_human_instruction=True)
+    model = g.add("JodiModelLoader", (40, 640), size=(320, 110), ckpt_name=JODI_CKPT, dtype="auto",
+                  attention="auto")
+    vae = g.add("JodiVAELoader", (40, 790), size=(320, 90), vae_name=DCAE_FILE, dtype="auto")
+    per = g.add("JodiPerception", (760, 120), size=(330, 360), model=model[0], vae=vae[0], image=photo[0],
+                lineart=True, edge=False, depth=True, normal=False, albedo=False, segmentation=False,
+                openpose=False, steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False,
+                mask_class="person")
+    gen = g.add("JodiControllableGeneration", (1130, 120), size=(340, 620), model=model[0], vae=vae[0],
+                depth=per[2], lineart=per[0], positive=encode[0], unconnected_labels="ignore", aspect=AUTO,
+                width=1024, height=1024, steps=20, cfg=4.5, seed=7, sampler="dpm++2m-flow", flow_shift=3.0,
+                batch_size=1, tiled_decode=False, mask_class="person")
+    g.add("SaveImage", (1510, 120), size=(360, 520), images=gen[0], filename_prefix="janus_caption_to_jodi/image")
+    g.add("SaveImage", (1510, 680), size=(250, 300), images=per[2], filename_prefix="janus_caption_to_jodi/depth")
+    g.add("SaveImage", (1780, 680), size=(250, 300), images=per[0], filename_prefix="janus_caption_to_jodi/lineart")
+    g.note((400, 720), "Photo -> Janus caption -> Jodi. Janus describes the photo ('for a Jodi prompt': one "
+                       "paragraph), Jodi Text Encode turns the caption into Jodi's prompt (the caption is linked "
+                       "into its text input), Jodi Perception reads the photo's depth and lineart, and Jodi "
+                       "Controllable Generation draws a new image from those maps and the caption. Change the seed "
+                       "for variations; edit the text in between with a String node if you like.\n\n"
+                       + JANUS_NOTE + "\n\nJodi needs the real model here (the built-in demo model takes no text): "
+                       "Jodi.pth in models/diffusion_models or models/jodi, dc-ae-f32c32-sana-1.0 in models/vae, "
+                       "and a single-file gemma-2-2b-it in models/text_encoders ('python -m jodi_core "
+                       "convert-gemma').", size=(680, 300))
+    saves = {name: f"janus_caption_to_jodi/{name}" for name in ("image", "depth", "lineart")}
+    return g, {"saves": saves, "size_hw": [768, 1152],
+               "inputs": {"jodi_pexels-jplenio-1105378.jpg": "jodi_test_images/pexels-jplenio-1105378.jpg"}}
+
+
+def janus_text_to_image(defs) -> tuple[Graph, dict]:
+    g = Graph(defs)
+    janus = g.add("JanusLoader", (40, 120), size=(320, 90), model_name=JANUS_MODEL, dtype="auto")
+    gen = g.add("JanusGenerate", (400, 120), size=(340, 330), model=janus[0],
+                prompt="A close-up portrait of a red fox in a snowy forest, soft morning light, film grain, best "
+                       "quality.", cfg=5.0, temperature=1.0, seed=42, batch_size=1)
+    g.add("SaveImage", (780, 120), size=(400, 440), images=gen[0], filename_prefix="janus_generate/image")
+    g.note((40, 260), "Janus text-to-image: Janus writes the picture as 576 image tokens with classifier-free "
+                      "guidance (cfg 5 as in the reference) and decodes them to 384x384. batch_size makes several "
+                      "images at once.\n\n" + JANUS_NOTE, size=(320, 300))
+    return g, {"saves": {"image": "janus_generate/image"},
+               "size_hw": "the Janus model's image size (384x384 for Janus and Janus-Pro)", "inputs": {}}
+
+
 WORKFLOWS = {
     "jodi_joint_generation": joint_generation,
     "jodi_controllable_generation": controllable_generation,
     "jodi_perception": perception,
     "jodi_controlnet_chain": controlnet_chain,
+    "janus_caption_to_jodi": janus_caption_to_jodi,
+    "janus_text_to_image": janus_text_to_image,
 }
+
+# Loader node -> (manifest model folder key, the input naming the model)
+MODEL_INPUTS = {
+    "JodiModelLoader": ("diffusion_models|jodi", "ckpt_name"),
+    "JodiVAELoader": ("vae", "vae_name"),
+    "CLIPLoader": ("text_encoders", "clip_name"),
+    "JanusLoader": ("Janus-Pro", "model_name"),
+}
+
+
+def named_models(graph: Graph) -> dict[str, list[str]]:
+    """Model files/folders the graph's Jodi, Janus and text-encoder loaders name, by model folder."""
+    models: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if node.type in MODEL_INPUTS:
+            folder, key = MODEL_INPUTS[node.type]
+            names = models.setdefault(folder, [])
+            if node.values[key] not in names:
+                names.append(node.values[key])
+    return models
 
 
 def main(argv=None) -> int:
@@ -335,7 +431,7 @@ def main(argv=None) -> int:
         graph, info = build(defs)
         (ns.out / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
         (ns.out / "api" / f"{name}.json").write_text(json.dumps(graph.api(), indent=1) + "\n")
-        models = {"diffusion_models|jodi": [DEMO], "vae": [DEMO], **info.pop("models", {})}
+        models = {**named_models(graph), **info.pop("models", {})}
         manifest[name] = {"ui": f"workflows/{name}.json", "api": f"workflows/api/{name}.json", "models": models,
                           "input_source_dir": "shared/data (the repository's test data)", **info}
     (ns.out / "api" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

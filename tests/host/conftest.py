@@ -8,7 +8,10 @@ holding tiny random-weight models in the official file formats:
   golden-fixture weights, or built with jodi_core's modules where the fixtures are absent);
 - ``vae/dcae-tiny.safetensors``: a tiny DC-AE (official mit-han-lab keys, same rule);
 - ``text_encoders/gemma-2-2b-it-tiny.safetensors``: a tiny Gemma-2 made by ``convert_gemma`` from a Hugging Face
-  folder (its captions are 48 wide, the tiny DiT's caption width).
+  folder (its captions are 48 wide, the tiny DiT's caption width);
+- ``Janus-Pro/janus-tiny``: a tiny random Janus folder with its tokenizer.json (tests/janus_tiny.py);
+- links under the names the shipped workflows give the real models (Jodi.pth, the DC-AE, gemma-2-2b-it,
+  Janus-Pro-1B) pointing at those tiny files, so every workflow runs as shipped.
 
 A test-only probe pack (tests/host/probe_pack) adds an output node that dumps tensors, and shrinks ComfyUI's fixed
 Gemma-2-2B config to the tiny one so the real CLIPLoader can load the tiny file.
@@ -45,6 +48,7 @@ class HostModels:
     jodi_file: str = "jodi-tiny.safetensors"
     jodi_pth_file: str = "jodi-tiny.pth"
     vae_file: str = "dcae-tiny.safetensors"
+    janus_dir: str = "janus-tiny"
 
 
 def _fixture_dir() -> Path:
@@ -91,8 +95,35 @@ def _build_tiny_jodi() -> tuple[dict, dict]:
             {k: v.contiguous() for k, v in vae.state_dict().items()})
 
 
+def _link_workflow_models(models: Path) -> None:
+    """Tiny stand-ins under the model names the shipped workflows use (workflows/api/manifest.json "models")."""
+    from jodi_core.nodekit import DEMO_MODEL_CHOICE
+
+    manifest = REPO_ROOT / "workflows" / "api" / "manifest.json"
+    entries = json.loads(manifest.read_text()).values() if manifest.is_file() else []
+    for entry in entries:
+        for folder, names in entry.get("models", {}).items():
+            for name in names:
+                if folder == "diffusion_models|jodi" and name != DEMO_MODEL_CHOICE:
+                    sub = "jodi" if name.endswith(".pth") else "diffusion_models"
+                    src = HostModels.jodi_pth_file if sub == "jodi" else HostModels.jodi_file
+                elif folder == "vae" and name != DEMO_MODEL_CHOICE:
+                    sub, src = "vae", HostModels.vae_file
+                elif folder == "text_encoders":
+                    sub, src = "text_encoders", HostModels.gemma_file
+                elif folder == "Janus-Pro":
+                    sub, src = "Janus-Pro", HostModels.janus_dir
+                else:  # the demo model is built in; SD 1.5 files come from the sd15_models fixture
+                    continue
+                link = models / sub / name
+                if not link.exists():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(models / sub / src)
+
+
 @pytest.fixture(scope="session")
 def host_models(tmp_path_factory) -> HostModels:
+    from janus_tiny import write_tiny_janus
     from jodi_core.gemma import convert_gemma
 
     root = tmp_path_factory.mktemp("host_models")
@@ -100,6 +131,8 @@ def host_models(tmp_path_factory) -> HostModels:
     _write_jodi_models(models)
     gemma_hf = write_tiny_gemma_folder(root / "hf" / "gemma-2-2b-it-tiny")
     convert_gemma(gemma_hf, models / "text_encoders" / HostModels.gemma_file)
+    write_tiny_janus(models / "Janus-Pro" / HostModels.janus_dir, layout="original", seed=0)
+    _link_workflow_models(models)
     return HostModels(root=models, gemma_hf=gemma_hf)
 
 
@@ -119,7 +152,7 @@ def comfy(comfy_dir, host_models, tmp_path_factory) -> ComfyServer:
     base = tmp_path_factory.mktemp("comfy_base")
     write_extra_model_paths(base / "extra_model_paths.yaml", host_models.root, {
         "diffusion_models": "diffusion_models", "jodi": "jodi", "vae": "vae", "text_encoders": "text_encoders",
-        "checkpoints": "checkpoints", "controlnet": "controlnet"})
+        "checkpoints": "checkpoints", "controlnet": "controlnet", "Janus-Pro": "Janus-Pro"})
     server = ComfyServer(
         comfy_dir=comfy_dir, base_dir=base, models_dir=host_models.root,
         extra_custom_nodes={"jodi_host_probe": HERE / "probe_pack"},

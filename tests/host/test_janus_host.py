@@ -1,0 +1,185 @@
+"""The Janus nodes in the real host (ComfyUI 0.3.75 server of conftest.py) with the tiny random Janus folder the
+fixture writes into models/Janus-Pro (weights, config.json, tokenizer.json built by tests/janus_tiny.py).
+
+Expected values come from the engine run here on the same folder (CPU, float32: what Janus Loader's 'auto' gives
+with --cpu), so the host path (folder listing, loader, ModelPatcher, IMAGE layout, list outputs) must reproduce
+them exactly. The shipped Janus workflows run as shipped, on the tiny stand-ins linked under their model names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .test_runtime_host import _collect
+from .test_workflows_host import REPO_ROOT, _manifest, _prepare, _saved_images, _strip_meta
+
+pytestmark = pytest.mark.host
+
+JANUS_WORKFLOWS = sorted(name for name in _manifest() if name.startswith("janus_"))
+
+
+@pytest.fixture(scope="module")
+def reference(host_models):
+    from jodi_core.janus import load_janus
+
+    return load_janus(host_models.root / "Janus-Pro" / host_models.janus_dir, dtype=torch.float32)
+
+
+def _loader(host_models) -> dict:
+    return {"class_type": "JanusLoader", "inputs": {"model_name": host_models.janus_dir, "dtype": "auto"}}
+
+
+def _empty_image(width: int, height: int, batch: int, color: int) -> dict:
+    return {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": batch,
+                                                   "color": color}}
+
+
+def _color_image(width: int, height: int, batch: int, color: int) -> torch.Tensor:
+    """What core EmptyImage makes: (B, 3, H, W) filled with the 0xRRGGBB colour."""
+    rgb = torch.tensor([(color >> 16) & 255, (color >> 8) & 255, color & 255], dtype=torch.float32) / 255
+    return rgb.reshape(1, 3, 1, 1).expand(batch, 3, height, width)
+
+
+def _ui_text(history: dict, node: str) -> list:
+    return history["outputs"][node]["text"]
+
+
+def test_janus_nodes_are_served(comfy, host_models):
+    info = comfy.object_info()
+    for node in ("JanusLoader", "JanusCaption", "JanusAsk", "JanusGenerate"):
+        assert info[node]["category"] == "Janus", node
+    names = info["JanusLoader"]["input"]["required"]["model_name"]
+    options = names[0] if isinstance(names[0], list) else names[1]["options"]
+    assert host_models.janus_dir in options and "Janus-Pro-1B" in options  # the real folder and the workflow link
+    assert info["JanusCaption"]["output_is_list"] == [True]
+    assert info["JanusCaption"]["output"] == ["STRING"]
+
+
+def test_caption_batch_returns_one_string_per_image(comfy, host_models, reference):
+    from jodi_core.janus import janus_understand
+
+    prompt = {
+        "1": _loader(host_models),
+        "2": _empty_image(24, 16, 2, 0x3366CC),
+        "3": {"class_type": "JanusCaption", "inputs": {"model": ["1", 0], "image": ["2", 0], "detail": "detailed",
+                                                       "max_new_tokens": 20}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+    }
+    history = comfy.run_prompt(prompt)
+    captions = _ui_text(history, "3")
+    assert isinstance(captions, list) and len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    question = "Describe this image in detail."
+    expected = janus_understand(reference, _color_image(24, 16, 2, 0x3366CC), question, max_new_tokens=20)
+    assert captions == [e.strip() for e in expected]
+    # Preview as Text received the STRING list item by item.
+    assert _ui_text(history, "4") == captions
+
+
+def test_ask_samples_with_the_seed(comfy, host_models, reference):
+    from jodi_core.janus import janus_understand
+
+    settings = {"images_together": False, "do_sample": True, "temperature": 1.3, "top_p": 0.9,
+                "max_new_tokens": 16, "repetition_penalty": 1.1, "seed": 77}
+    prompt = {
+        "1": _loader(host_models),
+        "2": {"class_type": "JanusAsk", "inputs": {"model": ["1", 0], "question": "How many people are there?",
+                                                   **settings}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    answers = _ui_text(comfy.run_prompt(prompt), "2")
+    expected = janus_understand(reference, None, "How many people are there?", do_sample=True, temperature=1.3,
+                                top_p=0.9, max_new_tokens=16, repetition_penalty=1.1, seed=77)
+    assert answers == [expected[0].strip()]
+
+
+def test_generate_images_and_progress(comfy, host_models, reference):
+    from jodi_core.janus import janus_generate
+
+    prompt = {
+        "1": _loader(host_models),
+        "2": {"class_type": "JanusGenerate", "inputs": {"model": ["1", 0], "prompt": "a red fox in the snow",
+                                                        "cfg": 4.0, "temperature": 1.0, "seed": 5,
+                                                        "batch_size": 3}},
+        "3": {"class_type": "JodiTestSaveTensors", "inputs": {"value": ["2", 0], "name": "janus_generate"}},
+    }
+    messages = asyncio.run(_collect(comfy, prompt))
+    assert any(m["type"] == "execution_success" for m in messages), [m["type"] for m in messages]
+    n = reference.config.gen_image_tokens
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "2"]
+    assert [p["value"] for p in progress][-n:] == list(range(1, n + 1)) and all(p["max"] == n for p in progress)
+    image = load_file(comfy.output_dir / "jodi_probe" / "janus_generate.safetensors")["value"]
+    size = reference.config.gen_image_size
+    assert image.shape == (3, size, size, 3)
+    expected = janus_generate(reference, "a red fox in the snow", cfg_weight=4.0, temperature=1.0, parallel_size=3,
+                              seed=5)
+    assert torch.equal(image, expected.permute(0, 2, 3, 1))
+
+
+def test_bad_inputs_are_reported_by_name(comfy, host_models):
+    status, body = comfy.queue_prompt({
+        "1": {"class_type": "JanusLoader", "inputs": {"model_name": "Janus-Pro-404", "dtype": "auto"}},
+        "2": {"class_type": "JanusGenerate", "inputs": {"model": ["1", 0], "prompt": "a cat", "cfg": 5.0,
+                                                        "temperature": 1.0, "seed": 0, "batch_size": 99}},
+        "3": {"class_type": "JodiTestSaveTensors", "inputs": {"value": ["2", 0], "name": "bad"}},
+    })
+    assert status == 400
+    text = json.dumps(body)
+    assert "model_name must be one of" in text and "batch_size must be between 1 and 16" in text
+
+
+@pytest.mark.parametrize("name", JANUS_WORKFLOWS)
+def test_shipped_janus_workflow(comfy, host_models, reference, probe_dir, name):
+    entry = _manifest()[name]
+    prompt = _prepare(comfy, host_models, name)
+    captions = [nid for nid, n in prompt.items() if n["class_type"] == "JanusCaption"]
+    encoders = [nid for nid, n in prompt.items() if n["class_type"] == "JodiTextEncode"]
+    for nid in encoders:  # also keep what the caption became
+        prompt[f"probe{nid}"] = {"class_type": "JodiTestSaveTensors",
+                                 "inputs": {"value": [nid, 0], "name": f"{name}_{nid}"}}
+    history = comfy.run_prompt(prompt, timeout=600)
+
+    saved = _saved_images(comfy, prompt, history)
+    assert set(saved) == set(entry["saves"].values())
+    for key, prefix in entry["saves"].items():
+        assert len(saved[prefix]) == 1, prefix
+        image = saved[prefix][0]
+        if isinstance(entry["size_hw"], list):
+            assert image.size == (entry["size_hw"][1], entry["size_hw"][0]), (prefix, image.size)
+        else:  # Janus's own size: the tiny model's
+            size = reference.config.gen_image_size
+            assert image.size == (size, size), (prefix, image.size)
+
+    for nid in captions:  # the caption is a string, and it is what Jodi Text Encode encoded
+        text = _ui_text(history, nid)
+        assert len(text) == 1 and isinstance(text[0], str) and "\n" not in text[0]
+        for enc in encoders:
+            clip = prompt[enc]["inputs"]["clip"]
+            check = {
+                "c": dict(prompt[clip[0]]),
+                "e": {"class_type": "JodiTextEncode", "inputs": {**prompt[enc]["inputs"], "clip": ["c", clip[1]],
+                                                                 "text": text[0]}},
+                "p": {"class_type": "JodiTestSaveTensors", "inputs": {"value": ["e", 0], "name": f"{name}_direct"}},
+            }
+            comfy.run_prompt(check)
+            linked = load_file(probe_dir / f"{name}_{enc}.safetensors")
+            direct = load_file(probe_dir / f"{name}_direct.safetensors")
+            assert torch.equal(linked["value.0.0"], direct["value.0.0"])
+
+
+def test_workflow_api_twins_match_ui_files():
+    """The UI file's caption -> text link is a widget input converted to a socket, as the front end saves it."""
+    from .ui_to_api import convert  # noqa: F401  (the full conversion runs in test_workflows_host)
+
+    for name in JANUS_WORKFLOWS:
+        entry = _manifest()[name]
+        ui = json.loads((REPO_ROOT / entry["ui"]).read_text())
+        api = _strip_meta(json.loads((REPO_ROOT / entry["api"]).read_text()))
+        for node in ui["nodes"]:
+            for inp in node.get("inputs", []):
+                if "widget" in inp:
+                    assert inp["link"] is not None and isinstance(api[str(node["id"])]["inputs"][inp["name"]], list)
