@@ -46,8 +46,8 @@ CAPTION_PRESETS: dict[str, tuple[str, bool]] = {
 }
 
 _DTYPE_TIP = (
-    "Weight and compute precision. auto: bf16 where the device supports it (Janus was trained in bf16), else fp32 "
-    "(CPU, --cpu). fp16 halves the memory on GPUs without bf16 but may overflow."
+    "Weight and compute precision. auto: bf16 where the GPU supports it (Janus was trained in bf16), fp16 on older "
+    "GPUs, fp32 on the CPU (--cpu). fp32 on a GPU needs 4 bytes per weight (about 8 GB for Janus-Pro-1B)."
 )
 _MODEL_TIP = "A Janus / Janus-Pro model from Janus Loader."
 
@@ -113,12 +113,16 @@ def _folder_fingerprint(name: str):
 
 
 def _auto_dtype(load_device) -> torch.dtype:
+    """bf16 (Janus's training precision) where ComfyUI would use it; fp16 on GPUs without bf16, where fp32 would
+    not fit a 7B model; fp32 on the CPU. ComfyUI's --force-fp32/--force-fp16 flags act through its checks."""
     import comfy.model_management as mm
 
-    should_bf16 = getattr(mm, "should_use_bf16", None)
-    if load_device.type != "cpu" and should_bf16 is not None and should_bf16(load_device):
-        return torch.bfloat16
-    # fp16 only when asked for: the LLM was trained in bf16 and its activations can exceed the fp16 range.
+    if load_device.type == "cpu":
+        return torch.float32
+    for dtype, check in ((torch.bfloat16, "should_use_bf16"), (torch.float16, "should_use_fp16")):
+        should = getattr(mm, check, None)
+        if should is not None and should(load_device):
+            return dtype
     return torch.float32
 
 
@@ -227,7 +231,7 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
 
     common.interrupt_check()
     rows = len(questions)
-    images_per_row = max(1 if im is None or im.dim() == 3 else im.shape[0] for im in images)
+    images_per_row = max(0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images)
     # Prompt (system text + 576 tokens per image) plus the answer, for the rows of one chunk.
     model = _ready(model_patcher, lambda m: _kv_cache_bytes(
         m, min(rows, UNDERSTAND_CHUNK), 128 + images_per_row * m.processor.num_image_tokens + max_new_tokens))
