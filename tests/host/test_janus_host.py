@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
@@ -78,6 +79,27 @@ def test_caption_batch_returns_one_string_per_image(comfy, host_models, referenc
     assert captions == [e.strip() for e in expected]
     # Preview as Text received the STRING list item by item.
     assert _ui_text(history, "4") == captions
+
+
+def test_model_is_freed_and_reloaded(comfy, host_models):
+    """'Free model and node cache' (POST /free) drops the Janus patcher; the next run loads it again."""
+    prompt = {
+        "1": _loader(host_models),
+        "2": _empty_image(16, 16, 1, 0xCC3333),
+        "3": {"class_type": "JanusCaption", "inputs": {"model": ["1", 0], "image": ["2", 0], "detail": "brief",
+                                                       "max_new_tokens": 8}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+    }
+    first = _ui_text(comfy.run_prompt(prompt), "3")
+    status, _ = comfy.request("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    # /free only sets flags; the prompt worker wakes and applies them at once, before taking the next prompt if
+    # that arrives later (there is no endpoint to wait on).
+    time.sleep(2.0)
+    second = comfy.run_prompt(prompt)
+    assert _ui_text(second, "3") == first
+    ran = [m for kind, m in second["status"]["messages"] if kind == "execution_cached"]
+    assert "1" not in (ran[0]["nodes"] if ran else []), "the loader should run again after /free"
 
 
 def test_ask_samples_with_the_seed(comfy, host_models, reference):
