@@ -10,7 +10,6 @@ is offloaded when ComfyUI needs the room and is dropped by 'Free model and node 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 

@@ -193,15 +193,19 @@ def test_shipped_janus_workflow(comfy, host_models, reference, probe_dir, name):
             assert torch.equal(linked["value.0.0"], direct["value.0.0"])
 
 
-def test_workflow_api_twins_match_ui_files():
-    """The UI file's caption -> text link is a widget input converted to a socket, as the front end saves it."""
-    from .ui_to_api import convert  # noqa: F401  (the full conversion runs in test_workflows_host)
-
-    for name in JANUS_WORKFLOWS:
-        entry = _manifest()[name]
-        ui = json.loads((REPO_ROOT / entry["ui"]).read_text())
-        api = _strip_meta(json.loads((REPO_ROOT / entry["api"]).read_text()))
-        for node in ui["nodes"]:
-            for inp in node.get("inputs", []):
-                if "widget" in inp:
-                    assert inp["link"] is not None and isinstance(api[str(node["id"])]["inputs"][inp["name"]], list)
+def test_caption_feeds_the_text_widget_as_a_socket():
+    """In the UI file Jodi Text Encode's text widget is a socket fed by Janus Caption, as the front end saves a
+    converted widget (its widgets_values slot kept); the API twin links it the same way."""
+    entry = _manifest()["janus_caption_to_jodi"]
+    ui = json.loads((REPO_ROOT / entry["ui"]).read_text())
+    api = _strip_meta(json.loads((REPO_ROOT / entry["api"]).read_text()))
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    encode = next(n for n in ui["nodes"] if n["type"] == "JodiTextEncode")
+    text = next(i for i in encode["inputs"] if i["name"] == "text")
+    assert text["widget"] == {"name": "text"} and text["type"] == "STRING"
+    source = links[text["link"]]
+    assert nodes[source[1]]["type"] == "JanusCaption" and source[3] == encode["id"]
+    assert source[4] == encode["inputs"].index(text)
+    assert len(encode["widgets_values"]) == 2  # text (kept) and complex_human_instruction
+    assert api[str(encode["id"])]["inputs"]["text"] == [str(source[1]), 0]
