@@ -6,10 +6,10 @@ from pathlib import Path
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loaders, roles, sampler, utility
+from . import annotate, loaders, roles, sampler, utility
 from .text_encode import JodiTextEncode
 
-NODE_MODULES = [loaders, roles, sampler, utility]
+NODE_MODULES = [loaders, roles, sampler, utility, annotate]
 if (Path(__file__).parent / "janus.py").is_file():  # the Janus nodes arrive in a later piece
     from . import janus
 

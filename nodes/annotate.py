@@ -1,0 +1,108 @@
+"""Jodi Annotate Folder: label a folder of images into a Joint-1.6M layout dataset (glue over jodi_core.annotate)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from ..jodi_core import nodekit
+from ..jodi_core.domains import LABEL_NAMES, get_domain
+from . import common
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+
+
+def _folder(path: str, what: str, base_getter: str) -> Path:
+    """Absolute paths as given; relative ones inside ComfyUI's input/output directory."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what} must be a folder path, got {path!r}.")
+    p = Path(os.path.expanduser(path.strip()))
+    if not p.is_absolute():
+        import folder_paths
+
+        getter = getattr(folder_paths, base_getter, None)
+        p = Path(getter() if getter else os.getcwd()) / p
+    return p
+
+
+def parse_domains(text: str) -> list[str]:
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names or [n.lower() for n in names] == ["all"]:
+        return list(LABEL_NAMES)
+    return [get_domain(n).name for n in names]  # a clear ValueError for unknown names
+
+
+class JodiAnnotateFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JodiAnnotateFolder",
+            display_name="Jodi Annotate Folder",
+            category="Jodi/dataset",
+            description=(
+                "Labels every image in a folder (jpg, png, webp, recursively) with Jodi perception and writes a "
+                "dataset in the Joint-1.6M layout: image/, annotation_<domain>/ and metadata.jsonl, ready for "
+                "training. Unreadable images are listed in errors.jsonl. Interrupting keeps what is done; running "
+                "again resumes and skips finished images."
+            ),
+            inputs=[
+                common.JodiModel.Input("model", tooltip="Jodi model from Load Jodi Model."),
+                common.JodiVAE.Input("vae", tooltip="DC-AE from Load Jodi DC-AE."),
+                io.String.Input("input_folder", default="jodi_images",
+                                tooltip="Folder of images; a relative path is inside ComfyUI's input directory."),
+                io.String.Input("output_folder", default="jodi_dataset",
+                                tooltip="Dataset folder to write; a relative path is inside ComfyUI's output "
+                                        "directory. An existing one is resumed."),
+                io.String.Input("domains", default="all",
+                                tooltip=f"Comma-separated labels to produce, or 'all' ({', '.join(LABEL_NAMES)})."),
+                io.Int.Input("steps", default=20, min=1, max=MAX_STEPS, tooltip="Sampling steps per image."),
+                io.Int.Input("batch_size", default=4, min=1, max=MAX_BATCH,
+                             tooltip="Images per batch (images are batched by aspect bucket)."),
+                io.Int.Input("seed", default=0, min=0, max=2**62,
+                             tooltip="Mixed into each image's seed, which is derived from its path."),
+            ],
+            outputs=[io.String.Output(display_name="summary",
+                                      tooltip="Done, skipped and failed counts and the output folder.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,
+                seed=0) -> io.NodeOutput:
+        import comfy.utils
+
+        from ..jodi_core.annotate import AnnotateConfig, annotate
+
+        common.check_patcher(model, "model", "Load Jodi Model")
+        common.check_patcher(vae, "vae", "Load Jodi DC-AE")
+        src = _folder(input_folder, "input_folder", "get_input_directory")
+        if not src.is_dir():
+            raise FileNotFoundError(f"input_folder {src} is not a folder.")
+        out = _folder(output_folder, "output_folder", "get_output_directory")
+        cfg = AnnotateConfig(
+            input=str(src), output=str(out), domains=parse_domains(domains),
+            steps=nodekit.check_number("steps", steps, 1, MAX_STEPS, integer=True),
+            batch_size=nodekit.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
+            seed=nodekit.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
+        )
+        common.load_for_run(model, vae)
+        bar = {}
+
+        def on_progress(finished: int, total: int) -> None:
+            if "pbar" not in bar:
+                bar["pbar"] = comfy.utils.ProgressBar(total)
+            bar["pbar"].update_absolute(finished, total)
+
+        def should_stop() -> bool:
+            common.interrupt_check()  # raises ComfyUI's interrupt; finished images stay recorded
+            return False
+
+        summary = annotate(cfg, models=(common.unwrap(model), common.unwrap(vae)), should_stop=should_stop,
+                           on_progress=on_progress)
+        return io.NodeOutput(f"{summary} -> {out}")
+
+
+NODES = [JodiAnnotateFolder]
