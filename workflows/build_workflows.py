@@ -345,7 +345,7 @@ def janus_caption_to_jodi(defs) -> tuple[Graph, dict]:
                     detail="for a Jodi prompt", max_new_tokens=256)
     g.add("PreviewAny", (400, 290), size=(320, 200), title="caption", source=caption[0])
     clip = g.add("CLIPLoader", (400, 530), size=(320, 110), clip_name=GEMMA_FILE, type="lumina2", device="default")
-    encode = g.add("JodiTextEncode", (760, 530), size=(320, 160), clip=clip[0], text=caption[0],
+    encode = g.add("JodiTextEncode", (760, 720), size=(320, 160), clip=clip[0], text=caption[0],
                    complex_human_instruction=True)
     model = g.add("JodiModelLoader", (40, 640), size=(320, 110), ckpt_name=JODI_CKPT, dtype="auto",
                   attention="auto")
@@ -361,7 +361,7 @@ def janus_caption_to_jodi(defs) -> tuple[Graph, dict]:
     g.add("SaveImage", (1510, 120), size=(360, 520), images=gen[0], filename_prefix="janus_caption_to_jodi/image")
     g.add("SaveImage", (1510, 680), size=(250, 300), images=per[2], filename_prefix="janus_caption_to_jodi/depth")
     g.add("SaveImage", (1780, 680), size=(250, 300), images=per[0], filename_prefix="janus_caption_to_jodi/lineart")
-    g.note((400, 720), "Photo -> Janus caption -> Jodi. Janus describes the photo ('for a Jodi prompt': one "
+    g.note((1130, 780), "Photo -> Janus caption -> Jodi. Janus describes the photo ('for a Jodi prompt': one "
                        "paragraph), Jodi Text Encode turns the caption into Jodi's prompt (the caption is linked "
                        "into its text input), Jodi Perception reads the photo's depth and lineart, and Jodi "
                        "Controllable Generation draws a new image from those maps and the caption. Change the seed "
