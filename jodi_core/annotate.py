@@ -18,11 +18,15 @@ Nothing is lost or written twice: each file is written to a temporary name and r
 its record is appended to the writer's part file (``.annotate/part-*.jsonl``), after all of its files exist. A run
 started again reads the records already there, skips what is complete and redoes the rest. The part files are merged
 into ``metadata.jsonl`` at the end (idempotently: records are keyed by image path).
+
+With several workers (torchrun ranks on several nodes, Ray workers on a cluster) OUTPUT must be one shared folder:
+every worker writes its own files and part file there.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import io
@@ -205,8 +209,10 @@ def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
     return sorted(found)
 
 
-def plan_work(cfg: AnnotateConfig) -> tuple[list[WorkItem], int]:
-    """The images that still need labels, sorted by key, and how many are already complete."""
+def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[WorkItem], int]:
+    """The images of shard ``rank`` of ``world`` that still need labels, sorted by key, and how many of the shard's
+    images are complete. The shard is cut from the full sorted list *before* completed images are left out, so ranks
+    that start at different times (and see different progress) still agree on who owns what."""
     src, out = Path(cfg.input), Path(cfg.output)
     known = known_records(out)
     items, complete = [], 0
@@ -225,11 +231,12 @@ def plan_work(cfg: AnnotateConfig) -> tuple[list[WorkItem], int]:
     else:
         raise FileNotFoundError(f"Input not found: {src} (a folder of images or a metadata.jsonl).")
     in_place_root = out.resolve()
-    seen = set()
+    counts = collections.Counter(e[0] for e in entries)
+    if counts and max(counts.values()) > 1:
+        dup = next(k for k, n in counts.items() if n > 1)
+        raise ValueError(f"{src}: the image {dup!r} is listed twice.")
+    entries = shard(sorted(entries, key=lambda e: e[0]), rank, world)
     for key, path, base, base_root in entries:
-        if key in seen:
-            raise ValueError(f"{src}: the image {key!r} is listed twice.")
-        seen.add(key)
         record = known.get(key)
         record_root = out
         if record is None:
@@ -579,8 +586,7 @@ def annotate(
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    items, complete = plan_work(cfg)
-    mine = shard(items, rank, world)
+    mine, complete = plan_work(cfg, rank, world)
     summary = AnnotateSummary(skipped=complete)
     if mine:
         annotator = Annotator(cfg, f"rank{rank}-{uuid.uuid4().hex[:6]}", models=models, device=device,
@@ -622,9 +628,10 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
     tdist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
     try:
         summary = annotate(cfg, rank=rank, world=world, device=device, barrier=tdist.barrier)
-        totals = torch.tensor([summary.done, summary.failed, int(summary.stopped)], dtype=torch.long)
+        totals = torch.tensor([summary.done, summary.failed, summary.skipped, int(summary.stopped)])
         tdist.all_reduce(totals)
-        summary.done, summary.failed, summary.stopped = int(totals[0]), int(totals[1]), bool(totals[2])
+        summary.done, summary.failed, summary.skipped = int(totals[0]), int(totals[1]), int(totals[2])
+        summary.stopped = bool(totals[3])
         if summary.stopped and rank == 0:
             log.info("annotate: a rank stopped early; metadata.jsonl is merged by the next complete run")
         return summary

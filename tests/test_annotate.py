@@ -120,6 +120,17 @@ def test_names_and_seeds():
     assert ann.shard(list(range(7)), 0, 2) + ann.shard(list(range(7)), 1, 2) == [0, 2, 4, 6, 1, 3, 5]
 
 
+def test_shards_do_not_depend_on_progress(inputs, tmp_path):
+    """A rank that plans late (after another rank finished images) still owns exactly its own shard."""
+    cfg = ann.AnnotateConfig(input=str(inputs), output=str(tmp_path), **FAST)
+    before = [[it.key for it in ann.plan_work(cfg, r, 2)[0]] for r in (0, 1)]
+    assert not set(before[0]) & set(before[1])
+    assert sorted(before[0] + before[1]) == sorted(it.key for it in ann.plan_work(cfg)[0])
+    ann.annotate(cfg, rank=0, world=2)  # rank 0 finishes its shard (and merges nothing of rank 1)
+    assert [it.key for it in ann.plan_work(cfg, 1, 2)[0]] == before[1]
+    assert ann.plan_work(cfg, 0, 2) == ([], len(before[0]))
+
+
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="Unknown domain"):
         ann.AnnotateConfig("a", "b", domains=["height"]).validate()

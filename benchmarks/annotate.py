@@ -1,0 +1,165 @@
+"""Throughput of ``python -m jodi_core annotate`` (images/s). Not a test: ratios between engines, not pass/fail.
+
+CPU (default): the embedded demo model on synthetic scenes (64 px buckets), as one process, as 2 torchrun ranks
+(gloo, one thread each) and as Ray Data with 2 local workers. Each engine runs as its own command on a fresh output
+folder; reported are the wall time of the whole command (start-up, model load, Ray start included) and the rate in
+the run's own summary line, with ratios to the single process.
+
+GPU (``--gpu``): the real 1.6B Jodi config (random bf16 weights) with the DC-AE f32c32, 512 px images, batch 8,
+all 7 labels, in-process on one device after a warm-up batch. Target on one H100: >= 4.5 images/s (the analytic
+floor, DiT steps plus decodes at the card's bf16 rate, is 6.1 images/s).
+
+    python benchmarks/annotate.py [--images 24] [--steps 4]
+    python benchmarks/annotate.py --gpu [--images 64] [--steps 20] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_RATE = re.compile(r"(\d+) done, (\d+) skipped, (\d+) failed in ([\d.]+) s \(([\d.]+) images/s\)")
+
+
+def make_scenes(folder: Path, n: int, size: int = 64) -> None:
+    """``n`` synthetic scenes, every third one wide or tall so that several aspect buckets occur."""
+    import torch
+    from PIL import Image
+
+    from jodi_core.demo import demo_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = [(size, size), (size * 3 // 4, size * 4 // 3), (size * 4 // 3, size * 3 // 4)]
+    for i in range(n):
+        h, w = shapes[i % 3]
+        x = torch.nn.functional.interpolate(demo_scene(1000 + i, size)["image"], (h, w), mode="bilinear")[0]
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"s{i:04d}.png")
+
+
+def _timed(cmd: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    m = _RATE.findall(proc.stdout + proc.stderr)
+    done, _, failed, seconds, rate = m[-1]
+    return {"wall_s": wall, "done": int(done), "run_s": float(seconds), "run_images_per_s": float(rate),
+            "wall_images_per_s": int(done) / wall}
+
+
+def bench_cpu(args) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        make_scenes(src, args.images)
+        common = ["annotate", str(src), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                  "--threads", "1", "--no-progress", "--device", "cpu"]
+        engines = {
+            "1 process": [sys.executable, "-m", "jodi_core"],
+            "torchrun x2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "jodi_core"],
+            "ray x2": [sys.executable, "-m", "jodi_core"],
+        }
+        for name, head in engines.items():
+            out = Path(tmp) / name.replace(" ", "_")
+            cmd = head + common[:2] + [str(out)] + common[2:]
+            if name.startswith("ray"):
+                cmd += ["--engine", "ray", "--ray-workers", "2"]
+            results[name] = _timed(cmd)
+    base = results["1 process"]
+    print(f"CPU, demo model, {args.images} images, {args.steps} steps, batch {args.batch_size}, 1 thread/process")
+    print(f"{'engine':<14}{'wall s':>9}{'img/s (wall)':>14}{'img/s (run)':>13}{'ratio (wall)':>14}{'ratio (run)':>13}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['wall_s']:9.1f}{r['wall_images_per_s']:14.2f}{r['run_images_per_s']:13.2f}"
+              f"{r['wall_images_per_s'] / base['wall_images_per_s']:14.2f}"
+              f"{r['run_images_per_s'] / base['run_images_per_s']:13.2f}")
+    return results
+
+
+def bench_gpu(args) -> dict:
+    import torch
+    from PIL import Image
+
+    from jodi_core.annotate import AnnotateConfig, annotate
+    from jodi_core.dcae import DC_AE_F32C32_SANA_1_0, DCAE
+    from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device.")
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    dit = JodiTransformer(JODI_1600M_P1_D20, dtype=dtype, device=device).eval()
+    vae = DCAE(DC_AE_F32C32_SANA_1_0, dtype=dtype, device=device).eval()
+    with torch.no_grad():  # fan-in scaled random weights keep activations finite through 20 blocks
+        for module in (dit, vae):
+            for p in module.parameters():
+                fan_in = max(1, p[0].numel()) if p.dim() > 1 else p.numel()
+                p.normal_(0, fan_in**-0.5)
+    size = args.size
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.images + args.batch_size):  # smooth random images (cheap to make, realistic JPEGs)
+            low = rng.random((size // 32, size // 32, 3)) * 255
+            im = Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.BICUBIC)
+            sub = "warm" if i < args.batch_size else "run"
+            (src / sub).mkdir(exist_ok=True)
+            im.save(src / sub / f"{i:05d}.jpg", quality=90)
+
+        def run(folder: str) -> float:
+            cfg = AnnotateConfig(input=str(src / folder), output=str(Path(tmp) / f"out_{folder}"),
+                                 steps=args.steps, batch_size=args.batch_size, resolution=size, device=str(device),
+                                 dtype="bf16", progress=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            summary = annotate(cfg, models=(dit, vae), device=device)
+            torch.cuda.synchronize()
+            assert summary.done == len(list((src / folder).glob("*.jpg"))), summary
+            return time.perf_counter() - t0
+
+        run("warm")
+        seconds = run("run")
+        rate = args.images / seconds
+        results = {"images": args.images, "seconds": seconds, "images_per_s": rate, "size": size,
+                   "batch_size": args.batch_size, "steps": args.steps, "device": torch.cuda.get_device_name()}
+    print(f"GPU {results['device']}: 1.6B Jodi (random bf16), {size} px, batch {args.batch_size}, {args.steps} steps, "
+          f"7 labels: {rate:.2f} images/s (target >= 4.5, analytic floor 6.1)")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="the real config on CUDA (see the module docstring)")
+    p.add_argument("--images", type=int, help="images to label (default 24 on CPU, 64 on GPU)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 4 on CPU, 20 on GPU)")
+    p.add_argument("--batch-size", type=int, help="default 2 on CPU, 8 on GPU")
+    p.add_argument("--size", type=int, default=512, help="GPU image size and bucket resolution")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    args.images = args.images or (64 if args.gpu else 24)
+    args.steps = args.steps or (20 if args.gpu else 4)
+    args.batch_size = args.batch_size or (8 if args.gpu else 2)
+    results = bench_gpu(args) if args.gpu else bench_cpu(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
