@@ -37,6 +37,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -424,8 +425,12 @@ class Annotator:
     """Holds the pipeline once and labels lists of :class:`WorkItem`, writing their files and records.
 
     Used as is by the single-process and torchrun engines, and wrapped by the Ray engine's per-worker class.
-    ``on_image(n)`` is called after each batch with the number of images finished (done or failed).
+    ``on_progress(n)`` is called after each batch with the number of images finished (done or failed). Encoding and
+    writing the maps runs on one background thread (in order), overlapping the next batch's sampling; :meth:`run`
+    returns only once every record is written.
     """
+
+    MAX_PENDING_BATCHES = 2  # bounds the maps held in memory while the writer catches up
 
     def __init__(self, cfg: AnnotateConfig, writer_name: str, *, models=None, device: Optional[torch.device] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
@@ -440,6 +445,8 @@ class Annotator:
         self.writer = PartWriter(self.out, writer_name)
         self.should_stop = should_stop
         self.done = self.failed = 0
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: collections.deque = collections.deque()
 
     def _fail(self, item: WorkItem, reason: str) -> None:
         log.warning("annotate: %s failed: %s", item.source, reason)
@@ -454,6 +461,29 @@ class Annotator:
 
     def run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> None:
         """Label ``items``: read each, group by (bucket, maps to make), batch, sample, write."""
+        try:
+            self._run(items, on_progress)
+        finally:
+            try:
+                self.flush()
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
+
+    def flush(self) -> None:
+        """Wait for the background writes; re-raise the first that failed."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _submit_write(self, item: WorkItem, size: tuple[int, int], maps: dict[str, torch.Tensor]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jodi-annotate-write")
+        self._pending.append(self._pool.submit(self._write, item, size, maps))
+        while len(self._pending) > self.MAX_PENDING_BATCHES * self.cfg.batch_size:
+            self._pending.popleft().result()
+
+    def _run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]]) -> None:
         groups: dict[tuple, list] = {}
         for item in items:
             self._check_stop()
@@ -465,7 +495,7 @@ class Annotator:
                     on_progress(1)
                 continue
             if not item.domains:  # every map exists already; only the files still need copying into the output
-                self._write(item, image, {})
+                self._write(item, tuple(image.shape[-2:]), {})
                 self.done += 1
                 if on_progress:
                     on_progress(1)
@@ -498,7 +528,7 @@ class Annotator:
         )
         maps = self._decode(result.latents, domains, [tuple(img.shape[-2:]) for _, img in group])
         for i, (item, image) in enumerate(group):
-            self._write(item, image, {name: m[i] for name, m in maps.items()})
+            self._submit_write(item, tuple(image.shape[-2:]), {name: m[i] for name, m in maps.items()})
             self.done += 1
         if on_progress:
             on_progress(len(group))
@@ -511,12 +541,13 @@ class Annotator:
         for name in domains:
             d = get_domain(name)
             z = latents[:, d.index].to(device=p.device, dtype=p.dtype) / pipe.scaling_factor
-            x = vae.decode(z).float().cpu()  # (B, 3, h*f, w*f) in about [-1, 1]
-            out[name] = [d.postprocess(imaging.resize(x[i : i + 1], h, w).clamp(-1, 1))[0]
+            x = vae.decode(z).float()  # (B, 3, h*f, w*f) in about [-1, 1]
+            # resize and post-process on the VAE's device; only the finished maps travel to the CPU
+            out[name] = [d.postprocess(imaging.resize(x[i : i + 1], h, w).clamp(-1, 1))[0].cpu()
                          for i, (h, w) in enumerate(sizes)]
         return out
 
-    def _write(self, item: WorkItem, image: torch.Tensor, maps: dict[str, torch.Tensor]) -> None:
+    def _write(self, item: WorkItem, size: tuple[int, int], maps: dict[str, torch.Tensor]) -> None:
         # image and info first, as in Joint-1.6M; the input's other fields (captions, ...) are kept
         record = {"image": item.key, "info": dict(item.record.get("info") or {}), **item.record}
         record["image"] = item.key
@@ -528,7 +559,7 @@ class Annotator:
             data = _encode_image(x, "PNG" if seg else "JPEG", name in GRAY_FILE_DOMAINS, self.cfg.jpeg_quality)
             write_atomic(self.out / rel, data)
             record[get_domain(name).metadata_key] = rel
-        record["info"] = {**dict(record.get("info") or {}), "height": int(image.shape[-2]), "width": int(image.shape[-1])}
+        record["info"] = {**dict(record.get("info") or {}), "height": int(size[0]), "width": int(size[1])}
         self.writer.done(record)  # last: the image counts as done only once every file exists
 
 

@@ -273,6 +273,30 @@ def test_bad_images_go_to_errors_and_the_rest_is_done(tmp_path):
     assert errors == ["image/empty.jpg"]
 
 
+def test_a_failed_write_stops_the_run_and_records_nothing_for_that_image(inputs, reference, tmp_path, monkeypatch):
+    real = ann._encode_image
+    calls = []
+
+    def failing(x, fmt, gray, quality):
+        calls.append(fmt)
+        if fmt == "PNG" and calls.count("PNG") == 3:  # the third image's segmentation
+            raise OSError("No space left on device")
+        return real(x, fmt, gray, quality)
+
+    monkeypatch.setattr(ann, "_encode_image", failing)
+    with pytest.raises(OSError, match="No space left"):
+        run(inputs, tmp_path)  # written on the background thread, raised in the caller
+    # Writes already queued behind the failed one may finish (each is complete on its own); the failed image has
+    # no record, so the next run redoes it.
+    recorded = {json.loads(x)["image"] for p in (tmp_path / ann.STATE_DIR).glob("part-*.jsonl")
+                for x in p.read_text().splitlines()}
+    third = sorted(json.loads(x)["image"] for x in (reference / "metadata.jsonl").read_text().splitlines())[2]
+    assert 2 <= len(recorded) and third not in recorded
+    monkeypatch.setattr(ann, "_encode_image", real)
+    assert run(inputs, tmp_path).skipped == len(recorded)
+    assert tree(tmp_path) == tree(reference)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # metadata.jsonl input: fill in missing maps
 # ---------------------------------------------------------------------------------------------------------------------
