@@ -11,6 +11,7 @@ floor, DiT steps plus decodes at the card's bf16 rate, is 6.1 images/s).
 
     python benchmarks/annotate.py [--images 24] [--steps 4]
     python benchmarks/annotate.py --gpu [--images 64] [--steps 20] [--batch-size 8]
+    python benchmarks/annotate.py --gpu --tiny --size 64 --images 8 --steps 2     (CPU smoke run of the GPU path)
 """
 
 from __future__ import annotations
@@ -99,18 +100,29 @@ def bench_gpu(args) -> dict:
     from jodi_core.dcae import DC_AE_F32C32_SANA_1_0, DCAE
     from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device.")
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
-    dit = JodiTransformer(JODI_1600M_P1_D20, dtype=dtype, device=device).eval()
-    vae = DCAE(DC_AE_F32C32_SANA_1_0, dtype=dtype, device=device).eval()
+    if args.tiny:  # exercises this code path anywhere: tiny random models, fp32, on the CPU
+        from jodi_core.demo import tiny_random_models
+
+        device, dtype = torch.device("cpu"), torch.float32
+        dit, vae = tiny_random_models()
+    elif not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device (or add --tiny for a CPU smoke run).")
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        torch.manual_seed(0)
+        dit = JodiTransformer(JODI_1600M_P1_D20, dtype=dtype, device=device).eval()
+        vae = DCAE(DC_AE_F32C32_SANA_1_0, dtype=dtype, device=device).eval()
     with torch.no_grad():  # fan-in scaled random weights keep activations finite through 20 blocks
         for module in (dit, vae):
             for p in module.parameters():
                 fan_in = max(1, p[0].numel()) if p.dim() > 1 else p.numel()
                 p.normal_(0, fan_in**-0.5)
     size = args.size
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
@@ -126,11 +138,11 @@ def bench_gpu(args) -> dict:
         def run(folder: str) -> float:
             cfg = AnnotateConfig(input=str(src / folder), output=str(Path(tmp) / f"out_{folder}"),
                                  steps=args.steps, batch_size=args.batch_size, resolution=size, device=str(device),
-                                 dtype="bf16", progress=False)
-            torch.cuda.synchronize()
+                                 progress=False)
+            sync()
             t0 = time.perf_counter()
             summary = annotate(cfg, models=(dit, vae), device=device)
-            torch.cuda.synchronize()
+            sync()
             assert summary.done == len(list((src / folder).glob("*.jpg"))), summary
             return time.perf_counter() - t0
 
@@ -138,8 +150,10 @@ def bench_gpu(args) -> dict:
         seconds = run("run")
         rate = args.images / seconds
         results = {"images": args.images, "seconds": seconds, "images_per_s": rate, "size": size,
-                   "batch_size": args.batch_size, "steps": args.steps, "device": torch.cuda.get_device_name()}
-    print(f"GPU {results['device']}: 1.6B Jodi (random bf16), {size} px, batch {args.batch_size}, {args.steps} steps, "
+                   "batch_size": args.batch_size, "steps": args.steps,
+                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny smoke run)"}
+    model = "tiny random Jodi (fp32)" if args.tiny else "1.6B Jodi (random bf16)"
+    print(f"{results['device']}: {model}, {size} px, batch {args.batch_size}, {args.steps} steps, "
           f"7 labels: {rate:.2f} images/s (target >= 4.5, analytic floor 6.1)")
     return results
 
@@ -151,6 +165,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default 4 on CPU, 20 on GPU)")
     p.add_argument("--batch-size", type=int, help="default 2 on CPU, 8 on GPU")
     p.add_argument("--size", type=int, default=512, help="GPU image size and bucket resolution")
+    p.add_argument("--tiny", action="store_true", help="with --gpu: tiny random models on the CPU (smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.images = args.images or (64 if args.gpu else 24)

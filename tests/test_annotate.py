@@ -1,4 +1,4 @@
-"""``python -m jodi_core annotate``: Joint-1.6M layout, per-path seeds, batching, resume, errors, training on the output.
+"""``python -m jodi_core annotate``: Joint-1.6M layout, per-path seeds, batching, resume, errors, training on it.
 
 The demo model on CPU at its 64 px buckets with 2 sampling steps; inputs are the shared example images (shrunk to
 128 px so that writing maps at each image's own size stays cheap) and a few synthetic scenes of other aspect ratios.
