@@ -205,7 +205,9 @@ def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
             dirnames[:] = []
             continue
         top = here == folder
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d.startswith("annotation_")))
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (top and d.startswith("annotation_"))
+        )
         found += [here / f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
     return sorted(found)
 

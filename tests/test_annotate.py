@@ -372,7 +372,8 @@ def test_training_loop_trains_on_the_output(reference, tmp_path):
                       decoder_block_types=["ResBlock"] * 3)
     micro_dit = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=16, model_max_length=4, base_size=8)
     cfg = TrainConfig(
-        output_dir=str(tmp_path / "run"), data=DataConfig(kind="joint", root=str(reference), size=32, fixed_batch=True),
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(kind="joint", root=str(reference), size=32, fixed_batch=True),
         batch_size=3, dcae=micro_dcae, transformer=micro_dit, dcae_images_per_step=8, dcae_lr=2e-3, dit_lr=1e-3,
         progress=False, device="cpu", fixed_noise=True, dcae_steps=8, dit_steps=8,
     )
