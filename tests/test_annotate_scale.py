@@ -83,6 +83,33 @@ def test_torchrun_batched_kill_and_resume(inputs, reference, tmp_path):
             assert a[name] == b[name], name
 
 
+def test_sigkill_mid_run_then_resume(inputs, reference, tmp_path):
+    """A real kill (SIGKILL, no clean-up code runs) after 2 images; the next run finishes with the reference maps."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "jodi_core"] + _cli(inputs, tmp_path, 1), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list((tmp_path / ann.STATE_DIR).glob("part-*.jsonl"))
+            if parts and len(parts[0].read_bytes().splitlines()) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "metadata.jsonl").exists()
+    summary = ann.annotate(ann.AnnotateConfig(input=str(inputs), output=str(tmp_path), **FAST))
+    n_images = len([p for p in inputs.rglob("*") if p.suffix in (".jpg", ".png")])
+    assert summary.skipped >= 2 and summary.done + summary.skipped + summary.failed == n_images
+    _assert_same(reference, tmp_path)
+
+
 def test_ray_local_gives_the_in_process_maps(inputs, reference, tmp_path):
     pytest.importorskip("ray")
     _run([sys.executable, "-m", "jodi_core"] + _cli(inputs, tmp_path, 1) + ["--engine", "ray", "--ray-workers", "2"],
