@@ -692,7 +692,9 @@ class RayAnnotator:
         return {"done": np.array([self.annotator.done - done0]), "failed": np.array([self.annotator.failed - failed0])}
 
 
-def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: int) -> AnnotateSummary:
+def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional[int]) -> AnnotateSummary:
+    """Ray Data: a dataset of work rows, ``map_batches`` over :class:`RayAnnotator` actors (one model each);
+    ``workers`` actors (default: one per GPU of the cluster, or 1 on CPU). The driver merges at the end."""
     try:
         import ray
     except ImportError:
@@ -708,7 +710,7 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: int) -> 
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(workers, 1), object_store_memory=256 * 2**20, include_dashboard=False,
+                ray.init(num_cpus=max(workers or 1, 1), object_store_memory=256 * 2**20, include_dashboard=False,
                          log_to_driver=False)
         try:
             if cfg.device == "auto":
@@ -717,6 +719,8 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: int) -> 
                 gpu = torch.device(cfg.device).type == "cuda"
             # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "cuda" is that worker's GPU.
             cfg = dataclasses.replace(cfg, device="cuda" if gpu else "cpu")
+            if workers is None:
+                workers = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
             cfg_dict = dataclasses.asdict(cfg)
             cfg_dict["domains"] = list(cfg.domains)
             ds = ray.data.from_items([it.to_row() for it in items])
@@ -771,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "local", "ray"],
                    help="auto: torchrun ranks when launched by torchrun, else one process; ray: Ray Data")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray started in-process)")
-    p.add_argument("--ray-workers", type=int, default=1, help="model replicas (one GPU each on GPU clusters)")
+    p.add_argument("--ray-workers", type=int,
+                   help="model replicas, one GPU each on GPU clusters (default: every GPU of the cluster; 1 on CPU)")
     p.add_argument("--merge-only", action="store_true", help="only merge the part files into metadata.jsonl")
     return p
 
