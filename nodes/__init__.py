@@ -1,19 +1,18 @@
-"""The ComfyUI nodes of ComfyUI-Jodi (V3 schema API). Imported only inside ComfyUI (see the pack's __init__.py)."""
+"""The ComfyUI nodes of ComfyUI-Jodi (V3 schema API). Imported only inside ComfyUI (see the pack's __init__.py).
+
+The API version is pinned to ``comfy_api.v0_0_2``, which ComfyUI 0.3.64 and 0.3.75 both ship with the same ``io``,
+``ui`` and ``ComfyExtension`` (``comfy_api.latest`` is a moving target).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import annotate, loaders, roles, sampler, utility
+from . import annotate, janus, loaders, roles, sampler, utility
 from .text_encode import JodiTextEncode
 
-NODE_MODULES = [loaders, roles, sampler, utility, annotate]
-if (Path(__file__).parent / "janus.py").is_file():  # the Janus nodes arrive in a later piece
-    from . import janus
-
-    NODE_MODULES.append(janus)
+NODE_MODULES = [loaders, roles, sampler, utility, annotate, janus]
 
 
 def node_list() -> list[type[io.ComfyNode]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from ..jodi_core.domains import LABEL_NAMES, get_domain

@@ -12,7 +12,7 @@ import time
 from typing import Optional
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, DOMAINS

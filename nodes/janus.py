@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from . import common

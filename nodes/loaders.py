@@ -3,7 +3,7 @@ ComfyUI needs the room, unloaded by 'Free model and node cache')."""
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from . import common

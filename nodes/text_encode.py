@@ -22,7 +22,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core.text import (
     CHI_PROMPT, MODEL_MAX_LENGTH, PAD_ID, caption_length, caption_text, layout_tokens, select_caption,

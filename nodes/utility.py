@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES

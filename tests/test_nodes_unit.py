@@ -260,7 +260,7 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
     comfy = module("comfy")
     stubs = {
         "comfy_api": module("comfy_api"),
-        "comfy_api.latest": module("comfy_api.latest", io=io, ui=types.SimpleNamespace(),
+        "comfy_api.v0_0_2": module("comfy_api.v0_0_2", io=io, ui=types.SimpleNamespace(),
                                    ComfyExtension=ComfyExtension),
         "folder_paths": module("folder_paths", models_dir=str(models_dir), folder_names_and_paths=folders,
                                supported_pt_extensions={".safetensors", ".pth", ".pt", ".ckpt", ".bin"},
