@@ -21,8 +21,8 @@ and the runs that perceive a generated image use other seeds):
   (a model whose outputs ignore their inputs "agrees" with itself at any pairing).
 
 Per-image depth AbsRel and delta1 (fraction within a factor 1.25) are averaged over images, and the median image's
-AbsRel is given too (a few failed images dominate the mean); normal errors are pooled over pixels; segmentation and edges use
-dataset totals. ``--baselines`` adds a mean-map baseline (the per-pixel mean depth, normal and edge maps and the
+AbsRel is given too (a few failed images dominate the mean); normal errors are pooled over pixels; segmentation and
+edges use dataset totals. ``--baselines`` adds a mean-map baseline (the per-pixel mean depth, normal and edge maps and the
 per-pixel majority class of 64 training scenes, predicted for every image) and the same evaluation with
 ``demo.tiny_random_models`` (random weights).
 """
