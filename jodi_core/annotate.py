@@ -46,6 +46,7 @@ import torch
 
 from . import imaging
 from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
+from .loading import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -372,18 +373,6 @@ def merge_outputs(out: "str | Path", order: Optional[Sequence[str]] = None) -> i
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and the labelling step
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} requested but CUDA is not available.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -50,6 +50,19 @@ def parse_dtype(dtype: "torch.dtype | str | None") -> Optional[torch.dtype]:
     return DTYPES[key]
 
 
+def resolve_device(requested: "str | torch.device", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; a bare ``"cuda"`` means this process's ``local_rank`` GPU."""
+    if str(requested) == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(requested)!r} requested but CUDA is not available.")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
 def _common_float_dtype(sd) -> torch.dtype:
     dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32

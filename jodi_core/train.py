@@ -201,14 +201,10 @@ class Distributed:
             torch.distributed.init_process_group(backend=backend)
 
     def device(self, requested: str) -> torch.device:
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(requested)
+        from .loading import resolve_device
+
+        device = resolve_device(requested, self.local_rank)
         if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {requested!r} requested but CUDA is not available.")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
 
