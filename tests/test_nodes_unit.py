@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from jodi_core import imaging, nodekit
+from jodi_core import loading as real_loading
 from jodi_core.domains import DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, ade150_to_seg12, seg_palette
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,6 +337,7 @@ def pack(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     loading = types.ModuleType(name + ".jodi_core.loading")
+    loading.__dict__.update({k: v for k, v in vars(real_loading).items() if not k.startswith("__")})
     loading.load_jodi = lambda path, dtype=None, device="cpu", attention_backend="auto": TinyDiT().to(device, dtype)
     loading.load_dcae = lambda path, dtype=None, device="cpu": TinyAE().to(device, dtype)
     monkeypatch.setitem(sys.modules, loading.__name__, loading)
