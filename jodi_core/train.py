@@ -101,6 +101,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" down to min_lr_ratio at the stage's end
+    min_lr_ratio: float = 0.1
     flow_shift: float = 3.0
     task_probs: tuple = (1 / 3, 1 / 3, 1 / 3)  # joint, controllable, perception
     caption_dropout: float = 1.0  # 1.0: always the null caption (no text encoder needed)
@@ -113,6 +115,10 @@ class TrainConfig:
             raise ValueError("data.root (a Joint-1.6M layout folder) is required for data.kind 'joint'.")
         if self.mixed_precision not in ("bf16", "no"):
             raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
         if self.dcae_loss not in ("l1", "l2", "l1+l2"):
             raise ValueError(f"dcae_loss must be 'l1', 'l2' or 'l1+l2', got {self.dcae_loss!r}.")
         for name in ("batch_size", "log_every", "save_every", "dcae_images_per_step"):
@@ -285,6 +291,17 @@ def sample_sigmas(n: int, flow_shift: float = 3.0, generator: Optional[torch.Gen
     """Logit-normal(0, 1) noise levels, shifted: ``sigma = s u / (1 + (s - 1) u)``; shape ``(n,)`` in (0, 1)."""
     u = torch.sigmoid(torch.randn(n, generator=generator))
     return flow_shift * u / (1 + (flow_shift - 1) * u)
+
+
+def lr_scale(step: int, total: int, warmup: int = 0, schedule: str = "constant", min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of a stage of ``total`` steps: linear warm-up over ``warmup``
+    steps, then constant or a half cosine from 1 down to ``min_ratio`` at the last step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup + 1:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup - 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def flow_matching_loss(
@@ -538,9 +555,9 @@ class Trainer:
         return _Progress(f"{stage}", total, self.step, self.cfg.log_every,
                          enabled=self.cfg.progress and self.dist.is_main)
 
-    def _lr_scale(self, step: int) -> float:
-        w = self.cfg.warmup_steps
-        return min(1.0, (step + 1) / w) if w > 0 else 1.0
+    def _lr_scale(self, step: int, total: int) -> float:
+        cfg = self.cfg
+        return lr_scale(step, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------------
 
@@ -553,7 +570,7 @@ class Trainer:
             images = images[pick]
         images = images.to(self.device)
         for group in self.dcae_opt.param_groups:
-            group["lr"] = cfg.dcae_lr * self._lr_scale(self.step)
+            group["lr"] = cfg.dcae_lr * self._lr_scale(self.step, cfg.dcae_steps)
         with self._autocast():
             recon = model(images)
         err = recon.float() - images
@@ -611,7 +628,7 @@ class Trainer:
             y = torch.where(drop.to(self.device)[:, None, None], null[None], y)[:, None]
             mask = torch.where(drop.to(self.device)[:, None], torch.ones_like(mask), mask)
         for group in self.dit_opt.param_groups:
-            group["lr"] = cfg.dit_lr * self._lr_scale(self.step)
+            group["lr"] = cfg.dit_lr * self._lr_scale(self.step, cfg.dit_steps)
         with self._autocast():
             loss = flow_matching_loss(model, x0, roles.to(self.device), sigmas, noise, y, mask)
         self.dit_opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from jodi_core.train import (
     DataConfig,
     TrainConfig,
     flow_matching_loss,
+    lr_scale,
     main_train,
     sample_roles,
     sample_sigmas,
@@ -211,3 +212,15 @@ def test_caption_dropout_mixes_text_and_null_captions(tmp_path):
     result = train(_config(tmp_path / "text", caption_dropout=0.5, dcae_steps=1, dit_steps=2), caption_encoder=encoder)
     assert len(seen) == 2 and all(isinstance(c, str) and c for c in seen[0])
     assert all(np.isfinite(result.dit_losses))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert [lr_scale(s, 10, warmup=4) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_scale(s, 10, warmup=2, schedule="cosine", min_ratio=0.1) for s in range(10)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))  # decays monotonically after warm-up
+    assert cosine[2 + 7 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 3 / 7)))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear").validate()
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(min_lr_ratio=2.0).validate()
