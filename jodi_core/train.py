@@ -95,7 +95,7 @@ class TrainConfig:
 
     # Stage 2: DiT
     transformer: dict = field(default_factory=lambda: dict(TINY_DIT))  # JodiConfig fields
-    transformer_checkpoint: Optional[str] = None
+    transformer_checkpoint: Optional[str] = None  # initial weights; its own config wins over ``transformer``
     dit_steps: int = 2000
     dit_lr: float = 3e-4
     weight_decay: float = 0.0
@@ -476,11 +476,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
 
+        # Checkpoints load through jodi_core.loading, which also reads what shapes cannot tell (base_size, the latent
+        # scale) from the file's metadata; a DiT built with another base_size has other positional embeddings.
         if cfg.dcae_checkpoint:
-            from .checkpoint import read_state_dict
+            from .loading import load_dcae
 
-            self.dcae = DCAE.from_state_dict(read_state_dict(cfg.dcae_checkpoint), name=cfg.dcae_checkpoint)
-            self.dcae.requires_grad_(True)
+            self.dcae = load_dcae(cfg.dcae_checkpoint, dtype=torch.float32).requires_grad_(True)
         else:
             self.dcae = DCAE(DCAEConfig(**cfg.dcae))
         self.dcae.to(self.device).float()
@@ -489,12 +490,10 @@ class Trainer:
             self.scaling_factor = self.dcae.scaling_factor
 
         if cfg.transformer_checkpoint:
-            from .checkpoint import read_state_dict
-            from .loading import jodi_from_state_dict
+            from .loading import load_jodi
 
-            self.transformer = jodi_from_state_dict(read_state_dict(cfg.transformer_checkpoint),
-                                                    name=cfg.transformer_checkpoint, dtype=torch.float32,
-                                                    attention_backend=cfg.attention_backend).requires_grad_(True)
+            self.transformer = load_jodi(cfg.transformer_checkpoint, dtype=torch.float32,
+                                         attention_backend=cfg.attention_backend).requires_grad_(True)
         else:
             tcfg = JodiConfig(**{"in_channels": self.dcae.latent_channels, **cfg.transformer})
             self.transformer = JodiTransformer(tcfg, attention_backend=cfg.attention_backend)

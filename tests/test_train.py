@@ -165,6 +165,27 @@ def test_finetune_on_example_data_reduces_both_losses(tmp_path, example_data):
     assert DCAE.from_state_dict(dsd).config.width_list == (8, 16, 32)
 
 
+def test_initial_weights_keep_their_stored_config(tmp_path):
+    """A run started from exported weights builds the same models (base_size and head count come from the file's
+    metadata; the default ``transformer`` config would give other positional embeddings) and the same latent scale."""
+    from jodi_core.loading import load_jodi
+    from jodi_core.train import Trainer
+
+    first = train(_config(tmp_path / "a", dcae_steps=2, dit_steps=1))
+    cfg = TrainConfig(output_dir=str(tmp_path / "b"), data=DataConfig(size=32), batch_size=2, dcae_steps=0,
+                      dit_steps=1, progress=False, device="cpu", dcae_checkpoint=str(first.dcae_path),
+                      transformer_checkpoint=str(first.transformer_path))
+    trainer = Trainer(cfg)
+    assert cfg.transformer["base_size"] != MICRO_DIT["base_size"]
+    reference = load_jodi(first.transformer_path, dtype=torch.float32)
+    assert trainer.transformer.config == reference.config and trainer.transformer.config.base_size == 8
+    assert trainer.scaling_factor == pytest.approx(first.scaling_factor)
+    assert all(p.requires_grad for p in trainer.transformer.parameters())
+    assert all(p.requires_grad for p in trainer.dcae.parameters())
+    result = trainer.run()
+    assert len(result.dit_losses) == 1 and result.scaling_factor == pytest.approx(first.scaling_factor)
+
+
 def test_resume_reproduces_the_next_losses(tmp_path):
     common = dict(data=DataConfig(size=32), dcae_steps=3, save_every=2)
     straight = train(_config(tmp_path / "a", dit_steps=4, **common))
