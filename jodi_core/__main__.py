@@ -26,13 +26,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     print(f"{args.checkpoint}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
     if kind == "jodi":
+        from .loading import stored_jodi_settings
         from .transformer import JodiConfig
 
-        print(JodiConfig.from_state_dict(sd))
+        print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(args.checkpoint)))
     elif kind in ("dcae", "dcae-diffusers"):
+        from .checkpoint import read_metadata
         from .dcae import DCAEConfig
 
-        print(DCAEConfig.from_state_dict(sd))
+        scaling = read_metadata(args.checkpoint).get("scaling_factor")
+        print(DCAEConfig.from_state_dict(sd, **({"scaling_factor": float(scaling)} if scaling else {})))
     return 0
 
 

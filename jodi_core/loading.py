@@ -106,8 +106,7 @@ def load_jodi(
     the released model's values.
     """
     sd = read_state_dict(path)
-    stored = _stored_config(path)
-    config_overrides = {**{k: stored[k] for k in _JODI_HIDDEN_FIELDS if k in stored}, **config_overrides}
+    config_overrides = {**stored_jodi_settings(path), **config_overrides}
     return jodi_from_state_dict(
         sd, name=os.path.basename(str(path)), dtype=dtype, device=device, attention_backend=attention_backend,
         **config_overrides,
@@ -137,6 +136,13 @@ def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = 
     if scaling is not None:  # a DC-AE trained by jodi_core.train carries its measured latent scale
         model.config = dataclasses.replace(model.config, scaling_factor=float(scaling))
     return model.eval().requires_grad_(False)
+
+
+def stored_jodi_settings(path) -> dict:
+    """The DiT settings that tensor shapes cannot tell (``base_size``, head counts, ...), from the file's metadata;
+    empty for files without it (the released checkpoints)."""
+    stored = _stored_config(path)
+    return {k: stored[k] for k in _JODI_HIDDEN_FIELDS if k in stored}
 
 
 def _stored_config(path) -> dict:

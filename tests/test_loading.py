@@ -131,3 +131,16 @@ def test_identify(dit_sd, dcae_sd):
     assert identify_checkpoint(dit_sd) == "jodi"
     assert identify_checkpoint(dcae_sd) == "dcae"
     assert identify_checkpoint({"foo": torch.zeros(1)}) is None
+
+
+def test_info_reports_the_stored_settings_of_the_demo_model(capsys):
+    from jodi_core.__main__ import main
+    from jodi_core.demo import DEMO_DIT, DEMO_VAE
+
+    if not DEMO_DIT.is_file():
+        pytest.skip("no demo model in this checkout")
+    assert main(["info", str(DEMO_DIT)]) == 0
+    out = capsys.readouterr().out
+    assert "jodi," in out and f"base_size={load_jodi(DEMO_DIT).config.base_size}," in out
+    assert main(["info", str(DEMO_VAE)]) == 0
+    assert f"scaling_factor={load_dcae(DEMO_VAE).config.scaling_factor}" in capsys.readouterr().out
