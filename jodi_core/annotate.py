@@ -706,8 +706,8 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional
                 gpu = bool(ray.cluster_resources().get("GPU", 0))
             else:
                 gpu = torch.device(cfg.device).type == "cuda"
-            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "cuda" is that worker's GPU.
-            cfg = dataclasses.replace(cfg, device="cuda" if gpu else "cpu")
+            # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "auto" resolves, in the worker, to its GPU.
+            cfg = dataclasses.replace(cfg, device="auto" if gpu else "cpu")
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
             cfg_dict = dataclasses.asdict(cfg)
