@@ -31,11 +31,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(args.checkpoint)))
     elif kind in ("dcae", "dcae-diffusers"):
-        from .checkpoint import read_metadata
         from .dcae import DCAEConfig
+        from .loading import stored_dcae_settings
 
-        scaling = read_metadata(args.checkpoint).get("scaling_factor")
-        print(DCAEConfig.from_state_dict(sd, **({"scaling_factor": float(scaling)} if scaling else {})))
+        print(DCAEConfig.from_state_dict(sd, **stored_dcae_settings(args.checkpoint)))
     return 0
 
 

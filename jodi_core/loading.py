@@ -132,10 +132,15 @@ def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = 
     check_finite(sd, name=name)
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
     model = DCAE.from_state_dict(sd, dtype=dtype, device=device, name=name)
-    scaling = read_metadata(path).get("scaling_factor")
-    if scaling is not None:  # a DC-AE trained by jodi_core.train carries its measured latent scale
-        model.config = dataclasses.replace(model.config, scaling_factor=float(scaling))
+    model.config = dataclasses.replace(model.config, **stored_dcae_settings(path))
     return model.eval().requires_grad_(False)
+
+
+def stored_dcae_settings(path) -> dict:
+    """``scaling_factor`` from the file's metadata: a DC-AE trained by jodi_core.train carries its measured latent
+    scale; empty for files without it."""
+    scaling = read_metadata(path).get("scaling_factor")
+    return {} if scaling is None else {"scaling_factor": float(scaling)}
 
 
 def stored_jodi_settings(path) -> dict:
