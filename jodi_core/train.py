@@ -103,6 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" down to min_lr_ratio at the stage's end
     min_lr_ratio: float = 0.1
+    max_minutes: Optional[float] = None  # wall-clock budget per stage (and per launch); see Trainer._run_stage
     flow_shift: float = 3.0
     task_probs: tuple = (1 / 3, 1 / 3, 1 / 3)  # joint, controllable, perception
     caption_dropout: float = 1.0  # 1.0: always the null caption (no text encoder needed)
@@ -117,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes!r}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
         if self.dcae_loss not in ("l1", "l2", "l1+l2"):
@@ -455,6 +458,39 @@ class TrainResult:
     transformer_path: Optional[Path]
 
 
+class Deadline:
+    """The ``max_minutes`` budget of one stage in one launch (``None``: no budget).
+
+    :meth:`reached` is called once per step; it reads the clock, averaged over ranks so that every rank stops at the
+    same step and uses the same learning rate. :meth:`schedule_step` maps a step to the one the learning-rate schedule
+    should use: the real step, or, once the clock is further along than the steps, the step that the elapsed fraction
+    of the budget stands for.
+    """
+
+    def __init__(self, max_minutes: Optional[float], start_step: int, total: int,
+                 dist: Optional["Distributed"] = None, device: "torch.device | str" = "cpu"):
+        self.budget_s = None if max_minutes is None else 60.0 * max_minutes
+        self.start_step, self.total = start_step, total
+        self.dist, self.device = dist, device
+        self.t0 = time.monotonic()
+        self.fraction = 0.0
+
+    def reached(self) -> bool:
+        if self.budget_s is None:
+            return False
+        fraction = torch.tensor((time.monotonic() - self.t0) / self.budget_s, device=self.device)
+        if self.dist is not None:
+            fraction = self.dist.mean(fraction)
+        self.fraction = float(fraction)
+        return self.fraction >= 1.0
+
+    def schedule_step(self, step: int) -> int:
+        if self.budget_s is None:
+            return step
+        by_clock = self.start_step + int(self.fraction * (self.total - self.start_step))
+        return min(self.total - 1, max(step, by_clock))
+
+
 class Trainer:
     """Owns the models, optimizers and loop state of one run. :func:`train` is the usual entry."""
 
@@ -506,6 +542,7 @@ class Trainer:
         self.dit_opt = torch.optim.AdamW(self.transformer.parameters(), lr=cfg.dit_lr, weight_decay=cfg.weight_decay)
         self.stage, self.step = "dcae", 0
         self.losses = {"dcae": [], "dit": []}
+        self._schedule_step: Optional[Callable[[int], int]] = None  # set per stage by its Deadline
 
     # ---- state ------------------------------------------------------------------------------------------------------
 
@@ -556,6 +593,7 @@ class Trainer:
 
     def _lr_scale(self, step: int, total: int) -> float:
         cfg = self.cfg
+        step = self._schedule_step(step) if self._schedule_step else step
         return lr_scale(step, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------------
@@ -639,11 +677,23 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------------------------
 
-    def _run_stage(self, stage: str, total: int, step_fn, model: nn.Module) -> None:
+    def _run_stage(self, stage: str, total: int, step_fn, model: nn.Module) -> bool:
+        """Run ``stage`` up to ``total`` steps; False if ``max_minutes`` ran out first.
+
+        With ``max_minutes``, the stage also ends (checkpoint written) once that much wall time has passed since this
+        launch started it, and the learning-rate schedule follows whichever is further along, the steps or the clock,
+        so a cosine decay still reaches its floor by the deadline."""
         cfg = self.cfg
         batches = make_batches(cfg, self.step, self.dist)
         bar = self._progress(stage, total)
+        deadline = Deadline(cfg.max_minutes, self.step, total, self.dist, self.device)
+        self._schedule_step = deadline.schedule_step
         while self.step < total:
+            if deadline.reached():
+                logger.info("%s: max_minutes=%s reached at step %d of %d", stage, cfg.max_minutes, self.step, total)
+                self.save()
+                bar.close()
+                return False
             loss = step_fn(next(batches), model)
             self.losses[stage].append(loss)
             self.step += 1
@@ -653,6 +703,7 @@ class Trainer:
             if self.step % cfg.save_every == 0 or self.step == total:
                 self.save()
         bar.close()
+        return True
 
     def run(self) -> TrainResult:
         cfg = self.cfg
@@ -663,8 +714,11 @@ class Trainer:
         if self.stage == "dcae":
             if self.step < cfg.dcae_steps:
                 self.dcae.train()
-                self._run_stage("dcae", cfg.dcae_steps, self.dcae_step, self.dist.wrap(_AutoEncoder(self.dcae),
-                                                                                       self.device))
+                finished = self._run_stage("dcae", cfg.dcae_steps, self.dcae_step,
+                                           self.dist.wrap(_AutoEncoder(self.dcae), self.device))
+                if not finished:  # out of time: the next launch resumes the DC-AE stage from the checkpoint
+                    return TrainResult(self.out, list(self.losses["dcae"]), list(self.losses["dit"]),
+                                       float("nan"), None, None)
             self.dcae.eval()
             if self.scaling_factor is None:
                 self.scaling_factor = self.measure_scaling_factor(make_batches(cfg, 10**6, self.dist))
@@ -763,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="train on a Joint-1.6M layout folder instead of the synthetic world")
     p.add_argument("--dcae-steps", type=int)
     p.add_argument("--dit-steps", type=int)
+    p.add_argument("--max-minutes", type=float,
+                   help="override max_minutes: wall-time budget of each stage in this launch (resume to go on)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     return p
 
@@ -780,9 +836,14 @@ def main_train(argv: Optional[Sequence[str]] = None) -> int:
         cfg.dcae_steps = args.dcae_steps
     if args.dit_steps is not None:
         cfg.dit_steps = args.dit_steps
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
     if args.no_resume:
         cfg.resume = False
     result = train(cfg.validate())
-    logger.info("done: %s, %s (latent scale %.5f)", result.dcae_path, result.transformer_path,
-                   result.scaling_factor)
+    if result.dcae_path is None:
+        logger.info("stopped by max_minutes in the DC-AE stage; run the same command again to resume")
+    else:
+        logger.info("done: %s, %s (latent scale %.5f)", result.dcae_path, result.transformer_path,
+                    result.scaling_factor)
     return 0

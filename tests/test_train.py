@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import EXAMPLE_DATA_DIR
+import jodi_core.train as train_module
 from jodi_core.train import (
     CONDITION,
     GENERATE,
     IGNORE,
     DataConfig,
+    Deadline,
     TrainConfig,
     flow_matching_loss,
     lr_scale,
@@ -245,3 +247,46 @@ def test_lr_schedule_warmup_then_cosine():
         TrainConfig(lr_schedule="linear").validate()
     with pytest.raises(ValueError, match="min_lr_ratio"):
         TrainConfig(min_lr_ratio=2.0).validate()
+
+
+class _FakeClock:
+    """``time.monotonic`` that advances ``tick`` seconds per call, so a time budget ends at a known step."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_deadline_maps_the_clock_onto_the_schedule(monkeypatch):
+    clock = _FakeClock(tick=0.0)
+    monkeypatch.setattr(train_module.time, "monotonic", clock)
+    deadline = Deadline(max_minutes=1.0, start_step=100, total=200)
+    assert not deadline.reached() and deadline.schedule_step(105) == 105  # no time has passed: the steps lead
+    clock.now += 30  # half the budget
+    assert not deadline.reached() and deadline.schedule_step(110) == 150  # the clock leads
+    assert deadline.schedule_step(170) == 170
+    clock.now += 30
+    assert deadline.reached() and deadline.schedule_step(120) == 199  # the schedule's last step: the floor
+    unlimited = Deadline(None, 0, 10)
+    assert not unlimited.reached() and unlimited.schedule_step(3) == 3
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=0).validate()
+
+
+def test_max_minutes_stops_a_stage_and_a_relaunch_resumes(tmp_path, monkeypatch):
+    # Every clock reading advances 6 s: with max_minutes 0.25 (15 s), each launch runs a few steps, then saves.
+    monkeypatch.setattr(train_module.time, "monotonic", _FakeClock(tick=6.0))
+    cfg = dict(data=DataConfig(size=32), dcae_steps=3, dit_steps=5, save_every=100, max_minutes=0.25,
+               lr_schedule="cosine")
+    first = train(_config(tmp_path, **cfg))
+    assert first.dcae_path is None and first.transformer_path is None  # stopped inside the DC-AE stage
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["stage"] == "dcae" and 0 < state["step"] < 3
+    results = [train(_config(tmp_path, **cfg)) for _ in range(4)]
+    final = results[-1]
+    assert final.transformer_path is not None and final.transformer_path.is_file()
+    assert len(final.dcae_losses) == 3 and len(final.dit_losses) == 5  # every step ran once across the launches
+    assert all(np.isfinite(final.dit_losses))
