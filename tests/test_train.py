@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +291,12 @@ def test_max_minutes_stops_a_stage_and_a_relaunch_resumes(tmp_path, monkeypatch)
     assert final.transformer_path is not None and final.transformer_path.is_file()
     assert len(final.dcae_losses) == 3 and len(final.dit_losses) == 5  # every step ran once across the launches
     assert all(np.isfinite(final.dit_losses))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_shipped_training_configs_are_valid(path):
+    cfg = TrainConfig.from_file(path)
+    for key in ("dcae_checkpoint", "transformer_checkpoint"):
+        ref = getattr(cfg, key)
+        assert ref is None or (path.parents[1] / ref).is_file(), f"{path.name}: {key} {ref} does not exist"
