@@ -82,7 +82,7 @@ class AnnotateConfig:
     sampler: str = "dpmpp_2m"
     flow_shift: float = 3.0
     jpeg_quality: int = 95
-    stop_after: Optional[int] = None  # stop (without merging) once this many images are done: a simulated kill
+    stop_after: Optional[int] = None  # stop (without merging) once this many images are done, per rank or Ray worker
     progress: bool = True
     threads: Optional[int] = None  # torch CPU threads per process
 
@@ -187,13 +187,20 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
 
 
 def known_records(out: Path) -> dict[str, dict]:
-    """Image key -> newest complete record in ``out`` (metadata.jsonl, then the part files)."""
+    """Image key -> its record in ``out``: metadata.jsonl, then the part files oldest first (their names start with
+    the launch time). A newer record's fields win; maps that only an older record names are kept (a run with other
+    ``--domains`` adds maps, it does not drop the earlier ones)."""
     known = {r["image"]: r for r in _read_jsonl(out / "metadata.jsonl") if isinstance(r.get("image"), str)}
     for part in sorted((out / STATE_DIR).glob("part-*.jsonl")):
         for r in _read_jsonl(part):
             if isinstance(r.get("image"), str):
-                known[r["image"]] = r
+                known[r["image"]] = {**known.get(r["image"], {}), **r}
     return known
+
+
+def part_name(worker: str) -> str:
+    """Name of one launch's part and error files: the launch time first, so that sorting the names sorts by age."""
+    return f"{time.time_ns():020d}-{worker}-{uuid.uuid4().hex[:6]}"
 
 
 def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
@@ -596,11 +603,13 @@ def annotate(
     rank: int = 0,
     world: int = 1,
     device: Optional[torch.device] = None,
-    barrier: Optional[Callable[[], None]] = None,
+    any_stopped: Optional[Callable[[bool], bool]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> AnnotateSummary:
-    """Label this rank's shard and (rank 0, after ``barrier``) merge. ``models``: preloaded (transformer, vae).
+    """Label this rank's shard and (rank 0, once every rank is done and none stopped early) merge.
+    ``any_stopped(stopped)``: waits for all ranks and says whether any of them stopped (torchrun); without it this is
+    the only rank. ``models``: preloaded (transformer, vae).
     ``on_progress(finished, total)`` after each batch (the ComfyUI node's progress bar)."""
     cfg.validate()
     t0 = time.perf_counter()
@@ -611,7 +620,7 @@ def annotate(
     mine, complete = plan_work(cfg, rank, world)
     summary = AnnotateSummary(skipped=complete)
     if mine:
-        annotator = Annotator(cfg, f"rank{rank}-{uuid.uuid4().hex[:6]}", models=models, device=device,
+        annotator = Annotator(cfg, part_name(f"rank{rank}"), models=models, device=device,
                               should_stop=should_stop)
         bar = _Progress(len(mine), cfg.progress and rank == 0)
 
@@ -627,8 +636,8 @@ def annotate(
         finally:
             bar.close()
         summary.done, summary.failed = annotator.done, annotator.failed
-    if barrier is not None:
-        barrier()
+    if any_stopped is not None:
+        summary.stopped = any_stopped(summary.stopped)
     if rank == 0 and not summary.stopped:
         merge_outputs(out, _input_order(cfg))
     summary.seconds = time.perf_counter() - t0
@@ -636,7 +645,8 @@ def annotate(
 
 
 def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
-    """One process per rank (``torchrun``); gloo only coordinates the final barrier, the work needs no collectives."""
+    """One process per rank (``torchrun``); gloo only joins the ranks at the end (and sums their counts), the work
+    needs no collectives."""
     import datetime
 
     import torch.distributed as tdist
@@ -649,11 +659,16 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
     # A long timeout: ranks may finish their shards far apart, and the barrier only waits for the slowest.
     tdist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
     try:
-        summary = annotate(cfg, rank=rank, world=world, device=device, barrier=tdist.barrier)
-        totals = torch.tensor([summary.done, summary.failed, summary.skipped, int(summary.stopped)])
+
+        def any_stopped(stopped: bool) -> bool:  # also the barrier before rank 0 merges
+            flag = torch.tensor([int(stopped)])
+            tdist.all_reduce(flag)
+            return bool(flag)
+
+        summary = annotate(cfg, rank=rank, world=world, device=device, any_stopped=any_stopped)
+        totals = torch.tensor([summary.done, summary.failed, summary.skipped])
         tdist.all_reduce(totals)
         summary.done, summary.failed, summary.skipped = int(totals[0]), int(totals[1]), int(totals[2])
-        summary.stopped = bool(totals[3])
         if summary.stopped and rank == 0:
             log.info("annotate: a rank stopped early; metadata.jsonl is merged by the next complete run")
         return summary
@@ -669,7 +684,7 @@ class RayAnnotator:
         cfg.progress = False
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        self.annotator = Annotator(cfg, f"ray-{uuid.uuid4().hex[:10]}")
+        self.annotator = Annotator(cfg, part_name("ray"))
 
     def __call__(self, batch: dict) -> dict:
         items = [WorkItem.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))]

@@ -223,6 +223,36 @@ def test_domain_subset_then_more_domains(inputs, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_newer_part_records_win_and_older_maps_are_kept(tmp_path):
+    state = tmp_path / ann.STATE_DIR
+    state.mkdir()
+    older, newer = ann.part_name("rank0"), ann.part_name("rank0")
+    assert older < newer  # launch time first: name order is age order, whatever the random suffix
+    # The random suffixes sort the other way round here, which must not matter.
+    older, newer = older[:-6] + "ffffff", newer[:-6] + "000000"
+    (state / f"part-{older}.jsonl").write_text(json.dumps(
+        {"image": "image/a.png", "info": {"height": 1}, "annotation_depth": "annotation_depth/a.png"}) + "\n")
+    (state / f"part-{newer}.jsonl").write_text(json.dumps(
+        {"image": "image/a.png", "info": {"height": 2}, "annotation_normal": "annotation_normal/a.png"}) + "\n")
+    record = ann.known_records(tmp_path)["image/a.png"]
+    assert record == {"image": "image/a.png", "info": {"height": 2}, "annotation_depth": "annotation_depth/a.png",
+                      "annotation_normal": "annotation_normal/a.png"}
+
+
+def test_rank_zero_does_not_merge_while_another_rank_stopped(inputs, tmp_path):
+    cfg = ann.AnnotateConfig(input=str(inputs), output=str(tmp_path), **FAST)
+    seen = []
+
+    def other_rank_stopped(stopped: bool) -> bool:
+        seen.append(stopped)
+        return True
+
+    summary = ann.annotate(cfg, rank=0, world=2, any_stopped=other_rank_stopped)
+    assert seen == [False] and summary.stopped  # rank 0 finished its own shard ...
+    assert not (tmp_path / "metadata.jsonl").exists()  # ... but leaves the merge to the next complete run
+    assert list((tmp_path / ann.STATE_DIR).glob("part-*.jsonl"))
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(inputs, reference, tmp_path):
     n = len(list(inputs.rglob("*.*")))
     first = run(inputs, tmp_path, stop_after=2)
