@@ -110,6 +110,24 @@ class TrainConfig:
     attention_backend: str = "torch"  # linear attention with autograd
 
     def validate(self) -> "TrainConfig":
+        for name in ("seed", "batch_size", "log_every", "save_every", "dcae_images_per_step", "dcae_steps",
+                     "dit_steps", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+        for name in ("dcae_lr", "dit_lr", "weight_decay", "grad_clip", "min_lr_ratio", "flow_shift", "caption_dropout",
+                     "max_minutes"):
+            value = getattr(self, name)
+            if value is None and name == "max_minutes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+        for name in ("dcae_lr", "dit_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.data.kind not in ("synthetic", "joint"):
             raise ValueError(f"data.kind must be 'synthetic' or 'joint', got {self.data.kind!r}.")
         if self.data.kind == "joint" and not self.data.root:
@@ -431,8 +449,9 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # (all training noise comes from per-step generators)
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
@@ -442,10 +461,21 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
 
 
 def save_safetensors(module: nn.Module, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
+    """Write ``module``'s weights to ``path`` all at once: a reader never sees a half-written file."""
+    from safetensors.torch import save
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    save_file(sd, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    write_atomic(path, save(sd, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -456,24 +486,22 @@ class TrainResult:
     scaling_factor: float
     dcae_path: Optional[Path]
     transformer_path: Optional[Path]
+    finished: bool = True  # False when max_minutes stopped the run before its last step
 
 
 class Deadline:
-    """The ``max_minutes`` budget of one stage in one launch (``None``: no budget).
+    """The ``max_minutes`` budget of one launch (``None``: no budget), shared by its stages.
 
     :meth:`reached` is called once per step; it reads the clock, averaged over ranks so that every rank stops at the
-    same step and uses the same learning rate. :meth:`schedule_step` maps a step to the one the learning-rate schedule
-    should use: the real step, or, once the clock is further along than the steps, the step that the elapsed fraction
-    of the budget stands for.
+    same step and uses the same learning rate.
     """
 
-    def __init__(self, max_minutes: Optional[float], start_step: int, total: int,
-                 dist: Optional["Distributed"] = None, device: "torch.device | str" = "cpu"):
+    def __init__(self, max_minutes: Optional[float], dist: Optional["Distributed"] = None,
+                 device: "torch.device | str" = "cpu"):
         self.budget_s = None if max_minutes is None else 60.0 * max_minutes
-        self.start_step, self.total = start_step, total
         self.dist, self.device = dist, device
         self.t0 = time.monotonic()
-        self.fraction = 0.0
+        self.fraction = 0.0  # of the budget spent, as of the last reached()
 
     def reached(self) -> bool:
         if self.budget_s is None:
@@ -484,11 +512,16 @@ class Deadline:
         self.fraction = float(fraction)
         return self.fraction >= 1.0
 
-    def schedule_step(self, step: int) -> int:
-        if self.budget_s is None:
-            return step
-        by_clock = self.start_step + int(self.fraction * (self.total - self.start_step))
-        return min(self.total - 1, max(step, by_clock))
+    def stage_clock(self, start_step: int, total: int) -> Callable[[], int]:
+        """For a stage starting now at ``start_step`` of ``total``: the step that the time spent since then stands
+        for, if the stage is to end with the budget."""
+        f0 = self.fraction
+
+        def by_clock() -> int:
+            progress = 1.0 if f0 >= 1.0 else (self.fraction - f0) / (1.0 - f0)
+            return start_step + int(progress * (total - start_step))
+
+        return by_clock
 
 
 class Trainer:
@@ -542,7 +575,10 @@ class Trainer:
         self.dit_opt = torch.optim.AdamW(self.transformer.parameters(), lr=cfg.dit_lr, weight_decay=cfg.weight_decay)
         self.stage, self.step = "dcae", 0
         self.losses = {"dcae": [], "dit": []}
-        self._schedule_step: Optional[Callable[[int], int]] = None  # set per stage by its Deadline
+        # Where the stage's lr schedule stands: ahead of the step when max_minutes makes the clock lead; saved, so
+        # that a relaunch goes on from there instead of jumping back up.
+        self.schedule_pos = 0
+        self._clock: Optional[Callable[[], int]] = None  # the running stage's Deadline.stage_clock
 
     # ---- state ------------------------------------------------------------------------------------------------------
 
@@ -556,13 +592,17 @@ class Trainer:
             "dcae": self.dcae.state_dict(), "transformer": self.transformer.state_dict(),
             "dcae_opt": self.dcae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict(),
             "losses": self.losses, "rng": _rng_state(), "config": self.cfg.to_dict(),
+            "schedule_pos": self.schedule_pos,
         }  # fmt: skip
 
     def save(self, path: Optional[Path] = None) -> None:
         if self.dist.is_main:
             path = path or self.checkpoint_path
             tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)  # never leave a half-written checkpoint behind
         self.dist.barrier()
 
@@ -578,6 +618,7 @@ class Trainer:
         self.stage, self.step = state["stage"], int(state["step"])
         self.scaling_factor = state.get("scaling_factor", self.scaling_factor)
         self.losses = state.get("losses", self.losses)
+        self.schedule_pos = int(state.get("schedule_pos", self.step))
         _set_rng_state(state["rng"])
         logger.info("resumed from %s at stage %s step %d", path, self.stage, self.step)
 
@@ -593,7 +634,10 @@ class Trainer:
 
     def _lr_scale(self, step: int, total: int) -> float:
         cfg = self.cfg
-        step = self._schedule_step(step) if self._schedule_step else step
+        if step >= cfg.warmup_steps:  # the clock never cuts the warm-up short
+            by_clock = self._clock() if self._clock is not None else step
+            self.schedule_pos = min(max(total - 1, 0), max(step, self.schedule_pos, by_clock))
+            step = self.schedule_pos
         return lr_scale(step, total, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     # ---- stage 1 ----------------------------------------------------------------------------------------------------
@@ -677,53 +721,65 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------------------------
 
-    def _run_stage(self, stage: str, total: int, step_fn, model: nn.Module) -> bool:
-        """Run ``stage`` up to ``total`` steps; False if ``max_minutes`` ran out first.
-
-        With ``max_minutes``, the stage also ends (checkpoint written) once that much wall time has passed since this
-        launch started it, and the learning-rate schedule follows whichever is further along, the steps or the clock,
-        so a cosine decay still reaches its floor by the deadline."""
+    def _run_stage(self, stage: str, total: int, step_fn, model: nn.Module, deadline: Deadline) -> bool:
+        """Run ``stage`` up to ``total`` steps; False if the launch's ``max_minutes`` ran out first (checkpoint
+        written). With a budget, the learning-rate schedule follows whichever is further along, the steps or the
+        clock, so a cosine decay still reaches its floor when the time is up."""
         cfg = self.cfg
         batches = make_batches(cfg, self.step, self.dist)
         bar = self._progress(stage, total)
-        deadline = Deadline(cfg.max_minutes, self.step, total, self.dist, self.device)
-        self._schedule_step = deadline.schedule_step
-        while self.step < total:
-            if deadline.reached():
-                logger.info("%s: max_minutes=%s reached at step %d of %d", stage, cfg.max_minutes, self.step, total)
-                self.save()
-                bar.close()
-                return False
-            loss = step_fn(next(batches), model)
-            self.losses[stage].append(loss)
-            self.step += 1
-            bar.update(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{stage} loss became {loss} at step {self.step}; lower the learning rate.")
-            if self.step % cfg.save_every == 0 or self.step == total:
-                self.save()
-        bar.close()
-        return True
+        deadline.reached()  # the budget spent before this stage (the other stage, start-up)
+        self._clock = deadline.stage_clock(max(self.step, self.schedule_pos), total) if deadline.budget_s else None
+        try:
+            while self.step < total:
+                if deadline.reached():
+                    if self.dist.is_main:
+                        logger.info("%s: max_minutes=%s reached at step %d of %d", stage, cfg.max_minutes,
+                                    self.step, total)
+                    self.save()
+                    return False
+                loss = step_fn(next(batches), model)
+                self.losses[stage].append(loss)
+                self.step += 1
+                bar.update(loss)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{stage} loss became {loss} at step {self.step}; lower the learning "
+                                             f"rate.")
+                if self.step % cfg.save_every == 0 or self.step == total:
+                    self.save()
+            return True
+        finally:
+            bar.close()
+            self._clock = None
+
+    def _resume_if_possible(self) -> None:
+        found = self.cfg.resume and self.checkpoint_path.is_file()
+        agreed = float(self.dist.mean(torch.tensor(float(found), device=self.device)))
+        if agreed not in (0.0, 1.0):
+            raise RuntimeError(f"Only some ranks see the checkpoint {self.checkpoint_path}; output_dir must be a "
+                               f"folder that every rank shares.")
+        if found:
+            self.load(self.checkpoint_path)
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if cfg.resume and self.checkpoint_path.is_file():
-            self.load(self.checkpoint_path)
+        deadline = Deadline(cfg.max_minutes, self.dist, self.device)
+        self._resume_if_possible()
         dcae_path = transformer_path = None
 
         if self.stage == "dcae":
             if self.step < cfg.dcae_steps:
                 self.dcae.train()
                 finished = self._run_stage("dcae", cfg.dcae_steps, self.dcae_step,
-                                           self.dist.wrap(_AutoEncoder(self.dcae), self.device))
-                if not finished:  # out of time: the next launch resumes the DC-AE stage from the checkpoint
+                                           self.dist.wrap(_AutoEncoder(self.dcae), self.device), deadline)
+                if not finished:  # out of time: nothing to export yet; the next launch resumes from the checkpoint
                     return TrainResult(self.out, list(self.losses["dcae"]), list(self.losses["dit"]),
-                                       float("nan"), None, None)
+                                       float("nan"), None, None, finished=False)
             self.dcae.eval()
             if self.scaling_factor is None:
                 self.scaling_factor = self.measure_scaling_factor(make_batches(cfg, 10**6, self.dist))
                 logger.info("latent scaling factor %.5f", self.scaling_factor)
-            self.stage, self.step = "dit", 0
+            self.stage, self.step, self.schedule_pos = "dit", 0, 0
             self.save()
         self.dcae.eval().requires_grad_(False)
         if self.dist.is_main:
@@ -731,22 +787,25 @@ class Trainer:
             save_safetensors(self.dcae, dcae_path, {"scaling_factor": self.scaling_factor,
                                                     "config": json.dumps(dataclasses.asdict(self.dcae.config))})
 
+        finished = True
         if self.step < cfg.dit_steps:
             self.transformer.train()
-            self._run_stage("dit", cfg.dit_steps, self.dit_step,
-                            self.dist.wrap(_TrainForward(self.transformer), self.device, find_unused=True))
+            finished = self._run_stage("dit", cfg.dit_steps, self.dit_step,
+                                       self.dist.wrap(_TrainForward(self.transformer), self.device, find_unused=True),
+                                       deadline)
         self.transformer.eval()
-        if self.dist.is_main:
+        if self.dist.is_main:  # also when out of time: the weights as they are (the schedule has reached its floor)
             transformer_path = self.out / "jodi.safetensors"
             save_safetensors(self.transformer, transformer_path, {
                 "config": json.dumps(dataclasses.asdict(self.transformer.config)),
-                "scaling_factor": self.scaling_factor})
-            summary = {"scaling_factor": self.scaling_factor, "dcae_final_loss": _tail(self.losses["dcae"]),
+                "scaling_factor": self.scaling_factor, "dit_step": self.step})
+            summary = {"finished": finished, "dit_step": self.step, "dit_steps": cfg.dit_steps,
+                       "scaling_factor": self.scaling_factor, "dcae_final_loss": _tail(self.losses["dcae"]),
                        "dit_final_loss": _tail(self.losses["dit"]), "config": cfg.to_dict()}
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomic(self.out / "train_summary.json", json.dumps(summary, indent=2).encode())
         self.dist.barrier()
         return TrainResult(self.out, list(self.losses["dcae"]), list(self.losses["dit"]), float(self.scaling_factor),
-                           dcae_path, transformer_path)
+                           dcae_path, transformer_path, finished=finished)
 
 
 class _AutoEncoder(nn.Module):
@@ -841,9 +900,10 @@ def main_train(argv: Optional[Sequence[str]] = None) -> int:
     if args.no_resume:
         cfg.resume = False
     result = train(cfg.validate())
-    if result.dcae_path is None:
+    if result.dcae_path is None and result.transformer_path is None and not result.finished:
         logger.info("stopped by max_minutes in the DC-AE stage; run the same command again to resume")
-    else:
-        logger.info("done: %s, %s (latent scale %.5f)", result.dcae_path, result.transformer_path,
-                    result.scaling_factor)
-    return 0
+    elif result.transformer_path is not None:
+        logger.info("%s: %s, %s (latent scale %.5f)", "done" if result.finished else
+                    "stopped by max_minutes (weights as of the last step; run again to go on)",
+                    result.dcae_path, result.transformer_path, result.scaling_factor)
+    return 0 if result.finished else 3

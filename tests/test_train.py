@@ -261,36 +261,72 @@ class _FakeClock:
         return self.now
 
 
-def test_deadline_maps_the_clock_onto_the_schedule(monkeypatch):
+def test_deadline_maps_the_remaining_budget_onto_a_stage(monkeypatch):
     clock = _FakeClock(tick=0.0)
     monkeypatch.setattr(train_module.time, "monotonic", clock)
-    deadline = Deadline(max_minutes=1.0, start_step=100, total=200)
-    assert not deadline.reached() and deadline.schedule_step(105) == 105  # no time has passed: the steps lead
-    clock.now += 30  # half the budget
-    assert not deadline.reached() and deadline.schedule_step(110) == 150  # the clock leads
-    assert deadline.schedule_step(170) == 170
-    clock.now += 30
-    assert deadline.reached() and deadline.schedule_step(120) == 199  # the schedule's last step: the floor
-    unlimited = Deadline(None, 0, 10)
-    assert not unlimited.reached() and unlimited.schedule_step(3) == 3
+    deadline = Deadline(max_minutes=1.0)
+    clock.now += 20  # a third of the budget went on something before the stage (another stage, start-up)
+    assert not deadline.reached()
+    by_clock = deadline.stage_clock(start_step=100, total=200)
+    assert by_clock() == 100
+    clock.now += 20  # half of what was left
+    assert not deadline.reached() and by_clock() == 150
+    clock.now += 20
+    assert deadline.reached() and by_clock() == 200
+    unlimited = Deadline(None)
+    assert not unlimited.reached()
     with pytest.raises(ValueError, match="max_minutes"):
         TrainConfig(max_minutes=0).validate()
 
 
-def test_max_minutes_stops_a_stage_and_a_relaunch_resumes(tmp_path, monkeypatch):
+def test_max_minutes_stops_relaunches_resume_and_the_schedule_never_rises(tmp_path, monkeypatch):
     # Every clock reading advances 6 s: with max_minutes 0.25 (15 s), each launch runs a few steps, then saves.
     monkeypatch.setattr(train_module.time, "monotonic", _FakeClock(tick=6.0))
-    cfg = dict(data=DataConfig(size=32), dcae_steps=3, dit_steps=5, save_every=100, max_minutes=0.25,
-               lr_schedule="cosine")
+    lrs = []
+    real_step = train_module.Trainer.dit_step
+
+    def record_lr(self, batch, model):
+        out = real_step(self, batch, model)
+        lrs.append(self.dit_opt.param_groups[0]["lr"])
+        return out
+
+    monkeypatch.setattr(train_module.Trainer, "dit_step", record_lr)
+    cfg = dict(data=DataConfig(size=32), dcae_steps=3, dit_steps=6, save_every=100, max_minutes=0.25,
+               lr_schedule="cosine", warmup_steps=2)
     first = train(_config(tmp_path, **cfg))
-    assert first.dcae_path is None and first.transformer_path is None  # stopped inside the DC-AE stage
+    assert not first.finished and first.dcae_path is None and first.transformer_path is None  # in the DC-AE stage
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["stage"] == "dcae" and 0 < state["step"] < 3
-    results = [train(_config(tmp_path, **cfg)) for _ in range(4)]
+    results = []
+    while not results or not results[-1].finished:
+        assert len(results) < 20, "the relaunches make no progress"
+        results.append(train(_config(tmp_path, **cfg)))
+    stopped_in_dit = [r for r in results if r.transformer_path is not None and not r.finished]
+    assert stopped_in_dit, "some launch should stop inside the DiT stage"
+    assert all(r.transformer_path.is_file() for r in stopped_in_dit)  # weights exported even when out of time
     final = results[-1]
-    assert final.transformer_path is not None and final.transformer_path.is_file()
-    assert len(final.dcae_losses) == 3 and len(final.dit_losses) == 5  # every step ran once across the launches
-    assert all(np.isfinite(final.dit_losses))
+    assert len(final.dcae_losses) == 3 and len(final.dit_losses) == 6  # every step ran once across the launches
+    assert lrs[:2] == pytest.approx([0.5e-3, 1e-3])  # the warm-up is never skipped by the clock
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # after it, relaunches never push the lr back up
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["finished"] is True
+
+
+def test_train_command_exits_3_when_stopped_by_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module.time, "monotonic", _FakeClock(tick=60.0))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**_config(tmp_path).to_dict(), "dcae_steps": 2, "dit_steps": 2, "max_minutes": 1}))
+    assert main_train(["--config", str(config)]) == 3
+
+
+def test_config_types_are_checked():
+    with pytest.raises(ValueError, match="dit_steps"):
+        TrainConfig(dit_steps=1.5).validate()
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes="30").validate()
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=True).validate()
+    with pytest.raises(ValueError, match="dit_lr"):
+        TrainConfig(dit_lr=-1e-4).validate()
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")),
