@@ -198,11 +198,22 @@ def activation_bytes(model: torch.nn.Module, batch: int, domains: int, h: int, w
     return int(rows * tokens * hidden * 4 * 12)  # float32 activations, ~12 live (B, N, D) tensors in a block
 
 
-def load_for_run(model_patcher, vae_patcher, memory_required: int = 0) -> None:
+def load_fully(patchers, memory_required: int = 0) -> None:
+    """Load the patchers' models whole onto their device. Our modules are plain torch (no ComfyUI weight casting), so
+    a partial ("lowvram") load would leave some weights on the CPU and fail mid-run; ask for a full load, and turn
+    running out of memory into an error that says what to do."""
     import comfy.model_management as mm
 
-    patchers = [p for p in (model_patcher, vae_patcher) if p is not None]
-    mm.load_models_gpu(patchers, memory_required=memory_required)
+    try:
+        mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
+    except mm.OOM_EXCEPTION as e:
+        names = ", ".join(type(unwrap(p)).__name__ for p in patchers)
+        raise RuntimeError(f"Not enough GPU memory to load {names} whole ({e}). Choose a smaller dtype (bf16 or "
+                           f"fp16) in the loader, a smaller batch or size, or start ComfyUI with --cpu.") from e
+
+
+def load_for_run(model_patcher, vae_patcher, memory_required: int = 0) -> None:
+    load_fully([p for p in (model_patcher, vae_patcher) if p is not None], memory_required)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -150,8 +150,6 @@ def _kv_cache_bytes(model, rows: int, length: int) -> int:
 def _ready(model_patcher, working_memory=None):
     """The JanusModel behind a patcher, loaded on the patcher's device with room for ``working_memory(model)`` bytes
     of activations and KV cache."""
-    import comfy.model_management as mm
-
     from ..jodi_core.janus import JanusModel
 
     common.check_patcher(model_patcher, "model", "Janus Loader")
@@ -159,7 +157,7 @@ def _ready(model_patcher, working_memory=None):
     if not isinstance(model, JanusModel):
         raise TypeError(f"model must come from Janus Loader, got a {type(model).__name__}.")
     need = int(working_memory(model)) if working_memory is not None else 0
-    mm.load_models_gpu([model_patcher], memory_required=need)
+    common.load_fully([model_patcher], need)
     return model
 
 

@@ -121,8 +121,7 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     if decode:
         # Only what the run made: condition slots would be the VAE round trip of the user's own input.
         wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
-        result.images, result.seg_index = pipe.decode_latents(result.latents, result.roles, height, width,
-                                                              tiled=tiled, domains=wanted)
+        result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted)
         for name, image in conditions.items():
             result.images[name] = imaging.resize_and_crop(image, height, width).expand(latent.batch, -1, -1, -1)
         if result.seg_index is None and "segmentation" in conditions:
@@ -132,22 +131,27 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
 
 def decode(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False):
     """Decode every present domain; returns (images dict name -> (B, 3, H, W), seg_index (B, H, W) or None)."""
-    import comfy.model_management as mm
+    common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
+    if not isinstance(latent, nodekit.JodiLatent):
+        raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(latent).__name__}.")
+    return decode_samples(vae_patcher, latent, tiled=tiled)
+
+
+def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False, domains=None):
+    """The decode loop of Jodi Decode and the shortcuts: one sample at a time (bounds the decoder's memory), with a
+    progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one)."""
     import comfy.utils
 
     from ..jodi_core.pipeline import JodiPipeline
 
-    common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
-    if not isinstance(latent, nodekit.JodiLatent):
-        raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(latent).__name__}.")
-    mm.load_models_gpu([vae_patcher])
+    common.load_fully([vae_patcher])
     pipe = JodiPipeline(None, common.unwrap(vae_patcher))
     pbar = comfy.utils.ProgressBar(latent.batch)
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
-    for b in range(latent.batch):  # one sample at a time bounds the decoder's memory
+    for b in range(latent.batch):
         common.interrupt_check()
         parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
-                                         tiled=tiled))
+                                         tiled=tiled, domains=domains))
         pbar.update_absolute(b + 1, latent.batch)
     images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     seg = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None

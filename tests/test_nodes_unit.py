@@ -188,6 +188,7 @@ class _Events:
 
     def __init__(self):
         self.loaded, self.progress, self.interrupt_after = [], [], None
+        self.full_loads, self.out_of_memory = [], False
 
 
 def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType]:
@@ -236,10 +237,13 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
             if getattr(model, "device", None) is None:  # as ComfyUI's ModelPatcher does
                 model.device = offload_device
 
-    def load_models_gpu(models, memory_required=0, **_):
+    def load_models_gpu(models, memory_required=0, force_full_load=False, **_):
+        if events.out_of_memory:
+            raise MemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         for patcher in models:
             patcher.model.device = patcher.load_device  # ComfyUI writes this after moving the weights
         events.loaded.append((list(models), memory_required))
+        events.full_loads.append(force_full_load)
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -254,7 +258,7 @@ def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType
         vae_device=lambda: cpu, vae_offload_device=lambda: cpu, intermediate_device=lambda: cpu,
         unet_dtype=lambda device=None, supported_dtypes=(), **_: torch.float32,
         vae_dtype=lambda device=None, allowed_dtypes=(): torch.float32,
-        load_models_gpu=load_models_gpu,
+        load_models_gpu=load_models_gpu, OOM_EXCEPTION=MemoryError,
         throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
         InterruptProcessingException=InterruptProcessingException,
     )
@@ -424,6 +428,21 @@ def test_roles_sampler_decode_chain(pack):
                                               batch_size=2, **SAMPLING).result[0]
     assert torch.equal(again.samples, latent.samples)
     assert not torch.equal(latent.samples[0, 0], latent.samples[1, 0])
+
+
+def test_models_load_whole_and_running_out_of_memory_says_what_to_do(pack):
+    model, vae = _load(pack)
+    roles = pack.kit.JodiRoles(("generate",) * 8)
+    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    latent = pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs).result[0]
+    pack.nodes["JodiDecode"].execute(vae, latent, False, "sky")
+    assert pack.events.full_loads and all(pack.events.full_loads)  # never a partial ("lowvram") load
+    pack.events.out_of_memory = True
+    try:
+        with pytest.raises(RuntimeError, match=r"Not enough GPU memory to load .*smaller dtype"):
+            pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs)
+    finally:
+        pack.events.out_of_memory = False
 
 
 def test_sampler_rejects_bad_values_and_foreign_conditioning(pack):
