@@ -41,7 +41,8 @@ def load_definitions(comfy_dir: Path) -> dict:
     args.cpu = True
     import nodes as core_nodes
 
-    name = str(comfy_dir / "custom_nodes" / "ComfyUI-Jodi")
+    # ComfyUI names a pack by its path; a dot in it (".cache", "0.3.75") would split the package name.
+    name = str(comfy_dir.resolve() / "custom_nodes" / "ComfyUI-Jodi").replace(".", "_")
     spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
     pack = importlib.util.module_from_spec(spec)
     sys.modules[name] = pack
@@ -304,8 +305,10 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
                     control_net_name="control_v11p_sd15_lineart.pth")
     apply_depth = g.add("ControlNetApplyAdvanced", (1520, 120), size=(300, 190), positive=pos[0], negative=neg[0],
                         control_net=cn_depth[0], image=hint[0], strength=0.8, start_percent=0.0, end_percent=1.0)
+    # Jodi lineart is dark lines on white; ControlNet lineart models take white lines on black.
+    line_hint = g.add("ImageInvert", (1120, 760), size=(200, 50), image=per[0])
     apply_line = g.add("ControlNetApplyAdvanced", (1520, 360), size=(300, 190), positive=apply_depth[0],
-                       negative=apply_depth[1], control_net=cn_line[0], image=per[0], strength=0.6,
+                       negative=apply_depth[1], control_net=cn_line[0], image=line_hint[0], strength=0.6,
                        start_percent=0.0, end_percent=0.8)
     latent = g.add("EmptyLatentImage", (1120, 620), size=(300, 110), width=768, height=512, batch_size=1)
     ks = g.add("KSampler", (1860, 120), size=(320, 470), model=ckpt[0], seed=1, steps=20, cfg=7.0,
@@ -315,8 +318,9 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
     g.add("SaveImage", (2220, 220), size=(380, 320), images=dec[0], filename_prefix="jodi_controlnet/image")
     g.add("SaveImage", (770, 650), size=(250, 300), images=hint[0], filename_prefix="jodi_controlnet/depth_hint")
     g.note((400, 680), "ControlNet chain: Jodi predicts depth and lineart from the photo; the depth map is put in "
-                       "the ControlNet convention (near = bright) and both guide an SD 1.5 checkpoint through core "
-                       "Apply ControlNet nodes. Put the SD 1.5 checkpoint in models/checkpoints and the two "
+                       "the ControlNet convention (near = bright), the lineart is inverted (ControlNet wants white "
+                       "lines on black) and both guide an SD 1.5 checkpoint through core Apply ControlNet nodes. "
+                       "Put the SD 1.5 checkpoint in models/checkpoints and the two "
                        "ControlNet 1.1 files (depth, lineart) in models/controlnet, or pick your own.\n\n"
                        + MODEL_NOTE, size=(340, 330))
     return g, {"saves": {"image": "jodi_controlnet/image", "depth_hint": "jodi_controlnet/depth_hint"},
