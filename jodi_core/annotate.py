@@ -47,6 +47,7 @@ import torch
 from . import imaging
 from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
 from .loading import resolve_device
+from .sampling import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -518,12 +519,15 @@ class Annotator:
         work_h, work_w = bucket
         roles = [Role.CONDITION] + [Role.GENERATE if d.name in domains else Role.IGNORE for d in DOMAINS[1:]]
         cond = torch.stack([imaging.resize_and_crop(img[None], work_h, work_w)[0] for _, img in group])
-        result = self.pipe(
-            roles, work_h, work_w, conditions={"image": cond}, steps=self.cfg.steps, cfg_scale=1.0,
-            flow_shift=self.cfg.flow_shift, sampler=self.cfg.sampler, seeds=[image_seed(it.key, self.cfg.seed)
-                                                                           for it, _ in group],
-            snap_to_bucket=False, decode=False,
-        )
+        try:
+            result = self.pipe(
+                roles, work_h, work_w, conditions={"image": cond}, steps=self.cfg.steps, cfg_scale=1.0,
+                flow_shift=self.cfg.flow_shift, sampler=self.cfg.sampler, seeds=[image_seed(it.key, self.cfg.seed)
+                                                                               for it, _ in group],
+                snap_to_bucket=False, decode=False, should_stop=self.should_stop,  # stop between steps, too
+            )
+        except Interrupted as e:  # the batch is dropped; it is redone by the next run
+            raise Stopped() from e
         maps = self._decode(result.latents, domains, [tuple(img.shape[-2:]) for _, img in group])
         for i, (item, image) in enumerate(group):
             self._submit_write(item, tuple(image.shape[-2:]), {name: m[i] for name, m in maps.items()})

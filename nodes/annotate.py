@@ -16,15 +16,20 @@ MAX_BATCH = 64
 
 
 def _folder(path: str, what: str, base_getter: str) -> Path:
-    """Absolute paths as given; relative ones inside ComfyUI's input/output directory."""
+    """Absolute paths as given (the user names a folder on their disk); relative ones inside ComfyUI's input/output
+    directory, and never outside it ("../" that climbs out is refused, as the core save nodes do)."""
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"{what} must be a folder path, got {path!r}.")
     p = Path(os.path.expanduser(path.strip()))
-    if not p.is_absolute():
-        import folder_paths
+    if p.is_absolute():
+        return p
+    import folder_paths
 
-        getter = getattr(folder_paths, base_getter, None)
-        p = Path(getter() if getter else os.getcwd()) / p
+    getter = getattr(folder_paths, base_getter, None)
+    base = Path(getter() if getter else os.getcwd()).resolve()
+    p = (base / p).resolve()
+    if os.path.commonpath([base, p]) != str(base):
+        raise ValueError(f"{what} {path!r} points outside {base}; give an absolute path to use another folder.")
     return p
 
 
@@ -68,6 +73,10 @@ class JodiAnnotateFolder(io.ComfyNode):
                                       tooltip="Done, skipped and failed counts and the output folder.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> float:
+        return float("nan")  # the folders change outside the graph: run every time (finished images are skipped)
 
     @classmethod
     def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,

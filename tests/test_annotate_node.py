@@ -26,8 +26,9 @@ def test_annotate_folder_node_writes_resumes_and_interrupts(pack, tmp_path):  # 
     model, vae = _models(pack)
     interrupt = sys_modules_mm(pack).InterruptProcessingException
 
-    # With batches of one the interrupt check runs twice per image (read, batch): the 5th check stops the run.
-    pack.events.interrupt_after = 4
+    # With batches of one and 2 steps the interrupt check runs 4 times per image (read, batch, each step): the 11th
+    # check stops the run inside the third image's sampling, which is dropped and redone by the next run.
+    pack.events.interrupt_after = 10
     with pytest.raises(interrupt):
         node.execute(model, vae, str(src), str(out), "depth, seg", 2, 1, 0)
     assert not (out / "metadata.jsonl").exists()
@@ -56,6 +57,10 @@ def test_annotate_folder_node_errors(pack, tmp_path):  # noqa: F811
         node.execute(model, vae, str(tmp_path), str(tmp_path / "out"), "depth, height", 2, 1, 0)
     with pytest.raises(TypeError, match="Load Jodi Model"):
         node.execute(None, vae, str(tmp_path), str(tmp_path / "out"), "all", 2, 1, 0)
+    with pytest.raises(ValueError, match="points outside"):  # relative paths stay inside ComfyUI's output folder
+        node.execute(model, vae, str(tmp_path), "../../elsewhere", "all", 2, 1, 0)
+    fingerprint = node.fingerprint_inputs(input_folder=str(tmp_path))
+    assert fingerprint != fingerprint  # NaN: never served from the cache, the folders change outside the graph
 
 
 def sys_modules_mm(pack):  # noqa: F811
