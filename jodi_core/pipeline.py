@@ -163,8 +163,9 @@ class JodiPipeline:
     @staticmethod
     def make_noise(batch: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         """Seeds ``seed, seed + 1, ...`` per sample on a CPU generator, so results do not depend on the device or on
-        the batch size (sample ``i`` of a batch equals a batch of one with seed ``seed + i``)."""
-        return JodiPipeline.noise_from_seeds([int(seed) + i for i in range(batch)], shape)
+        the batch size (sample ``i`` of a batch equals a batch of one with seed ``seed + i``). The seeds wrap around
+        at 2**64, the generator's range, so the largest seed still takes a batch."""
+        return JodiPipeline.noise_from_seeds([(int(seed) + i) % 2**64 for i in range(batch)], shape)
 
     @staticmethod
     def noise_from_seeds(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:

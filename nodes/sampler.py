@@ -59,8 +59,8 @@ def _sampling_inputs(cfg: bool = True, batch: bool = True):
             tooltip="Classifier-free guidance scale (reference 4.5). 1 or no prompt: a single pass per step."))
     inputs += [
         io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
-                     tooltip="Noise seed. Sample i of a batch uses seed + i; the noise is drawn on the CPU, so a seed "
-                             "gives the same result on any device."),
+                     tooltip="Noise seed. Sample i of a batch uses seed + i (wrapping at 2^64); the noise is drawn "
+                             "on the CPU, so a seed gives the same result on any device."),
         io.Combo.Input("sampler", options=list(nodekit.SAMPLERS), default="dpm++2m-flow",
                        tooltip="dpm++2m-flow: the reference's DPM-Solver++ (2M) for flow matching. euler-flow: "
                                "first-order Euler steps on the velocity."),

@@ -60,6 +60,13 @@ def test_seeds_are_per_sample_and_independent_of_batch(pipe):
     assert torch.equal(batch.latents, again.latents)
 
 
+def test_seeds_wrap_around_at_the_top_of_the_range():
+    top = 2**64 - 1
+    noise = JodiPipeline.make_noise(2, (2, 4, 4), top)  # the largest seed a node accepts, with a batch of 2
+    assert torch.equal(noise[0], JodiPipeline.make_noise(1, (2, 4, 4), top)[0])
+    assert torch.equal(noise[1], JodiPipeline.make_noise(1, (2, 4, 4), 0)[0])
+
+
 def test_outputs_come_back_at_the_requested_size(pipe):
     out = pipe([G] + [I] * 6 + [G], 50, 70, steps=1)
     assert out.images["image"].shape == (1, 3, 50, 70)
