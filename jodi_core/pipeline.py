@@ -85,6 +85,24 @@ class JodiPipeline:
         imaging.check_size(height, width, self.compression)
         return height, width
 
+    def working_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool) -> int:
+        """Rough bytes of activations for one DiT step (hosts reserve this before loading the models): float32,
+        about 12 live (rows, tokens, hidden) tensors in a block, for the domains that are not ignored."""
+        roles = parse_roles(roles)
+        work_h, work_w = self.working_size(height, width)
+        active = int((roles[0] != Role.IGNORE).sum())
+        tokens = active * (work_h // self.compression) * (work_w // self.compression) + 300
+        hidden = int(getattr(getattr(self.transformer, "config", None), "hidden_size", 2240))
+        rows = batch * (2 if use_cfg else 1)
+        return rows * tokens * hidden * 4 * 12
+
+    @staticmethod
+    def uses_cfg(roles, has_prompt: bool, cfg_scale: float) -> bool:
+        """Whether sampling runs a second, unconditional branch: only with a prompt and a scale other than 1, and
+        never when the image is a condition (perception drops the caption, as the reference does)."""
+        roles = parse_roles(roles)
+        return has_prompt and cfg_scale != 1.0 and not bool((roles[:, 0] == Role.CONDITION).all())
+
     # ---- VAE -------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -200,7 +218,7 @@ class JodiPipeline:
         model = self.transformer
 
         caption_dropped = bool((roles[:, 0] == Role.CONDITION).all())
-        use_cfg = prompt_embeds is not None and cfg_scale != 1.0 and not caption_dropped
+        use_cfg = self.uses_cfg(roles, prompt_embeds is not None, cfg_scale)
         if prompt_embeds is not None:
             _check_finite("prompt_embeds", prompt_embeds)
             if prompt_embeds.dim() == 3:

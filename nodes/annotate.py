@@ -84,6 +84,7 @@ class JodiAnnotateFolder(io.ComfyNode):
         import comfy.utils
 
         from ..jodi_core.annotate import AnnotateConfig, annotate
+        from ..jodi_core.pipeline import JodiPipeline
 
         common.check_patcher(model, "model", "Load Jodi Model")
         common.check_patcher(vae, "vae", "Load Jodi DC-AE")
@@ -97,7 +98,10 @@ class JodiAnnotateFolder(io.ComfyNode):
             batch_size=nodekit.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
             seed=nodekit.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
         )
-        common.load_for_run(model, vae)
+        pipe = JodiPipeline(common.unwrap(model), common.unwrap(vae))
+        perceive = ["condition"] + ["generate" if name in cfg.domains else "ignore" for name in LABEL_NAMES]
+        size = pipe.base_size  # the resolution annotate buckets to
+        common.load_for_run(model, vae, pipe.working_memory(cfg.batch_size, perceive, size, size, use_cfg=False))
         bar = {}
 
         def on_progress(finished: int, total: int) -> None:

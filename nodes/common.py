@@ -189,15 +189,6 @@ def check_patcher(value, what: str, expected: str):
     return value
 
 
-def activation_bytes(model: torch.nn.Module, batch: int, domains: int, h: int, w: int, cfg: bool) -> int:
-    """Rough working-memory estimate for one DiT step, so ComfyUI frees enough room before loading."""
-    cfg_obj = getattr(model, "config", None)
-    hidden = int(getattr(cfg_obj, "hidden_size", 2240))
-    tokens = domains * h * w + 300
-    rows = batch * (2 if cfg else 1)
-    return int(rows * tokens * hidden * 4 * 12)  # float32 activations, ~12 live (B, N, D) tensors in a block
-
-
 def load_fully(patchers, memory_required: int = 0) -> None:
     """Load the patchers' models whole onto their device. Our modules are plain torch (no ComfyUI weight casting), so
     a partial ("lowvram") load would leave some weights on the CPU and fail mid-run; ask for a full load, and turn

@@ -102,11 +102,8 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     pipe = JodiPipeline(transformer, vae)
     height, width = nodekit.resolve_size(settings.aspect, settings.width, settings.height,
                                          roles.first_condition_size(), pipe.base_size, pipe.compression)
-    work_h, work_w = pipe.working_size(height, width)
-    active = sum(r != "ignore" for r in roles.roles)
-    use_cfg = emb is not None and settings.cfg != 1.0 and roles.roles[0] != "condition"
-    need = common.activation_bytes(transformer, batch, active, work_h // pipe.compression,
-                                   work_w // pipe.compression, use_cfg)
+    use_cfg = pipe.uses_cfg(list(roles.roles), emb is not None, settings.cfg)
+    need = pipe.working_memory(batch, list(roles.roles), height, width, use_cfg)
     common.load_for_run(model_patcher, vae_patcher, need)
 
     role_row = torch.tensor([["generate", "condition", "ignore"].index(r) for r in roles.roles])

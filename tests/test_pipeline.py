@@ -100,3 +100,14 @@ def test_bad_input_gets_a_clear_error(pipe, kwargs, match):
     roles = args.pop("roles")
     with pytest.raises(ValueError, match=match):
         pipe(roles, **args)
+
+
+def test_cfg_rule_and_working_memory(pipe):
+    joint, perceive = ["generate"] * 8, ["condition"] + ["generate"] * 7
+    assert JodiPipeline.uses_cfg(joint, True, 4.5)
+    assert not JodiPipeline.uses_cfg(joint, False, 4.5) and not JodiPipeline.uses_cfg(joint, True, 1.0)
+    assert not JodiPipeline.uses_cfg(perceive, True, 4.5)  # perception drops the caption: no second branch
+    one = pipe.working_memory(1, joint, 64, 64, use_cfg=False)
+    assert pipe.working_memory(2, joint, 64, 64, use_cfg=True) == 4 * one  # 2 samples x 2 branches
+    depth_only = ["condition", "ignore", "ignore", "generate"] + ["ignore"] * 4
+    assert pipe.working_memory(1, depth_only, 64, 64, use_cfg=False) < one  # ignored domains take no tokens
