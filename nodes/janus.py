@@ -141,12 +141,6 @@ def load_janus_patcher(model_name: str, dtype_choice: str):
                                             offload_device=offload_device)
 
 
-def _kv_cache_bytes(model, rows: int, length: int) -> int:
-    lm = model.config.language
-    elem = torch.finfo(model.dtype).bits // 8
-    return int(2 * lm.num_layers * rows * length * lm.num_kv_heads * lm.head_dim * elem)
-
-
 def _ready(model_patcher, working_memory=None):
     """The JanusModel behind a patcher, loaded on the patcher's device with room for ``working_memory(model)`` bytes
     of activations and KV cache."""
@@ -207,31 +201,17 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip('"').strip()
 
 
-def _answer_room(model, images, questions) -> int:
-    """Tokens left for the answer in the model's context after the longest prompt of the rows."""
-    processor = model.processor
-    longest = 0
-    for image, question in zip(images, questions):
-        count = 0 if image is None else (1 if image.dim() == 3 else image.shape[0])
-        ids = processor.tokenizer.encode(processor.understanding_prompt(question, count))
-        longest = max(longest, len(ids) + count * (processor.num_image_tokens + 1))  # placeholder -> boi, N, eoi
-    room = model.config.language.max_position_embeddings - longest
-    if room < 1:
-        raise ValueError(f"The prompt takes {longest} tokens, the whole context of this Janus model; ask about "
-                         "fewer images at once or shorten the question.")
-    return room
-
-
 def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:
     """Answers row by row in chunks: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
     from ..jodi_core.janus import janus_understand
 
     common.interrupt_check()
     rows = len(questions)
-    images_per_row = max(0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images)
+    counts = [0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images]  # images per row
+    images_per_row = max(counts)
     # Prompt (system text + 576 tokens per image) plus the answer, for the rows of one chunk.
-    model = _ready(model_patcher, lambda m: _kv_cache_bytes(
-        m, min(rows, UNDERSTAND_CHUNK), 128 + images_per_row * m.processor.num_image_tokens + max_new_tokens))
+    model = _ready(model_patcher, lambda m: m.kv_cache_bytes(
+        min(rows, UNDERSTAND_CHUNK), 128 + images_per_row * m.processor.num_image_tokens + max_new_tokens))
     chunks = [range(i, min(i + UNDERSTAND_CHUNK, rows)) for i in range(0, rows, UNDERSTAND_CHUNK)]
     progress = _Progress(max_new_tokens * len(chunks))
     answers: list[str] = []
@@ -239,7 +219,7 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
         progress.offset = n * max_new_tokens
         rows_images = [images[i] for i in chunk]
         rows_questions = [questions[i] for i in chunk]
-        limit = _answer_room(model, rows_images, rows_questions)
+        limit = model.answer_room(rows_questions, [counts[i] for i in chunk])
         if limit < max_new_tokens:
             log.warning("Janus: max_new_tokens %d does not fit the model's context after the prompt; using %d.",
                         max_new_tokens, limit)
@@ -482,7 +462,7 @@ class JanusGenerate(io.ComfyNode):
         batch_size = nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
         common.interrupt_check()
         # Conditional and unconditional rows: prompt plus the image tokens.
-        janus = _ready(model, lambda m: _kv_cache_bytes(m, 2 * batch_size, 256 + m.config.gen_image_tokens))
+        janus = _ready(model, lambda m: m.kv_cache_bytes(2 * batch_size, 256 + m.config.gen_image_tokens))
         progress = _Progress(janus.config.gen_image_tokens)
         codes = janus_generate_codes(janus, prompt, cfg_weight=cfg, temperature=temperature,
                                      parallel_size=batch_size, seed=seed, callback=progress)

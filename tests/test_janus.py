@@ -114,6 +114,9 @@ def test_cached_decoding_matches_full_forward_with_left_padding(model):
         ref = lm.model(full_embeds, positions_from_mask(full_mask, full_ids.shape), None, full_mask)
 
         cache = model.new_cache(b, t + 3)
+        assert model.kv_cache_bytes(b, t + 3) == cache.k.nbytes + cache.v.nbytes  # what hosts reserve
+        assert model.prompt_length("Hi", 1) == int(batch.attention_mask[0].sum())
+        assert model.prompt_length("What is in the picture?", 0) == int(batch.attention_mask[1].sum())
         cache.set_padding(batch.attention_mask)
         pos = positions_from_mask(batch.attention_mask, (b, t))
         k_ptr = cache.k.data_ptr()

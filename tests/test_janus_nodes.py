@@ -188,14 +188,14 @@ def test_answer_length_is_capped_to_the_context(pack, reference, caplog):
     question = pack.janus.CAPTION_PRESETS["detailed"][0]
     batch = reference.processor.understanding_batch([question], [[image[0].permute(2, 0, 1)]])
     room = reference.config.language.max_position_embeddings - batch.input_ids.shape[1]
-    assert pack.janus._answer_room(reference, [image[0].permute(2, 0, 1)], [question]) == room
+    assert reference.answer_room([question], [1]) == room  # the counted prompt is the one the processor builds
     with caplog.at_level("WARNING"):
         caption = pack.nodes["JanusCaption"].execute(patcher, image, "detailed", 4000).result[0]
     assert "does not fit the model's context" in caplog.text
     expected = janus_understand(reference, image.permute(0, 3, 1, 2), question, max_new_tokens=room)
     assert caption == [e.strip() for e in expected]
     with pytest.raises(ValueError, match="whole context"):
-        pack.janus._answer_room(reference, [torch.rand(40, 3, 8, 8)], [question])  # 40 x 16 image tokens > 512
+        reference.answer_room([question], [40])  # 40 x 16 image tokens > 512
 
 
 def test_ask_modes(pack, reference):

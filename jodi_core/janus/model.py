@@ -119,6 +119,27 @@ class JanusModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.config.language, batch, max_len, dtype=self.dtype, device=self.device)
 
+    def kv_cache_bytes(self, batch: int, max_len: int) -> int:
+        """Bytes that ``new_cache(batch, max_len)`` takes (keys and values of every layer): what a host reserves."""
+        lm = self.config.language
+        elem = torch.finfo(self.dtype).bits // 8
+        return int(2 * lm.num_layers * batch * max_len * lm.num_kv_heads * lm.head_dim * elem)
+
+    def prompt_length(self, question: str, num_images: int) -> int:
+        """Tokens of one understanding prompt once its image placeholders are expanded (boi, N image tokens, eoi)."""
+        processor = self.processor
+        ids = processor.tokenizer.encode(processor.understanding_prompt(question, num_images))
+        return len(ids) + num_images * (processor.num_image_tokens + 1)
+
+    def answer_room(self, questions, images_per_row) -> int:
+        """Tokens left for the answer in the context after the longest of these prompts; a clear error when none."""
+        longest = max(self.prompt_length(q, n) for q, n in zip(questions, images_per_row))
+        room = self.config.language.max_position_embeddings - longest
+        if room < 1:
+            raise ValueError(f"The prompt takes {longest} tokens, the whole context of this Janus model; ask about "
+                             "fewer images at once or shorten the question.")
+        return room
+
 
 def positions_from_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
     """Rotary positions that start at 0 on each row's first real token (left padding), as the reference's generate."""
