@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -47,7 +48,8 @@ from jodi_core import metrics  # noqa: E402
 from jodi_core.domains import Role  # noqa: E402
 
 HELD_OUT_SEED = 20260523  # the synthetic world's seed for evaluation
-TRAINING_SEEDS = (0, 1)  # the worlds the demo model was trained on: configs/demo.json, configs/demo_cpu_finetune.json
+# The worlds the demo model was trained on: each training config's seed is its synthetic world's seed.
+TRAINING_SEEDS = tuple(sorted({json.loads(f.read_text()).get("seed", 0) for f in (REPO / "configs").glob("*.json")}))
 SIZE = 64
 EDGE_TOLERANCE = 1  # pixels
 JOINT_MIN_DISPARITY = 0.05
