@@ -554,6 +554,9 @@ class Trainer:
         else:
             self.dcae = DCAE(DCAEConfig(**cfg.dcae))
         self.dcae.to(self.device).float()
+        f = self.dcae.spatial_compression
+        if cfg.data.size % f:
+            raise ValueError(f"data.size {cfg.data.size} must be a multiple of the DC-AE's compression {f}.")
         self.scaling_factor = cfg.scaling_factor
         if self.scaling_factor is None and cfg.dcae_checkpoint and cfg.dcae_steps == 0:
             self.scaling_factor = self.dcae.scaling_factor

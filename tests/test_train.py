@@ -329,6 +329,11 @@ def test_config_types_are_checked():
         TrainConfig(dit_lr=-1e-4).validate()
 
 
+def test_training_size_must_fit_the_autoencoder(tmp_path):
+    with pytest.raises(ValueError, match="multiple of the DC-AE's compression 4"):
+        train(_config(tmp_path, data=DataConfig(size=30)))
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")),
                          ids=lambda p: p.name)
 def test_shipped_training_configs_are_valid(path):
