@@ -68,10 +68,13 @@ def _captions(model: torch.nn.Module, positive, negative):
         if negative is not None:
             log.warning("Jodi: a negative prompt without a positive one has no effect (no CFG runs); ignoring it.")
         return None, None, None
-    from .text_encode import caption_from_conditioning
+    from .text_encode import caption_from_conditioning, null_from_conditioning
 
     emb, mask = caption_from_conditioning(positive, "positive")
-    neg = caption_from_conditioning(negative, "negative")[0] if negative is not None else None
+    if negative is not None:
+        neg = caption_from_conditioning(negative, "negative")[0]
+    else:  # the reference's default: "" through Gemma (else the pipeline falls back to the model's stored null)
+        neg = null_from_conditioning(positive)
     channels = getattr(getattr(model, "config", None), "caption_channels", None)
     for what, t in (("positive", emb), ("negative", neg)):
         if t is not None and channels is not None and t.shape[-1] != channels:

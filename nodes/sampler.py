@@ -28,8 +28,9 @@ def _prompt_inputs():
                     "caption; no text encoder needed, e.g. for perception)."),
         io.Conditioning.Input(
             "negative", optional=True,
-            tooltip="Negative prompt from Jodi Text Encode (instruction prefix off). Unconnected: the stored empty "
-                    "caption, as the reference does. Used only with a positive prompt and cfg != 1."),
+            tooltip="Negative prompt from Jodi Text Encode (instruction prefix off). Unconnected: the empty caption "
+                    "\"\" through the same Gemma, as the reference does (Jodi Text Encode attaches it to the "
+                    "positive). Used only with a positive prompt and cfg != 1."),
     ]
 
 

@@ -5,9 +5,10 @@ Input: the CLIP object of core ``CLIPLoader`` (type ``lumina2``) loaded from a s
 gemma-2-2b file used by Lumina Image 2.0 loads without error but gives the wrong embeddings.
 
 Output: standard CONDITIONING, ``[[emb (1, 300, C) float32, {"attention_mask": (1, 300) int64, "jodi_caption":
-{...}}]]``. It is standard so that core plumbing works (reroutes, switches); the ``jodi_caption`` marker lets
-the Jodi sampler refuse conditioning from other encoders with a clear message instead of a shape error. Samplers
-turn it into the DiT's inputs with ``caption_from_conditioning``.
+{"chi": bool, "null": (1, 300, C)}}]]``; ``null`` is the reference's unconditional caption (``""`` through the same
+Gemma), the sampler's negative when none is connected. It is standard so that core plumbing works (reroutes,
+switches); the ``jodi_caption`` marker lets the Jodi sampler refuse conditioning from other encoders with a clear
+message instead of a shape error. Samplers turn it into the DiT's inputs with ``caption_from_conditioning``.
 
 How the numbers match the reference (see ``jodi_core.text``):
 - the final hidden state after the final RMSNorm: asking ComfyUI for a layer index beyond the layer count makes it
@@ -28,7 +29,8 @@ from ..jodi_core.text import (
     CHI_PROMPT, MODEL_MAX_LENGTH, PAD_ID, caption_length, caption_text, layout_tokens, select_caption,
 )
 
-__all__ = ["JodiTextEncode", "encode_caption", "caption_from_conditioning", "CAPTION_KEY"]
+__all__ = ["JodiTextEncode", "encode_caption", "encode_null_caption", "caption_from_conditioning",
+           "null_from_conditioning", "CAPTION_KEY"]
 
 CAPTION_KEY = "jodi_caption"
 _TOKENIZER_KEY = "gemma2_2b"
@@ -83,6 +85,12 @@ def encode_caption(clip, text: str, chi: bool = True) -> tuple[torch.Tensor, tor
     return emb[:, 0], mask
 
 
+def encode_null_caption(clip) -> torch.Tensor:
+    """The reference's unconditional caption for CFG, (1, 300, C): ``""`` without the instruction prefix, i.e. BOS
+    and 299 pads through the same Gemma."""
+    return encode_caption(clip, "", chi=False)[0]
+
+
 def caption_from_conditioning(conditioning, what: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
     """CONDITIONING from Jodi Text Encode -> (B, 1, 300, C) caption embedding and (B, 300) mask for the DiT."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
@@ -105,6 +113,13 @@ def caption_from_conditioning(conditioning, what: str = "positive") -> tuple[tor
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
     mask = mask.reshape(-1, MODEL_MAX_LENGTH).expand(emb.shape[0], -1)
     return emb[:, None], mask
+
+
+def null_from_conditioning(conditioning) -> "torch.Tensor | None":
+    """The ``""`` caption Jodi Text Encode attached to ``conditioning``, (1, 1, 300, C); None if it has none."""
+    extras = conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    null = extras.get(CAPTION_KEY, {}).get("null")
+    return null[:, None] if torch.is_tensor(null) else None
 
 
 class JodiTextEncode(io.ComfyNode):
@@ -139,5 +154,7 @@ class JodiTextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, text: str, complex_human_instruction: bool = True) -> io.NodeOutput:
         emb, mask = encode_caption(clip, text, chi=bool(complex_human_instruction))
-        extras = {"attention_mask": mask, CAPTION_KEY: {"chi": bool(complex_human_instruction)}}
+        # The sampler's default negative, as the reference's: the empty caption through the same Gemma.
+        null = encode_null_caption(clip)
+        extras = {"attention_mask": mask, CAPTION_KEY: {"chi": bool(complex_human_instruction), "null": null}}
         return io.NodeOutput([[emb, extras]])

@@ -468,6 +468,14 @@ def test_sampler_with_caption_uses_cfg_and_checks_width(pack):
     with_text = pack.nodes["JodiSampler"].execute(model, vae, roles, positive=cond, **kwargs).result[0]
     without = pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs).result[0]
     assert not torch.equal(with_text.samples, without.samples)
+    # Without a negative, the "" caption Jodi Text Encode attaches is the unconditional branch, as in the reference.
+    null = torch.randn(1, 300, 16)
+    with_null = [[cond[0][0], {**cond[0][1], te.CAPTION_KEY: {"null": null}}]]
+    implicit = pack.nodes["JodiSampler"].execute(model, vae, roles, positive=with_null, **kwargs).result[0]
+    explicit = pack.nodes["JodiSampler"].execute(model, vae, roles, positive=cond,
+                                                 negative=[[null, {te.CAPTION_KEY: {}}]], **kwargs).result[0]
+    assert torch.equal(implicit.samples, explicit.samples)
+    assert not torch.equal(implicit.samples, with_text.samples)  # (with_text fell back to the stored null)
     wide = [[torch.randn(1, 300, 32), cond[0][1]]]
     with pytest.raises(ValueError, match="channels but this Jodi model takes 16"):
         pack.nodes["JodiSampler"].execute(model, vae, roles, positive=wide, **kwargs)

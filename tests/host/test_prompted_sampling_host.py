@@ -65,6 +65,19 @@ def test_prompted_sampling_matches_the_pipeline(comfy, host_models, probe_dir):
     assert latent.shape == ref.latents.shape  # (1, 8, 32, h, w) at the snapped bucket size
     torch.testing.assert_close(latent, ref.latents.float(), rtol=1e-4, atol=1e-4)
 
+    # No negative connected: the "" caption the positive carries is the unconditional branch, as in the reference.
+    graph = _graph(host_models, "a red cat sleeping on a sofa", "blurry", "cat_nonneg")
+    del graph["7"]["inputs"]["negative"]
+    comfy.run_prompt(graph)
+    implicit = load_file(probe_dir / "cat_nonneg_latent.safetensors")["value.samples"]
+    with torch.no_grad():
+        ref = pipe(["generate"] * 8, SETTINGS["height"], SETTINGS["width"],
+                   prompt_embeds=pos["value.0.0"][:, None], prompt_mask=pos["value.0.1.attention_mask"],
+                   negative_embeds=pos["value.0.1.jodi_caption.null"][:, None], steps=SETTINGS["steps"],
+                   cfg_scale=SETTINGS["cfg"], flow_shift=SETTINGS["flow_shift"], sampler="dpmpp_2m",
+                   seed=SETTINGS["seed"], decode=False)
+    torch.testing.assert_close(implicit, ref.latents.float(), rtol=1e-4, atol=1e-4)
+
     comfy.run_prompt(_graph(host_models, "mountains above a lake at sunset", "blurry", "lake"))
     other = load_file(probe_dir / "lake_latent.safetensors")["value.samples"]
     assert (other - latent).abs().max() > 1e-3, "the prompt did not change the result"

@@ -62,6 +62,9 @@ def test_matches_hf_sdpa_reference(comfy, host_models, hf_reference, probe_dir, 
     assert torch.equal(mask.long(), ref_mask.long())
     err = (emb - ref_emb).abs().max().item()
     assert err < 1e-4, f"max abs error {err:.2e} vs HF SDPA (embedding scale {ref_emb.abs().max():.2f})"
+    # The attached unconditional caption is the reference's null caption: "" without the prefix.
+    null_ref = reference_caption(*hf_reference, "", chi=False)[0]
+    assert (out["value.0.1.jodi_caption.null"] - null_ref).abs().max().item() < 1e-4
 
 
 def test_norm_rounding_is_below_the_reference_precision(comfy, host_models, probe_dir):
