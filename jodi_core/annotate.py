@@ -82,6 +82,7 @@ class AnnotateConfig:
     seed: int = 0
     sampler: str = "dpmpp_2m"
     flow_shift: float = 3.0
+    fit: str = "stretch"  # into its bucket: "stretch" keeps the maps aligned with the image; "crop": the reference
     jpeg_quality: int = 95
     stop_after: Optional[int] = None  # stop (without merging) once this many images are done, per rank or Ray worker
     progress: bool = True
@@ -97,6 +98,8 @@ class AnnotateConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
         if self.resolution is not None and (int(self.resolution) != self.resolution or self.resolution < 32):
             raise ValueError(f"resolution must be an integer >= 32, got {self.resolution!r}.")
+        if self.fit not in imaging.CONDITION_FITS:
+            raise ValueError(f"fit must be one of {', '.join(imaging.CONDITION_FITS)}, got {self.fit!r}.")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
         if self.stop_after is not None and self.stop_after < 0:
@@ -518,7 +521,7 @@ class Annotator:
                 raise Stopped()
         work_h, work_w = bucket
         roles = [Role.CONDITION] + [Role.GENERATE if d.name in domains else Role.IGNORE for d in DOMAINS[1:]]
-        cond = torch.stack([imaging.resize_and_crop(img[None], work_h, work_w)[0] for _, img in group])
+        cond = torch.stack([imaging.fit_condition(img[None], work_h, work_w, self.cfg.fit)[0] for _, img in group])
         try:
             result = self.pipe(
                 roles, work_h, work_w, conditions={"image": cond}, steps=self.cfg.steps, cfg_scale=1.0,
@@ -777,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="mixed into every image's path-derived noise seed")
     p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler"])
     p.add_argument("--flow-shift", type=float, default=3.0)
+    p.add_argument("--fit", default="stretch", choices=list(imaging.CONDITION_FITS),
+                   help="stretch (default): each image is resized into its aspect bucket, so the maps line up with "
+                        "it exactly; crop: cover and centre-crop as the reference app does (maps of images whose "
+                        "aspect ratio is not a bucket's are then shifted near the borders)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--stop-after", type=int, help="stop after this many images without merging (tests resuming)")
     p.add_argument("--no-progress", action="store_true")
@@ -794,7 +801,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     return AnnotateConfig(
         input=args.input, output=args.output, dit=args.dit, vae=args.vae, domains=domains, resolution=args.resolution,
         steps=args.steps, batch_size=args.batch_size, dtype=args.dtype, device=args.device, seed=args.seed,
-        sampler=args.sampler, flow_shift=args.flow_shift, stop_after=args.stop_after,
+        sampler=args.sampler, flow_shift=args.flow_shift, fit=args.fit, stop_after=args.stop_after,
         progress=not args.no_progress, threads=args.threads,
     ).validate()
 

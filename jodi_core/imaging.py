@@ -102,6 +102,21 @@ def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tens
     return center_crop(resize(images, *size), height, width)
 
 
+CONDITION_FITS = ("crop", "stretch")
+
+
+def fit_condition(images: torch.Tensor, height: int, width: int, fit: str = "crop") -> torch.Tensor:
+    """Bring condition images to the working size. ``"crop"``: cover and centre-crop, as the reference does (the
+    outputs, resized back to the input's size, are then shifted against it near the borders when its aspect ratio
+    is not the bucket's). ``"stretch"``: resize to the working size, so that resizing the outputs back lines them up
+    with the input pixel for pixel (the model sees the input slightly squeezed instead)."""
+    if fit == "crop":
+        return resize_and_crop(images, height, width)
+    if fit == "stretch":
+        return resize(images, height, width)
+    raise ValueError(f"condition fit must be one of {', '.join(CONDITION_FITS)}, got {fit!r}.")
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1]."""
     return images * 2 - 1

@@ -55,7 +55,8 @@ def _batch_rows(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
         return t
     if t.shape[0] == 1:
         return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch}; give 1 or {batch}.")
+    raise ValueError(f"{name} has {t.shape[0]} rows for a batch of {batch}; give one row (used for every sample) "
+                     f"or one per sample.")
 
 
 class JodiPipeline:
@@ -152,8 +153,12 @@ class JodiPipeline:
         width: int,
         *,
         tiled: bool = False,
+        fit: str = "crop",
     ) -> torch.Tensor:
-        """Clean latents ``(B, 8, C, h, w)`` for the role-1 domains (zeros elsewhere, as the reference)."""
+        """Clean latents ``(B, 8, C, h, w)`` for the role-1 domains (zeros elsewhere, as the reference); ``fit``: how
+        condition images are brought to ``height x width`` (:func:`imaging.fit_condition`)."""
+        if fit not in imaging.CONDITION_FITS:
+            raise ValueError(f"condition_fit must be one of {', '.join(imaging.CONDITION_FITS)}, got {fit!r}.")
         B = roles.shape[0]
         h, w = height // self.compression, width // self.compression
         channels = int(getattr(getattr(self.transformer, "config", None), "in_channels", 32))
@@ -172,9 +177,10 @@ class JodiPipeline:
                 shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"The {DOMAINS[d].name} condition must be a (B, 3, H, W) image tensor, got {shape}.")
             _check_finite(f"The {DOMAINS[d].name} condition image", img)
-            img = _batch_rows(f"The {DOMAINS[d].name} condition image", img.float(), B)
-            img = imaging.resize_and_crop(img.clamp(0, 1), height, width)
-            z = self.encode(img, tiled=tiled).cpu()
+            if img.shape[0] not in (1, B):
+                _batch_rows(f"The {DOMAINS[d].name} condition image", img, B)  # raises the clear error
+            img = imaging.fit_condition(img.float().clamp(0, 1), height, width, fit)
+            z = self.encode(img, tiled=tiled).cpu().expand(B, -1, -1, -1)  # one image for all rows: encoded once
             clean_x[:, d] = torch.where(needed[:, None, None, None], z, clean_x[:, d])
         return clean_x
 
@@ -288,9 +294,11 @@ class JodiPipeline:
         should_stop: Optional[Callable[[], bool]] = None,
         decode: bool = True,
         tiled_decode: bool = False,
+        condition_fit: str = "crop",
     ) -> JodiResult:
         """``seeds``: one noise seed per sample (overrides ``seed``; the batch is ``len(seeds)``), for callers whose
-        samples must not depend on how they are batched."""
+        samples must not depend on how they are batched. ``condition_fit``: ``"crop"`` (the reference) or
+        ``"stretch"`` (outputs line up with the condition images; see :func:`imaging.fit_condition`)."""
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if not seeds or batch_size not in (1, len(seeds)):
@@ -309,7 +317,7 @@ class JodiPipeline:
             raise ValueError(f"Got {role_table.shape[0]} rows of roles but batch_size {batch_size}.")
         B = role_table.shape[0]
         work_h, work_w = self.working_size(height, width, snap_to_bucket)
-        clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w)
+        clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w, fit=condition_fit)
         if seeds is not None and len(seeds) != B:
             raise ValueError(f"Got {len(seeds)} seeds for {B} rows of roles.")
         shape = tuple(clean_x.shape[1:])

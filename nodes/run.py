@@ -33,9 +33,11 @@ class RunSettings:
     sampler: str = "dpm++2m-flow"
     flow_shift: float = 3.0
     batch_size: int = 1
+    condition_fit: str = "stretch"
 
     def check(self) -> "RunSettings":
         nodekit.check_choice("aspect", self.aspect, nodekit.ASPECT_CHOICES)
+        nodekit.check_choice("condition_fit", self.condition_fit, imaging.CONDITION_FITS)
         nodekit.check_choice("sampler", self.sampler, tuple(nodekit.SAMPLERS))
         self.steps = nodekit.check_number("steps", self.steps, 1, MAX_STEPS, integer=True)
         self.cfg = nodekit.check_number("cfg", self.cfg, 0.0, MAX_CFG)
@@ -52,7 +54,7 @@ def check_combo_inputs(**values) -> "bool | str":
     """validate_inputs body for the combos the server does not check (None = linked, checked at run time)."""
     tables = {
         "aspect": nodekit.ASPECT_CHOICES, "sampler": tuple(nodekit.SAMPLERS), "mask_class": SEG12_CLASSES,
-        "unconnected_labels": ("ignore", "generate"),
+        "unconnected_labels": ("ignore", "generate"), "condition_fit": imaging.CONDITION_FITS,
     }
     try:
         for name, value in values.items():
@@ -115,7 +117,7 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
         list(roles.roles), height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
         sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
-        decode=False,
+        decode=False, condition_fit=settings.condition_fit,
     )
     latent = nodekit.JodiLatent(result.latents.float().cpu(), result.roles.cpu(), height, width)
     if decode:
@@ -123,7 +125,8 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
         wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
         result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted)
         for name, image in conditions.items():
-            result.images[name] = imaging.resize_and_crop(image, height, width).expand(latent.batch, -1, -1, -1)
+            fitted = imaging.fit_condition(image, height, width, settings.condition_fit)
+            result.images[name] = fitted.expand(latent.batch, -1, -1, -1)
         if result.seg_index is None and "segmentation" in conditions:
             result.seg_index = nodekit.seg_index_from_image(nodekit.bchw_to_image(result.images["segmentation"]))
     return latent, result

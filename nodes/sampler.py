@@ -76,6 +76,16 @@ def _sampling_inputs(cfg: bool = True, batch: bool = True):
     return inputs
 
 
+def _fit_input():
+    return io.Combo.Input(
+        "condition_fit", options=list(imaging.CONDITION_FITS), default="stretch", optional=True,
+        tooltip="How condition images are brought to the sampling size (the nearest official aspect bucket). "
+                "stretch: resized to it, so the maps and the image line up with the inputs pixel for pixel (the "
+                "model sees the input slightly squeezed when its aspect ratio is not a bucket's). crop: covered and "
+                "centre-cropped as the reference app does; its outputs, resized back, are then shifted near the "
+                "borders for such inputs.")
+
+
 def _decode_inputs():
     return [
         io.Boolean.Input("tiled_decode", default=False,
@@ -120,15 +130,15 @@ class JodiSampler(io.ComfyNode):
                 "image when ComfyUI's previews are on) and stops on Cancel."
             ),
             inputs=[*_model_inputs(), common.JodiRolesType.Input("roles", tooltip="From Jodi Roles / Conditions."),
-                    *_prompt_inputs(), *_size_inputs(), *_sampling_inputs()],
+                    *_prompt_inputs(), *_size_inputs(), *_sampling_inputs(), _fit_input()],
             outputs=[common.JodiLatentType.Output(
                 display_name="jodi_latent",
                 tooltip="Latents of all 8 domains with their roles and the output size, for Jodi Decode.")],
         )
 
     @classmethod
-    def validate_inputs(cls, aspect=None, sampler=None):
-        return run.check_combo_inputs(aspect=aspect, sampler=sampler)
+    def validate_inputs(cls, aspect=None, sampler=None, condition_fit=None):
+        return run.check_combo_inputs(aspect=aspect, sampler=sampler, condition_fit=condition_fit)
 
     @classmethod
     def execute(cls, model, vae, roles, positive=None, negative=None, **kwargs) -> io.NodeOutput:
@@ -224,14 +234,15 @@ class JodiControllableGeneration(io.ComfyNode):
                     io.Combo.Input("unconnected_labels", options=["ignore", "generate"], default="ignore",
                                    tooltip="What happens to label maps that are not connected. ignore: left out "
                                            "(faster). generate: made along with the image."),
-                    *_size_inputs(), *_sampling_inputs(), *_decode_inputs()],
+                    *_size_inputs(), *_sampling_inputs(), *_decode_inputs(), _fit_input()],
             outputs=_map_outputs(),
         )
 
     @classmethod
-    def validate_inputs(cls, aspect=None, sampler=None, mask_class=None, unconnected_labels=None):
+    def validate_inputs(cls, aspect=None, sampler=None, mask_class=None, unconnected_labels=None,
+                        condition_fit=None):
         return run.check_combo_inputs(aspect=aspect, sampler=sampler, mask_class=mask_class,
-                                      unconnected_labels=unconnected_labels)
+                                      unconnected_labels=unconnected_labels, condition_fit=condition_fit)
 
     @classmethod
     def execute(cls, model, vae, positive=None, negative=None, unconnected_labels="ignore",
@@ -265,13 +276,13 @@ class JodiPerception(io.ComfyNode):
             ),
             inputs=[*_model_inputs(),
                     io.Image.Input("image", tooltip="Image (or batch of images) to analyse."),
-                    *toggles, *_sampling_inputs(cfg=False, batch=False), *_decode_inputs()],
+                    *toggles, *_sampling_inputs(cfg=False, batch=False), *_decode_inputs(), _fit_input()],
             outputs=_map_outputs(LABEL_NAMES),
         )
 
     @classmethod
-    def validate_inputs(cls, sampler=None, mask_class=None):
-        return run.check_combo_inputs(sampler=sampler, mask_class=mask_class)
+    def validate_inputs(cls, sampler=None, mask_class=None, condition_fit=None):
+        return run.check_combo_inputs(sampler=sampler, mask_class=mask_class, condition_fit=condition_fit)
 
     @classmethod
     def execute(cls, model, vae, image, **kwargs) -> io.NodeOutput:

@@ -138,6 +138,8 @@ def test_config_errors_are_clear(tmp_path):
         ann.AnnotateConfig("a", "b", domains=["image"]).validate()
     with pytest.raises(ValueError, match="steps"):
         ann.AnnotateConfig("a", "b", steps=0).validate()
+    with pytest.raises(ValueError, match="fit must be one of crop, stretch"):
+        ann.AnnotateConfig("a", "b", fit="pad").validate()
     with pytest.raises(ValueError, match="both --dit and --vae"):
         ann.AnnotateConfig("a", "b", dit="x.safetensors").validate()
     with pytest.raises(FileNotFoundError, match="Input not found"):

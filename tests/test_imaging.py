@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from jodi_core.imaging import (
+    fit_condition,
     ASPECT_BUCKETS,
     aspect_preset_size,
     center_crop,
     check_size,
+    resize,
     resize_and_crop,
     snap_to_bucket,
 )
@@ -54,3 +56,21 @@ def test_resize_and_crop_covers_then_crops_centre():
     assert resize_and_crop(tall, 64, 64).shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="Cannot crop"):
         center_crop(tall, 100, 10)
+
+
+def test_stretch_fit_keeps_outputs_aligned_with_the_input_and_crop_does_not():
+    # A 1-px bright column at x = 10 of an 80 px wide, 64 px high input (aspect 0.8, not a bucket's).
+    image = torch.zeros(1, 3, 64, 80)
+    image[..., 10] = 1.0
+    work_h, work_w = snap_to_bucket(64, 80, base_size=64, multiple=8)
+    assert (work_h, work_w) != (64, 80) and work_h / work_w != 64 / 80
+
+    def round_trip(fit):  # into the working size as a condition, then back to the input size as the outputs are
+        back = resize(fit_condition(image, work_h, work_w, fit), 64, 80)
+        return int(back[0, 0, 32].argmax())
+
+    assert round_trip("stretch") == 10
+    assert round_trip("crop") != 10  # the centre crop shifts what comes back
+    assert torch.equal(fit_condition(image, work_h, work_w, "crop"), resize_and_crop(image, work_h, work_w))
+    with pytest.raises(ValueError, match="condition fit must be one of crop, stretch"):
+        fit_condition(image, work_h, work_w, "pad")

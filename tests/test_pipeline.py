@@ -111,3 +111,28 @@ def test_cfg_rule_and_working_memory(pipe):
     assert pipe.working_memory(2, joint, 64, 64, use_cfg=True) == 4 * one  # 2 samples x 2 branches
     depth_only = ["condition", "ignore", "ignore", "generate"] + ["ignore"] * 4
     assert pipe.working_memory(1, depth_only, 64, 64, use_cfg=False) < one  # ignored domains take no tokens
+
+
+def test_condition_fit_and_one_encode_per_condition_image(pipe, monkeypatch):
+    from jodi_core import imaging
+    from jodi_core.domains import parse_roles
+
+    depth = torch.rand(1, 3, 40, 72)
+    roles = parse_roles([G, I, I, C, I, I, I, I], batch=3)
+    rows = []
+    real_encode = pipe.encode
+
+    def counting_encode(images, **kw):
+        rows.append(images.shape[0])
+        return real_encode(images, **kw)
+
+    monkeypatch.setattr(pipe, "encode", counting_encode)
+    stretched = pipe.prepare_conditions(roles, {"depth": depth}, 64, 64, fit="stretch")
+    assert rows == [1]  # one condition image for 3 rows is encoded once
+    expected = real_encode(imaging.resize(depth, 64, 64))[0]
+    assert all(torch.allclose(stretched[b, 3], expected, atol=1e-6) for b in range(3))
+    cropped = pipe.prepare_conditions(roles, {"depth": depth}, 64, 64)  # the reference's crop by default
+    assert torch.allclose(cropped[0, 3], real_encode(imaging.resize_and_crop(depth, 64, 64))[0], atol=1e-6)
+    assert not torch.allclose(cropped, stretched)
+    with pytest.raises(ValueError, match="condition_fit must be one of"):
+        pipe.prepare_conditions(roles, {"depth": depth}, 64, 64, fit="pad")
