@@ -208,11 +208,11 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
     common.interrupt_check()
     rows = len(questions)
     counts = [0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images]  # images per row
-    images_per_row = max(counts)
-    # Prompt (system text + 576 tokens per image) plus the answer, for the rows of one chunk.
+    # The longest prompt (images expanded) plus the answer, for the rows of one chunk.
     model = _ready(model_patcher, lambda m: m.kv_cache_bytes(
-        min(rows, UNDERSTAND_CHUNK), 128 + images_per_row * m.processor.num_image_tokens + max_new_tokens))
+        min(rows, UNDERSTAND_CHUNK), max(map(m.prompt_length, questions, counts)) + max_new_tokens))
     chunks = [range(i, min(i + UNDERSTAND_CHUNK, rows)) for i in range(0, rows, UNDERSTAND_CHUNK)]
+    seed = int(sampling.pop("seed", 0))
     progress = _Progress(max_new_tokens * len(chunks))
     answers: list[str] = []
     for n, chunk in enumerate(chunks):
@@ -223,8 +223,9 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
         if limit < max_new_tokens:
             log.warning("Janus: max_new_tokens %d does not fit the model's context after the prompt; using %d.",
                         max_new_tokens, limit)
+        # Each chunk its own seed: otherwise rows i and i + UNDERSTAND_CHUNK would draw the same random numbers.
         answers += janus_understand(model, rows_images, rows_questions, max_new_tokens=min(max_new_tokens, limit),
-                                    callback=progress, **sampling)
+                                    callback=progress, seed=(seed + n) % 2**64, **sampling)
     progress.pbar.update_absolute(progress.total, progress.total)
     return [a.strip() for a in answers]
 
@@ -441,8 +442,9 @@ class JanusGenerate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, temperature=None, seed=None, batch_size=None):
+    def validate_inputs(cls, prompt=None, cfg=None, temperature=None, seed=None, batch_size=None):
         return _validation([
+            lambda: prompt is None or _check_prompt(prompt),
             lambda: cfg is None or nodekit.check_number("cfg", cfg, 0.0, MAX_CFG),
             lambda: temperature is None or nodekit.check_number("temperature", temperature, 0.0, 2.0),
             lambda: seed is None or nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True),
@@ -454,21 +456,29 @@ class JanusGenerate(io.ComfyNode):
     def execute(cls, model, prompt, cfg=5.0, temperature=1.0, seed=0, batch_size=1) -> io.NodeOutput:
         from ..jodi_core.janus import janus_generate_codes
 
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}.")
+        _check_prompt(prompt)
         cfg = nodekit.check_number("cfg", cfg, 0.0, MAX_CFG)
         temperature = nodekit.check_number("temperature", temperature, 0.0, 2.0)
         seed = nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
         batch_size = nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
         common.interrupt_check()
         # Conditional and unconditional rows: prompt plus the image tokens.
-        janus = _ready(model, lambda m: m.kv_cache_bytes(2 * batch_size, 256 + m.config.gen_image_tokens))
+        janus = _ready(model, lambda m: m.kv_cache_bytes(
+            2 * batch_size, len(m.processor.generation_ids(prompt)) + m.config.gen_image_tokens))
         progress = _Progress(janus.config.gen_image_tokens)
         codes = janus_generate_codes(janus, prompt, cfg_weight=cfg, temperature=temperature,
                                      parallel_size=batch_size, seed=seed, callback=progress)
         common.interrupt_check()
         images = janus.decode_image_codes(codes)  # (B, 3, S, S) in [0, 1]
         return io.NodeOutput(nodekit.bchw_to_image(images).to(common.intermediate_device()))
+
+
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise ValueError("Janus Generate needs a prompt: with an empty one the guided and unguided rows are the "
+                         "same and the images are unconditioned.")
 
 
 NODES = [JanusLoader, JanusCaption, JanusAsk, JanusGenerate]

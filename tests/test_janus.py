@@ -46,6 +46,8 @@ def test_janus_1_3b_folder_uses_plain_roles(folder, tmp_path):
     m = load_janus(old)
     assert m.processor.generation_prompt("x") == "User: x\n\nAssistant:<begin_of_image>"
     assert load_janus(old, roles=("<|User|>", "<|Assistant|>")).processor.roles == ("<|User|>", "<|Assistant|>")
+    other_spelling = shutil.copytree(folder, tmp_path / "janus_1_3b")
+    assert load_janus(other_spelling).processor.roles == m.processor.roles
 
 
 def test_batch_expands_images_and_left_pads(model):
@@ -167,6 +169,11 @@ def test_sampling_is_seeded(model):
     a = janus_understand_tokens(model, img, "Hi", seed=1, **kw)
     assert a == janus_understand_tokens(model, img, "Hi", seed=1, **kw)
     assert any(janus_understand_tokens(model, img, "Hi", seed=s, **kw) != a for s in (2, 3, 4))
+
+
+def test_questions_may_not_smuggle_image_tokens(model):
+    with pytest.raises(ValueError, match="must not contain <image_placeholder>"):
+        model.processor.understanding_batch(["Look: <image_placeholder>"], [[]])
 
 
 def test_generate_shapes_progress_and_seed(model):

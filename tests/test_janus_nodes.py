@@ -227,6 +227,11 @@ def test_ask_sampling_follows_the_seed(pack, reference):
     others = {ask.execute(patcher, "Describe this image in detail.", image, False, seed=s, **kw).result[0][0]
               for s in range(12, 16)}
     assert len(others | {a[0]}) > 1  # a random tiny model sampled at temperature 1.5: seeds change the answer
+    # Rows beyond the first chunk draw their own numbers: the same image in every row gives different answers.
+    chunk = pack.janus.UNDERSTAND_CHUNK
+    rows = _image(batch=1, seed=9).expand(2 * chunk, -1, -1, -1)
+    answers = ask.execute(patcher, "Describe this image in detail.", rows, False, seed=11, **kw).result[0]
+    assert answers[:chunk] != answers[chunk:]  # two equal chunks, yet not the same draws
 
 
 def test_ask_input_errors(pack):
@@ -289,3 +294,6 @@ def test_generate_input_errors(pack):
         gen.execute(_load(pack), "a cat", batch_size=0)
     with pytest.raises(TypeError, match="prompt must be a string"):
         gen.execute(_load(pack), ["a cat"])
+    assert "needs a prompt" in gen.validate_inputs(prompt="  ")
+    with pytest.raises(ValueError, match="needs a prompt"):
+        gen.execute(_load(pack), "")

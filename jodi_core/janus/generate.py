@@ -80,7 +80,7 @@ def select_tokens(
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
+    return torch.Generator(device=device).manual_seed(int(seed) % 2**64)  # the generator's whole 64-bit range
 
 
 # ---------------------------------------------------------------------------------------------------------------------

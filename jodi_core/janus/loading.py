@@ -201,9 +201,9 @@ def _read_json(path: Path) -> dict:
 def _default_roles(folder: Path) -> tuple[str, str]:
     """Janus-1.3B was tuned with plain "User"/"Assistant" roles, Janus-Pro with "<|User|>"/"<|Assistant|>"."""
     name = folder.name.lower()
-    if re.search(r"janus-?1\.3b", name) and "pro" not in name:
-        return JANUS_1_ROLES
-    return PRO_ROLES
+    roles = JANUS_1_ROLES if re.search(r"janus[-_]?1[._]?3b", name) and "pro" not in name else PRO_ROLES
+    log.info("Janus: chat roles %s for folder %r (Janus-1.3B is told apart by its folder name).", roles, folder.name)
+    return roles
 
 
 def load_janus(

@@ -220,6 +220,10 @@ class JanusProcessor:
         for question, row_images in zip(questions, images):
             if not isinstance(question, str):
                 raise TypeError(f"A question must be a string, got {type(question).__name__}.")
+            markers = [m for m in (IMAGE, BEGIN_OF_IMAGE, END_OF_IMAGE) if m in question]
+            if markers:
+                raise ValueError(f"A question must not contain {', '.join(markers)}: images are placed by the "
+                                 f"processor; pass them as images instead.")
             ids = self.tokenizer.encode(self.understanding_prompt(question, len(row_images)))
             rows.append(self.expand_image_tokens(ids))
             pixels += [preprocess_image(im, self.image_config) for im in row_images]
