@@ -99,6 +99,13 @@ def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tens
         size = (height, int(iw * height / ih))
     else:
         size = (int(ih * width / iw), width)
+    if size[0] * size[1] > 4 * height * width:
+        # Extreme aspect ratio: the covering image would be huge (8 x 2000 px -> 512 x 128000), so cut the source
+        # to the window that survives the crop first (2 px of margin for the filter); within about a pixel the same.
+        sh, sw = size[0] / ih, size[1] / iw
+        win_h, win_w = min(ih, math.ceil(height / sh) + 2), min(iw, math.ceil(width / sw) + 2)
+        images = center_crop(images, win_h, win_w)
+        size = (max(height, round(win_h * sh)), max(width, round(win_w * sw)))
     return center_crop(resize(images, *size), height, width)
 
 
