@@ -188,6 +188,34 @@ def test_output_is_the_joint_layout(inputs, reference):
     assert not [p for p in reference.rglob("*.tmp")]
 
 
+def test_written_maps_are_the_pipelines_perception(inputs, reference):
+    """What annotate writes for an image is Jodi's perception of it: the same maps a direct pipeline run gives
+    (same bucket, fit, seed and steps), within the 8-bit/JPEG rounding, each from its own domain."""
+    from jodi_core import imaging
+    from jodi_core.demo import load_demo_models
+    from jodi_core.pipeline import JodiPipeline
+
+    key = "image/synth/s1.png"  # 56 x 100: not a bucket's aspect ratio, so the fit matters too
+    image = ann.read_image(inputs / "synth" / "s1.png")
+    pipe = JodiPipeline(*load_demo_models()[:2])
+    H, W = image.shape[-2:]
+    work_h, work_w = imaging.snap_to_bucket(H, W, pipe.base_size, pipe.compression)
+    cond = imaging.fit_condition(image[None], work_h, work_w, "stretch")
+    with torch.no_grad():
+        result = pipe([1] + [0] * 7, work_h, work_w, conditions={"image": cond}, steps=FAST["steps"], cfg_scale=1.0,
+                      seeds=[ann.image_seed(key, 0)], snap_to_bucket=False, decode=False)
+        maps, _ = pipe.decode_latents(result.latents, result.roles, H, W)
+    for name in ("depth", "normal", "edge"):
+        written = pixels(reference / ann.label_path(key, name)).astype(np.float32)
+        expected = (maps[name][0].permute(1, 2, 0).numpy() * 255).round()
+        if written.ndim == 2:  # grey JPEG
+            expected = expected[..., 0]
+        assert np.abs(written - expected).mean() < 3, name  # JPEG (quality 95) rounding only
+    depth = pixels(reference / ann.label_path(key, "depth"))
+    normal = pixels(reference / ann.label_path(key, "normal"))
+    assert np.abs(depth[..., None] - normal).mean() > 10  # each map comes from its own domain
+
+
 def test_maps_do_not_depend_on_batch_size(inputs, reference, tmp_path):
     run(inputs, tmp_path, batch_size=3)
     a, b = tree(reference), tree(tmp_path)

@@ -188,7 +188,7 @@ class _Events:
 
     def __init__(self):
         self.loaded, self.progress, self.interrupt_after = [], [], None
-        self.full_loads, self.out_of_memory = [], False
+        self.full_loads, self.out_of_memory, self.dit_loads = [], False, []
 
 
 def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType]:
@@ -342,7 +342,11 @@ def pack(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     loading = types.ModuleType(name + ".jodi_core.loading")
     loading.__dict__.update({k: v for k, v in vars(real_loading).items() if not k.startswith("__")})
-    loading.load_jodi = lambda path, dtype=None, device="cpu", attention_backend="auto": TinyDiT().to(device, dtype)
+    def load_jodi(path, dtype=None, device="cpu", attention_backend="auto"):
+        events.dit_loads.append({"path": path, "dtype": dtype, "attention_backend": attention_backend})
+        return TinyDiT().to(device, dtype)
+
+    loading.load_jodi = load_jodi
     loading.load_dcae = lambda path, dtype=None, device="cpu": TinyAE().to(device, dtype)
     monkeypatch.setitem(sys.modules, loading.__name__, loading)
     ext = asyncio.run(module.comfy_entrypoint())
@@ -385,14 +389,13 @@ def test_loader_errors_are_clear(pack):
     assert "ckpt_name must be one of" in loader.validate_inputs(ckpt_name="missing.pth")
     assert loader.validate_inputs(ckpt_name="tiny.pth", dtype="auto", attention="torch") is True
     assert "attention" in loader.validate_inputs(attention="cuda")
-    try:
-        __import__("jodi_core.demo")
-        demo_installed = True
-    except ImportError:
-        demo_installed = False
-    if not demo_installed:
-        with pytest.raises(FileNotFoundError, match="demo model"):
-            loader.execute(nodekit.DEMO_MODEL_CHOICE, "auto", "auto")
+
+
+def test_loader_passes_its_choices_to_jodi_core(pack):
+    pack.nodes["JodiModelLoader"].execute("tiny.pth", "fp16", "triton")
+    load = pack.events.dit_loads[-1]
+    assert load["path"].endswith("tiny.pth") and load["dtype"] == torch.float16
+    assert load["attention_backend"] == "triton"
 
 
 def _load(pack):

@@ -112,7 +112,20 @@ def test_perception_needs_no_cfg_branch(fixture):
         pytest.skip("no perception setting in this fixture set")
     s = _inputs(t, names[0])
     pipe = JodiPipeline(model, vae=None)
-    other_caption = torch.randn_like(s["y"])
-    a = pipe.sample(s["role"], s["clean_x"], s["z"], prompt_embeds=s["y"], prompt_mask=s["mask"], steps=s["steps"])
-    b = pipe.sample(s["role"], s["clean_x"], s["z"], prompt_embeds=other_caption, steps=s["steps"])
+    rows = []
+    real_forward = model.forward_prepared
+
+    def counting_forward(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return real_forward(x, *args, **kwargs)
+
+    model.forward_prepared = counting_forward
+    try:
+        other_caption = torch.randn_like(s["y"])
+        a = pipe.sample(s["role"], s["clean_x"], s["z"], prompt_embeds=s["y"], prompt_mask=s["mask"],
+                        steps=s["steps"])
+        b = pipe.sample(s["role"], s["clean_x"], s["z"], prompt_embeds=other_caption, steps=s["steps"])
+    finally:
+        del model.forward_prepared
     assert torch.equal(a, b)
+    assert rows and all(n == s["z"].shape[0] for n in rows)  # one branch per step: no unconditional copy

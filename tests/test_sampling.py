@@ -66,3 +66,20 @@ def test_sampler_names_and_bad_arguments():
         get_sampler("ddim")
     with pytest.raises(ValueError, match="positive integer"):
         flow_timesteps(0)
+
+
+def test_euler_takes_explicit_steps_on_a_curved_field():
+    def velocity(x, t):  # depends on x and t, so a wrong update rule shows
+        return torch.sin(3 * x) + t * x
+
+    grid = flow_timesteps(5)
+    x = torch.randn(2, 8, 4, 2, 2)
+    seen = []
+    out = sample_euler(velocity, x, grid, callback=lambda i, x0, xn, n: seen.append((x0, xn)))
+    expected = x
+    for i, (x0, xn) in enumerate(seen):
+        v = velocity(expected, grid[i])
+        torch.testing.assert_close(x0, expected - grid[i] * v, rtol=0, atol=1e-6)
+        expected = expected + (grid[i + 1] - grid[i]) * v
+        torch.testing.assert_close(xn, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)

@@ -6,6 +6,8 @@ The tiny random Gemma-2 and sentencepiece model have Gemma's token layout. The C
 through the real CLIPLoader) is compared with the same reference in tests/host/test_text_encode_host.py.
 """
 
+import hashlib
+
 import pytest
 import torch
 
@@ -38,6 +40,10 @@ def test_chi_prompt_is_the_reference_text():
     assert text.CHI_PROMPT.count("\n") == 7
     assert text.CHI_PROMPT.startswith('Given a user prompt, generate an "Enhanced prompt" that provides')
     assert text.CHI_PROMPT.endswith("evaluations:\nUser Prompt: ")
+    # The 8 chi_prompt lines of the official configs/inference.yaml joined with "\n", as the reference joins them;
+    # any changed character changes this digest.
+    digest = hashlib.sha256(text.CHI_PROMPT.encode("utf-8")).hexdigest()
+    assert digest == "62b9ab89eebb0ac5ee4d264bf96bf19d2b81f504bc3852500efeaf5a34d638b1"
 
 
 @pytest.mark.parametrize(

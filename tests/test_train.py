@@ -225,17 +225,39 @@ def test_config_files_and_command_line(tmp_path):
     assert state["step"] == 2
 
 
-def test_caption_dropout_mixes_text_and_null_captions(tmp_path):
-    seen = []
+def test_caption_dropout_mixes_text_and_null_captions(tmp_path, monkeypatch):
+    seen_captions, seen_y = [], []
 
     def encoder(captions):
-        seen.append(list(captions))
+        seen_captions.append(list(captions))
         B = len(captions)
-        return torch.randn(B, 4, 16), torch.tensor([[1, 1, 0, 0]] * B)
+        return torch.randn(B, 4, 16) + 5.0, torch.tensor([[1, 1, 0, 0]] * B)  # far from the null embedding
 
-    result = train(_config(tmp_path / "text", caption_dropout=0.5, dcae_steps=1, dit_steps=2), caption_encoder=encoder)
-    assert len(seen) == 2 and all(isinstance(c, str) and c for c in seen[0])
+    real_loss = train_module.flow_matching_loss
+
+    def spy(model, x0, roles, sigmas, noise, y=None, mask=None):
+        seen_y.append(y.detach().clone())
+        return real_loss(model, x0, roles, sigmas, noise, y, mask)
+
+    monkeypatch.setattr(train_module, "flow_matching_loss", spy)
+
+    def null_rows(result_dir) -> tuple[int, int]:
+        from jodi_core.loading import load_jodi
+
+        null = load_jodi(result_dir / "jodi.safetensors").y_embedder.y_embedding.float()
+        rows = torch.cat([y[:, 0] for y in seen_y])  # (steps * B, 4, 16)
+        # The null embedding is trained too, so compare with the encoder's offset instead of exact values.
+        is_null = (rows.mean(dim=(1, 2)) - null.mean()).abs() < 1.0
+        return int(is_null.sum()), rows.shape[0]
+
+    result = train(_config(tmp_path / "half", caption_dropout=0.5, dcae_steps=1, dit_steps=6), caption_encoder=encoder)
+    assert len(seen_captions) == 6 and all(isinstance(c, str) and c for c in seen_captions[0])
+    n_null, n = null_rows(result.output_dir)
+    assert 0 < n_null < n, (n_null, n)  # both kinds of rows
     assert all(np.isfinite(result.dit_losses))
+    seen_y.clear()
+    result = train(_config(tmp_path / "none", caption_dropout=0.0, dcae_steps=1, dit_steps=2), caption_encoder=encoder)
+    assert null_rows(result.output_dir)[0] == 0  # no dropout: every row is the encoder's caption
 
 
 def test_lr_schedule_warmup_then_cosine():
