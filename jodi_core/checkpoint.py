@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-# Training checkpoints wrap the weights; the official Jodi.pth is ``{'state_dict': ...}``.
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+# Training checkpoints wrap the weights; the official Jodi.pth is ``{'state_dict': ..., 'state_dict_ema': ...}``
+# (the plain weights come first, as the reference loads them; EMA-only files are read too).
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "state_dict_ema", "ema", "model_ema",
+                 "ema_state_dict")
+# Pickled data that torch's safe loader refuses by default although it only rebuilds arrays: the numpy RNG state
+# the reference's training code stores next to the weights.
+_NUMPY_DATA_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                       "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.ndarray", "numpy.dtype")
 
 
 class CheckpointError(ValueError):
@@ -52,6 +58,8 @@ def read_state_dict(path: "str | os.PathLike", *, device: "str | torch.device" =
         )
     if not sd:
         raise CheckpointError(f"Checkpoint {path.name} holds no tensors.")
+    if all(k.startswith("module.") for k in sd):  # saved from a DataParallel / DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
@@ -80,16 +88,62 @@ def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path, device) -> dict[str, torch.Tensor]:
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"Checkpoint {path.name} is corrupt or truncated: it is not a torch zip archive "
-            "(legacy pickles are refused because they cannot be read safely)."
-        )
+    # Zip archives are memory-mapped; legacy (pre-1.6) files cannot be, but read just as safely.
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, zip errors) for bad files
-        raise CheckpointError(f"Checkpoint {path.name} could not be read safely ({type(e).__name__}: {e}).") from e
+        blocking = _unsafe_globals(path)
+        if blocking and all(_is_numpy_data(g) for g in blocking):
+            obj = _load_with_numpy_data(path, device, mmap)
+        elif blocking:
+            raise CheckpointError(
+                f"Checkpoint {path.name} holds pickled objects that cannot be read safely ({', '.join(blocking[:5])}"
+                f"). Save its state dict alone, e.g. as .safetensors, and load that.") from e
+        else:
+            raise CheckpointError(f"Checkpoint {path.name} is corrupt, truncated or not a torch file "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
     return unwrap_state_dict(obj, name=path.name)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None or not zipfile.is_zipfile(path):
+        return []
+    try:
+        return list(finder(str(path)))
+    except Exception:  # a corrupt archive: reported by the caller
+        return []
+
+
+def _is_numpy_data(name: str) -> bool:
+    return name in _NUMPY_DATA_GLOBALS or (name.startswith("numpy.dtypes.") and name.endswith("DType"))
+
+
+def _load_with_numpy_data(path: Path, device, mmap: bool):
+    try:
+        with torch.serialization.safe_globals(_numpy_data_types()):
+            return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint {path.name} could not be read safely ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}).") from e
+
+
+def _numpy_data_types() -> list:
+    """What rebuilding numpy arrays takes (array and dtype classes, the reconstruct function), nothing callable
+    beyond that."""
+    import importlib
+
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype]
+    core = "numpy._core" if hasattr(np, "_core") else "numpy.core"  # numpy 2 deprecates numpy.core
+    for attr in ("_reconstruct", "scalar"):
+        allowed.append(getattr(importlib.import_module(f"{core}.multiarray"), attr))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
 
 
 def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -97,8 +151,7 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
-        if any(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
+        # A wrapper key wins even next to loose tensors (a step counter, say): weights never sit under these names.
         inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
             break
@@ -107,10 +160,14 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
         raise CheckpointError(f"{name} does not contain a state dict (found {type(obj).__name__}).")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise CheckpointError(f"{name} contains no tensors (top-level keys: {sorted(obj)[:8]}).")
-    # DataParallel / DDP prefixes
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and any(isinstance(x, torch.Tensor)
+                                                                              for x in v.values())]
+        if {"transformer", "dcae"} <= set(nested):
+            raise CheckpointError(f"{name} is a training checkpoint of jodi_core.train; load the jodi.safetensors "
+                                  f"and dcae.safetensors the run exported next to it.")
+        hint = f"; tensors sit under {nested[:4]}" if nested else ""
+        raise CheckpointError(f"{name} contains no tensors at its top level (keys: {sorted(map(str, obj))[:8]}"
+                              f"{hint}).")
     return sd
 
 
@@ -150,13 +207,26 @@ def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+_KIND_LABELS = {
+    "jodi": "a Jodi DiT (load it with Load Jodi Model / load_jodi)",
+    "dcae": "a DC-AE autoencoder (load it with Load Jodi DC-AE / load_dcae)",
+    "dcae-diffusers": "a DC-AE autoencoder in diffusers format (load it with Load Jodi DC-AE / load_dcae)",
+}
+
+
+def _kind_label(kind: str) -> str:
+    if kind in _KIND_LABELS:
+        return _KIND_LABELS[kind]
+    return kind if kind.startswith(("a ", "an ")) else f"a {kind} checkpoint"
+
+
 def expect_checkpoint(sd: Mapping[str, torch.Tensor], expected: tuple[str, ...], *, name: str, what: str) -> str:
     """Check that ``sd`` is one of the ``expected`` kinds; otherwise say what it looks like instead."""
     kind = identify_checkpoint(sd)
     if kind in expected:
         return kind
     if kind is not None:
-        raise CheckpointError(f"{name} looks like {kind} checkpoint, not {what}. Pick the {what} file instead.")
+        raise CheckpointError(f"{name} looks like {_kind_label(kind)}, not {what}.")
     sample = ", ".join(sorted(sd)[:5])
     raise CheckpointError(f"{name} is not {what}: its keys are not recognised (first keys: {sample}).")
 

@@ -27,6 +27,7 @@ from .checkpoint import (
     read_metadata,
     read_state_dict,
 )
+from .domains import NUM_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,13 @@ def jodi_from_state_dict(
     sd.pop("pos_embed", None)
     expect_checkpoint(sd, ("jodi",), name=name, what="a Jodi DiT")
     check_finite(sd, name=name)
-    config = JodiConfig.from_state_dict(sd, **config_overrides)
+    try:
+        config = JodiConfig.from_state_dict(sd, **config_overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from e
+    if config.num_domains != NUM_DOMAINS:
+        raise CheckpointError(f"{name} has {config.num_domains} domains; this pack knows the {NUM_DOMAINS} of Jodi "
+                              f"(image + 7 labels).")
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
     model = build_on_meta(lambda: JodiTransformer(config, attention_backend=attention_backend, dtype=dtype))
     load_state_dict_strict(model, sd, what="Jodi DiT", dtype=dtype, device=device)

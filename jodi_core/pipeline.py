@@ -66,6 +66,11 @@ class JodiPipeline:
         self.transformer = transformer
         self.vae = vae
         cfg = getattr(vae, "config", None)
+        dit_channels = getattr(getattr(transformer, "config", None), "in_channels", None)
+        vae_channels = getattr(cfg, "latent_channels", None)
+        if dit_channels is not None and vae_channels is not None and dit_channels != vae_channels:
+            raise ValueError(f"This Jodi model works on {dit_channels} latent channels but the DC-AE makes "
+                             f"{vae_channels}: load the DC-AE that belongs to the model.")
         self.scaling_factor = scaling_factor or getattr(cfg, "scaling_factor", None) or DCAE_SCALING_FACTOR
 
     # ---- geometry -----------------------------------------------------------------------------------------------

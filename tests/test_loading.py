@@ -92,16 +92,16 @@ def test_truncated_and_corrupt_files(tmp_path, dit_sd):
 def test_a_checkpoint_of_another_model_is_named(tmp_path, keys, family):
     path = tmp_path / "other.safetensors"
     save_file({k: torch.zeros(2, 2) for k in keys}, path)
-    with pytest.raises(CheckpointError, match=f"looks like {family}"):
+    with pytest.raises(CheckpointError, match=f"looks like an? {family}"):
         load_jodi(path)
 
 
 def test_dcae_file_in_the_jodi_loader_and_back(tmp_path, dit_sd, dcae_sd):
     save_file(dcae_sd, tmp_path / "vae.safetensors")
     save_file(dit_sd, tmp_path / "dit.safetensors")
-    with pytest.raises(CheckpointError, match="looks like dcae checkpoint, not a Jodi DiT"):
+    with pytest.raises(CheckpointError, match="looks like a DC-AE autoencoder .*Load Jodi DC-AE.*, not a Jodi DiT"):
         load_jodi(tmp_path / "vae.safetensors")
-    with pytest.raises(CheckpointError, match="looks like jodi checkpoint, not a DC-AE"):
+    with pytest.raises(CheckpointError, match="looks like a Jodi DiT .*Load Jodi Model.*, not a DC-AE"):
         load_dcae(tmp_path / "dit.safetensors")
 
 
@@ -144,3 +144,60 @@ def test_info_reports_the_stored_settings_of_the_demo_model(capsys):
     assert "jodi," in out and f"base_size={load_jodi(DEMO_DIT).config.base_size}," in out
     assert main(["info", str(DEMO_VAE)]) == 0
     assert f"scaling_factor={load_dcae(DEMO_VAE).config.scaling_factor}" in capsys.readouterr().out
+
+
+def test_training_wrappers_rng_state_and_prefixes_load(tmp_path, fixtures_dir, dit_sd):
+    import numpy as np
+
+    base = _fixture_base_size(fixtures_dir)
+    ref = load_jodi(_save(tmp_path / "plain.safetensors", dit_sd), base_size=base).state_dict()
+
+    # The reference's training checkpoints: weights, EMA, optimizer step and the numpy RNG state (pickled arrays).
+    full = tmp_path / "Jodi.pth"
+    torch.save({"state_dict": dit_sd, "state_dict_ema": dit_sd, "step": torch.tensor(7),
+                "rng_state": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, full)
+    ema_only = tmp_path / "ema.pth"
+    torch.save({"ema": dit_sd, "epoch": 3}, ema_only)
+    prefixed = _save(tmp_path / "ddp.safetensors", {f"module.{k}": v for k, v in dit_sd.items()})
+    for path in (full, ema_only, prefixed):
+        loaded = load_jodi(path, base_size=base).state_dict()
+        assert all(torch.equal(loaded[k], ref[k]) for k in ref), path.name
+
+
+def _save(path, sd):
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, path)
+    return path
+
+
+def test_unsafe_pickles_and_training_checkpoints_get_short_clear_errors(tmp_path, dit_sd):
+    pickled_module = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), pickled_module)
+    with pytest.raises(CheckpointError, match=r"pickled objects that cannot be read safely \(torch.nn") as err:
+        load_jodi(pickled_module)
+    assert len(str(err.value)) < 400 and "\x1b" not in str(err.value)
+    last = tmp_path / "last.pt"
+    torch.save({"stage": "dit", "step": 3, "transformer": dit_sd, "dcae": {"w": torch.zeros(1)}}, last)
+    with pytest.raises(CheckpointError, match="training checkpoint of jodi_core.train"):
+        load_jodi(last)
+
+
+def test_a_dit_with_another_domain_count_is_refused_at_load(tmp_path, dit_sd):
+    extra = dict(dit_sd)
+    n = 8
+    extra["domain_embedding"] = torch.cat([dit_sd["domain_embedding"], dit_sd["domain_embedding"][:1]])
+    for prefix in ("x_embedders", "final_layers"):
+        extra.update({k.replace(f"{prefix}.0.", f"{prefix}.{n}."): v for k, v in dit_sd.items()
+                      if k.startswith(f"{prefix}.0.")})
+    with pytest.raises(CheckpointError, match="has 9 domains"):
+        load_jodi(_save(tmp_path / "nine.safetensors", extra))
+
+
+def test_pipeline_refuses_a_dcae_of_another_latent_width():
+    from jodi_core.dcae import DCAE, DCAEConfig
+    from jodi_core.demo import tiny_random_models
+    from jodi_core.pipeline import JodiPipeline
+
+    dit, vae = tiny_random_models()
+    other = DCAE(DCAEConfig(**{**vars(vae.config), "latent_channels": vae.config.latent_channels * 2}))
+    with pytest.raises(ValueError, match="latent channels but the DC-AE makes"):
+        JodiPipeline(dit, other)
