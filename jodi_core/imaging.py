@@ -52,7 +52,7 @@ def snap_to_bucket(height: int, width: int, base_size: int = 1024, multiple: int
     """The official bucket closest in aspect ratio to ``height / width``, scaled to ``base_size``.
 
     At ``base_size=1024`` this is exactly the reference's ``classify_height_width_bin``; other base sizes (e.g. 512 or
-    the demo model's 256) scale the bucket and round to ``multiple``.
+    the demo model's 64) scale the bucket and round to ``multiple``.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"Size must be positive, got {width}x{height} (WxH).")

@@ -103,7 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" down to min_lr_ratio at the stage's end
     min_lr_ratio: float = 0.1
-    max_minutes: Optional[float] = None  # wall-clock budget per stage (and per launch); see Trainer._run_stage
+    max_minutes: Optional[float] = None  # wall-clock budget of one launch, shared by its stages; see Deadline
     flow_shift: float = 3.0
     task_probs: tuple = (1 / 3, 1 / 3, 1 / 3)  # joint, controllable, perception
     caption_dropout: float = 1.0  # 1.0: always the null caption (no text encoder needed)
@@ -880,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dcae-steps", type=int)
     p.add_argument("--dit-steps", type=int)
     p.add_argument("--max-minutes", type=float,
-                   help="override max_minutes: wall-time budget of each stage in this launch (resume to go on)")
+                   help="override max_minutes: wall-time budget of this launch, shared by the stages (run again to go on)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     return p
 

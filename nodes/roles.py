@@ -24,7 +24,8 @@ class JodiRoles(io.ComfyNode):
             inputs.append(io.Image.Input(
                 name, optional=True,
                 tooltip=f"Optional {name} image ({common.DOMAIN_TOOLTIPS[name]}) to use as a condition. Any size: "
-                        "it is resized and centre-cropped to the run's size."))
+                        "it is brought to the run's size as the sampler's condition_fit says (stretch by "
+                        "default)."))
         for name in DOMAIN_NAMES:
             inputs.append(io.Combo.Input(
                 f"{name}_role", options=list(nodekit.ROLE_CHOICES), default=nodekit.ROLE_AUTO,

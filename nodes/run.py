@@ -90,7 +90,7 @@ def _captions(model: torch.nn.Module, positive, negative):
 def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSettings, positive=None,
            negative=None, decode: bool = False, tiled: bool = False):
     """Run the sampler; returns (JodiLatent, JodiResult). With ``decode``, the result's images hold the generated
-    domains decoded and the condition images as given (resized and centre-cropped to the output size)."""
+    domains decoded and the condition images as given (fitted to the output size)."""
     from ..jodi_core.pipeline import JodiPipeline
 
     common.check_patcher(model_patcher, "model", "Load Jodi Model")

@@ -129,7 +129,7 @@ class JodiLatentSplit(io.ComfyNode):
             display_name="Jodi Latent Split",
             category="Jodi/latent",
             description=(
-                "Takes one domain out of a Jodi latent as a standard LATENT (32-channel DC-AE latent, scaled), e.g. "
+                "Takes one domain out of a Jodi latent as a standard LATENT (the DC-AE's latent channels, 32 for the released one; scaled), e.g. "
                 "to save it or to put it into another Jodi latent with Jodi Latent Merge."
             ),
             inputs=[
@@ -138,7 +138,7 @@ class JodiLatentSplit(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(
                 display_name="latent",
-                tooltip="That domain's latent {'samples': (B, 32, h, w)} (DC-AE space, not SD's).")],
+                tooltip="That domain's latent {'samples': (B, C, h, w)} (DC-AE space, not SD's).")],
         )
 
     @classmethod
