@@ -16,7 +16,8 @@ import torch
 
 from . import imaging
 from .domains import (
-    DOMAIN_NAMES, LABEL_NAMES, NUM_DOMAINS, Role, ade150_to_seg12, get_domain, parse_roles, seg_palette, seg_to_index,
+    DOMAIN_NAMES, LABEL_NAMES, NUM_DOMAINS, SEG12_CLASSES, Role, ade150_to_seg12, get_domain, parse_roles, seg_palette,
+    seg_to_index,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,8 +289,9 @@ def flip_normal(normal: torch.Tensor, flip_red: bool = False, flip_green: bool =
                 flip_blue: bool = False) -> torch.Tensor:
     """Normal IMAGE with the chosen axes mirrored (a channel c becomes 1 - c, i.e. the vector component's sign flips).
 
-    Flipping green converts between the OpenGL (Y up) and DirectX (Y down) tangent conventions; flipping red swaps
-    left and right handed X.
+    Jodi's normals are red = left, green = up, blue = towards the viewer, as the normal-BAE/DSINE preprocessors draw
+    them (control_v11p_sd15_normalbae takes them as they are). OpenGL-style maps (red = right, green = up): flip red.
+    DirectX-style (red = right, green = down): flip red and green.
     """
     x = image_to_bchw(normal, "normal").clone()
     for c, flip in enumerate((flip_red, flip_green, flip_blue)):
@@ -298,38 +300,48 @@ def flip_normal(normal: torch.Tensor, flip_red: bool = False, flip_green: bool =
     return bchw_to_image(x)
 
 
+# ADE20K ids chosen by meaning where the most frequent member would mislead a segmentation ControlNet: the generic
+# "plant" (18) rather than "tree" (5) for lawns and shrubs, "chair" (20) rather than "bed" (8) for furniture.
+_ADE_REPRESENTATIVES = {"plant": 18, "furniture": 20}
+
+
 def seg12_to_ade150() -> torch.Tensor:
     """Index map (12,) from Jodi classes to one ADE20K class each (0 = unlabelled stays 0).
 
-    Several ADE20K classes merge into each Jodi class; the representative is the lowest ADE20K index among them.
-    ADE20K numbers its 150 classes by decreasing pixel frequency, so that is the most common member (plant -> tree,
-    vehicle -> car, furniture -> bed, wall -> wall).
+    Several ADE20K classes merge into each Jodi class; the representative is the lowest ADE20K index among them (ADE20K
+    numbers its classes by decreasing pixel frequency: person -> person, vehicle -> car, wall -> wall), except for the
+    classes in ``_ADE_REPRESENTATIVES`` (plant -> plant, furniture -> chair).
     """
     to12 = ade150_to_seg12()
     out = torch.zeros(12, dtype=torch.long)
     for c in range(1, 12):
         members = torch.nonzero(to12[1:] == c).flatten() + 1
         out[c] = int(members[0]) if members.numel() else 0
+    for name, ade in _ADE_REPRESENTATIVES.items():
+        out[SEG12_CLASSES.index(name)] = ade
     return out
 
 
 def seg_index_from_image(seg: torch.Tensor) -> torch.Tensor:
-    """Jodi-palette segmentation IMAGE -> class map ``(B, H, W)`` (nearest palette colour)."""
+    """Jodi segmentation IMAGE -> class map ``(B, H, W)``: nearest palette colour, or, for a grey class-index image
+    (the ``seg_classes`` output: grey = id / 255), the ids themselves."""
     x = image_to_bchw(seg, "segmentation")
+    ids = x[:, 0] * 255
+    is_index_image = (x[:, :1] == x).all() and (ids - ids.round()).abs().max() < 1e-3 and ids.max() < len(SEG12_CLASSES)
+    if is_index_image and ids.max() > 0:  # an all-black map is the palette's "unlabeled" either way
+        return ids.round().long()
     return seg_to_index(imaging.to_model_range(x))
 
 
 def seg_to_ade150(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Jodi-palette segmentation IMAGE -> (IMAGE in the ADE20K-150 palette, ADE20K class map ``(B, H, W)``)."""
     index12 = seg_index_from_image(seg)
-    ade = seg12_to_ade150()[index12]  # (B, H, W) ADE20K ids, 0 = unlabelled
-    palette = seg_palette("colors150") / 255  # (151, 3), row 0 black
+    ade = seg12_to_ade150().to(index12.device)[index12]  # (B, H, W) ADE20K ids, 0 = unlabelled
+    palette = seg_palette("colors150").to(index12.device) / 255  # (151, 3), row 0 black
     return bchw_to_image(palette[ade].permute(0, 3, 1, 2)), ade
 
 
 def seg_class_names() -> tuple[str, ...]:
-    from .domains import SEG12_CLASSES
-
     return SEG12_CLASSES
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES
 from . import common
 
+log = logging.getLogger(__name__)
 
 class JodiDepthToControlNet(io.ComfyNode):
     @classmethod
@@ -43,8 +46,10 @@ class JodiNormalConvention(io.ComfyNode):
             display_name="Jodi Normal Convention",
             category="Jodi/utils",
             description=(
-                "Mirrors axes of a normal map (a channel c becomes 1 - c) to match another tool's convention, e.g. "
-                "flip green to convert between OpenGL (Y up) and DirectX (Y down) normal maps."
+                "Mirrors axes of a normal map (a channel c becomes 1 - c) to match another tool's convention. Jodi's "
+                "normals are red = left, green = up, blue = towards the viewer, as the normal-BAE/DSINE "
+                "preprocessors draw them: control_v11p_sd15_normalbae takes them with no flips. OpenGL-style maps "
+                "(red = right, green = up): flip red. DirectX-style (red = right, green = down): flip red and green."
             ),
             inputs=[
                 io.Image.Input("normal", tooltip="Normal map IMAGE (RGB = XYZ mapped to 0..1)."),
@@ -71,8 +76,8 @@ class JodiSegToADE20K(io.ComfyNode):
             category="Jodi/utils",
             description=(
                 "Recolours a Jodi 12-class segmentation into the ADE20K-150 palette used by segmentation "
-                "ControlNets. Each Jodi class becomes its most frequent ADE20K member (person -> person, plant -> "
-                "tree, vehicle -> car, furniture -> bed, ...); 'unlabeled' becomes black."
+                "ControlNets. Each Jodi class becomes one ADE20K class (person -> person, plant -> plant, vehicle -> "
+                "car, furniture -> chair, wall -> wall (floors and ceilings too), ...); 'unlabeled' becomes black."
             ),
             inputs=[io.Image.Input(
                 "segmentation", tooltip="Segmentation IMAGE in Jodi's 12-colour palette (nearest colour is used).")],
@@ -185,6 +190,10 @@ class JodiLatentMerge(io.ComfyNode):
             raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(jodi_latent).__name__}.")
         if not isinstance(latent, dict) or "samples" not in latent:
             raise TypeError("latent must be a LATENT ({'samples': tensor}).")
+        source = latent.get("jodi_domain")
+        if source is not None and source != domain:
+            log.warning("Jodi Latent Merge: a %s latent goes into the %s slot; set 'domain' to %s to put it back.",
+                        source, domain, source)
         return io.NodeOutput(jodi_latent.replace(domain, latent["samples"]))
 
 

@@ -126,14 +126,15 @@ def test_flip_normal_mirrors_only_chosen_axes():
     assert torch.equal(out[..., 0], n[..., 0]) and torch.equal(out[..., 2], n[..., 2])
 
 
-def test_seg12_to_ade150_picks_most_frequent_member():
+def test_seg12_to_ade150_picks_a_member_of_each_class():
     to12 = ade150_to_seg12()
     rep = nodekit.seg12_to_ade150()
     assert rep[0] == 0
-    for c in range(1, 12):
+    chosen = {"plant": 18, "furniture": 20}  # ADE "plant" and "chair", not "tree" and "bed"
+    for c, name in enumerate(SEG12_CLASSES[1:], start=1):
         members = [a for a in range(1, 151) if int(to12[a]) == c]
-        if members:
-            assert int(rep[c]) == min(members) and int(to12[rep[c]]) == c
+        assert int(to12[rep[c]]) == c, name  # always an ADE class that maps back to the same Jodi class
+        assert int(rep[c]) == chosen.get(name, min(members)), name
 
 
 def test_seg_to_ade150_colours_and_index_image():
@@ -595,3 +596,13 @@ def test_demo_choice_resolves_through_jodi_core_demo(pack, monkeypatch):
     demo.demo_model_paths = missing
     with pytest.raises(FileNotFoundError, match="demo weights not downloaded"):
         pack.nodes["JodiVAELoader"].execute(nodekit.DEMO_MODEL_CHOICE, "auto")
+
+
+def test_segmentation_nodes_take_the_class_index_image_too():
+    classes = torch.arange(12).reshape(1, 3, 4)
+    palette_image = nodekit.bchw_to_image(seg_palette("colors12")[classes].permute(0, 3, 1, 2) / 255)
+    index_image = nodekit.index_to_index_image(classes)  # what the seg_classes outputs give
+    assert torch.equal(nodekit.seg_index_from_image(palette_image), classes)
+    assert torch.equal(nodekit.seg_index_from_image(index_image), classes)
+    black = torch.zeros(1, 3, 4, 3)
+    assert nodekit.seg_index_from_image(black).eq(0).all()

@@ -297,7 +297,7 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
     ckpt = g.add("CheckpointLoaderSimple", (770, 280), size=(320, 100),
                  ckpt_name="v1-5-pruned-emaonly.safetensors")
     pos = g.add("CLIPTextEncode", (1120, 280), size=(360, 140), clip=ckpt[1],
-                text="an oil painting of a mountain lake at dawn, highly detailed")
+                text="an oil painting of a woman walking along railway tracks through an autumn forest, highly detailed")
     neg = g.add("CLIPTextEncode", (1120, 460), size=(360, 120), clip=ckpt[1], text="blurry, low quality")
     cn_depth = g.add("ControlNetLoader", (770, 430), size=(320, 60),
                      control_net_name="control_v11f1p_sd15_depth.pth")
