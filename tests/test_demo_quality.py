@@ -70,5 +70,11 @@ def test_demo_model_passes_and_random_weights_fail(one_thread):
 
     random = _evaluate(*tiny_random_models())
     missed = {line.split(" = ")[0] for line in dq.failed_checks(random)}
-    # Random weights miss every check (joint_absrel and edge_f by the smallest margins, 0.021 and 0.046).
-    assert missed == {key for key, _, _ in dq.THRESHOLDS}, random
+    assert missed == {key for key, _, _ in dq.THRESHOLDS}, random  # random weights miss every check
+
+    # Maps that ignore the image (the same mean maps for every scene) miss every perception check too.
+    mean_maps = dq.mean_map_baseline(dq.TEST_SCENES)
+    perception = tuple(check for check in dq.THRESHOLDS if check[0] in mean_maps)
+    missed = {line.split(" = ")[0] for line in dq.failed_checks(mean_maps, perception)}
+    assert missed == {key for key, _, _ in perception}, mean_maps
+    assert demo["edge_f"] > mean_maps["edge_f_mark_all"]  # better than marking every pixel an edge

@@ -173,6 +173,7 @@ class SyntheticSample:
     depth_z: np.ndarray  # (H, W) float32 planar camera depth; inf for the sky
     normal_camera: np.ndarray  # (H, W, 3) float32 unit normals in the encoded (left, up, towards camera) axes
     keypoints: np.ndarray  # (F, 18, 3) float32: x, y in pixels (centres at +0.5) and a visibility flag
+    material: np.ndarray  # (H, W) int material per pixel: 0 the ground, -1 the sky, > 0 the objects and figures
     caption: str
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -869,6 +870,7 @@ def render_scene(scene: Scene, height: int, width: int, shadows: bool = True) ->
         depth_z=z2,
         normal_camera=normal.reshape(H, W, 3),
         keypoints=kps,
+        material=mat2.astype(np.int64),
         caption=scene.caption,
     )
 
