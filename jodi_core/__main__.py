@@ -18,23 +18,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import identify_checkpoint, read_state_dict
+    import torch
 
-    sd = read_state_dict(args.checkpoint)
+    from .checkpoint import identify_checkpoint, read_state_dict
+    from .loading import weights_file
+
+    path = weights_file(args.checkpoint)
+    sd = read_state_dict(path)
     kind = identify_checkpoint(sd)
     n = sum(v.numel() for v in sd.values())
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
-    print(f"{args.checkpoint}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
+    print(f"{path}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        print(f"warning: {len(bad)} tensors hold NaN or inf values (the loaders refuse them): {', '.join(bad[:5])}")
     if kind == "jodi":
         from .loading import stored_jodi_settings
         from .transformer import JodiConfig
 
-        print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(args.checkpoint)))
+        print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(path)))
     elif kind in ("dcae", "dcae-diffusers"):
         from .dcae import DCAEConfig
         from .loading import stored_dcae_settings
 
-        print(DCAEConfig.from_state_dict(sd, **stored_dcae_settings(args.checkpoint)))
+        print(DCAEConfig.from_state_dict(sd, **stored_dcae_settings(path)))
     return 0
 
 

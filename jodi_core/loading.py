@@ -120,19 +120,23 @@ def load_jodi(
     )
 
 
+def weights_file(path: "str | os.PathLike") -> str:
+    """``path`` itself, or for a model folder (the DC-AE's, original or diffusers) the weights file inside it."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for candidate in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+        if os.path.isfile(os.path.join(path, candidate)):
+            return os.path.join(path, candidate)
+    raise CheckpointError(f"No model.safetensors or diffusion_pytorch_model.safetensors in folder {path}.")
+
+
 def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = None, device="cpu"):
     """Load a DC-AE checkpoint (original or diffusers key format); a folder means its ``model.safetensors``
     (or ``diffusion_pytorch_model.safetensors``)."""
     from .dcae import DCAE
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for candidate in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
-            if os.path.isfile(os.path.join(path, candidate)):
-                path = os.path.join(path, candidate)
-                break
-        else:
-            raise CheckpointError(f"No model.safetensors or diffusion_pytorch_model.safetensors in folder {path}.")
+    path = weights_file(path)
     sd = read_state_dict(path)
     name = os.path.basename(path)
     expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE")

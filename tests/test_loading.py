@@ -146,6 +146,20 @@ def test_info_reports_the_stored_settings_of_the_demo_model(capsys):
     assert f"scaling_factor={load_dcae(DEMO_VAE).config.scaling_factor}" in capsys.readouterr().out
 
 
+def test_info_reads_model_folders_and_warns_about_non_finite_weights(tmp_path, capsys, dcae_sd):
+    from jodi_core.__main__ import main
+
+    folder = tmp_path / "dc-ae-f32c32-sana-1.0"
+    folder.mkdir()
+    bad = dict(dcae_sd)
+    first = sorted(bad)[0]
+    bad[first] = bad[first].clone().fill_(float("nan"))
+    _save(folder / "model.safetensors", bad)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "model.safetensors: dcae," in out and f"1 tensors hold NaN or inf values (the loaders refuse them): {first}" in out
+
+
 def test_training_wrappers_rng_state_and_prefixes_load(tmp_path, fixtures_dir, dit_sd):
     import numpy as np
 
