@@ -157,7 +157,8 @@ def test_info_reads_model_folders_and_warns_about_non_finite_weights(tmp_path, c
     _save(folder / "model.safetensors", bad)
     assert main(["info", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "model.safetensors: dcae," in out and f"1 tensors hold NaN or inf values (the loaders refuse them): {first}" in out
+    assert "model.safetensors: dcae," in out
+    assert f"1 tensors hold NaN or inf values (the loaders refuse them): {first}" in out
 
 
 def test_training_wrappers_rng_state_and_prefixes_load(tmp_path, fixtures_dir, dit_sd):
