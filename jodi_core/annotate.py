@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from . import imaging
+from .atomic import copy_atomic, write_atomic
 from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
 from .loading import resolve_device
 from .sampling import Interrupted
@@ -281,35 +281,6 @@ def shard(items: Sequence, rank: int, world: int) -> list:
 # ---------------------------------------------------------------------------------------------------------------------
 # Atomic file writes
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _encode_image(x: torch.Tensor, fmt: str, gray: bool, quality: int) -> bytes:

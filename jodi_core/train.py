@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path, atomic_writer, write_atomic
 from .domains import NUM_DOMAINS
 
 logger = logging.getLogger(__name__)
@@ -462,20 +463,11 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
 
 def save_safetensors(module: nn.Module, path: Path, metadata: dict) -> None:
     """Write ``module``'s weights to ``path`` all at once: a reader never sees a half-written file."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    write_atomic(path, save(sd, metadata={k: str(v) for k, v in metadata.items()}))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 @dataclass
@@ -601,12 +593,8 @@ class Trainer:
     def save(self, path: Optional[Path] = None) -> None:
         if self.dist.is_main:
             path = path or self.checkpoint_path
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
+            with atomic_writer(path) as f:  # never leave a half-written checkpoint behind
                 torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # never leave a half-written checkpoint behind
         self.dist.barrier()
 
     def load(self, path: Path) -> None:
