@@ -182,10 +182,9 @@ class JodiPipeline:
                 shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"The {DOMAINS[d].name} condition must be a (B, 3, H, W) image tensor, got {shape}.")
             _check_finite(f"The {DOMAINS[d].name} condition image", img)
-            if img.shape[0] not in (1, B):
-                _batch_rows(f"The {DOMAINS[d].name} condition image", img, B)  # raises the clear error
             img = imaging.fit_condition(img.float().clamp(0, 1), height, width, fit)
-            z = self.encode(img, tiled=tiled).cpu().expand(B, -1, -1, -1)  # one image for all rows: encoded once
+            # Encoded before the rows are matched: one image for all rows is encoded once.
+            z = _batch_rows(f"The {DOMAINS[d].name} condition image", self.encode(img, tiled=tiled).cpu(), B)
             clean_x[:, d] = torch.where(needed[:, None, None, None], z, clean_x[:, d])
         return clean_x
 

@@ -225,7 +225,7 @@ def _understand(model_patcher, images, questions, *, max_new_tokens: int, **samp
                         max_new_tokens, limit)
         # Each chunk its own seed: otherwise rows i and i + UNDERSTAND_CHUNK would draw the same random numbers.
         answers += janus_understand(model, rows_images, rows_questions, max_new_tokens=min(max_new_tokens, limit),
-                                    callback=progress, seed=(seed + n) % 2**64, **sampling)
+                                    callback=progress, seed=seed + n, **sampling)
     progress.pbar.update_absolute(progress.total, progress.total)
     return [a.strip() for a in answers]
 
