@@ -242,7 +242,7 @@ class JanusLoader(io.ComfyNode):
         return io.Schema(
             node_id="JanusLoader",
             display_name="Janus Loader",
-            category="Janus",
+            category="Janus/loaders",
             description=(
                 "Loads a Janus or Janus-Pro model (deepseek-ai Janus-1.3B, Janus-Pro-1B, Janus-Pro-7B, original or "
                 "transformers-converted) from a folder in models/Janus-Pro. Runs in plain PyTorch on any device "
@@ -293,7 +293,7 @@ class JanusCaption(io.ComfyNode):
         return io.Schema(
             node_id="JanusCaption",
             display_name="Janus Caption",
-            category="Janus",
+            category="Janus/understanding",
             description=(
                 "Captions every image of a batch with Janus (greedy decoding, so the same image gives the same "
                 "caption). The output is a list with one caption per image; 'for a Jodi prompt' gives a one-"
@@ -342,7 +342,7 @@ class JanusAsk(io.ComfyNode):
         return io.Schema(
             node_id="JanusAsk",
             display_name="Janus Ask",
-            category="Janus",
+            category="Janus/understanding",
             description=(
                 "Asks Janus a question about an image (visual question answering, OCR, descriptions), or a plain "
                 "text question when no image is connected. One answer per image of the batch, or one answer about "
@@ -416,7 +416,7 @@ class JanusGenerate(io.ComfyNode):
         return io.Schema(
             node_id="JanusGenerate",
             display_name="Janus Generate",
-            category="Janus",
+            category="Janus/generation",
             description=(
                 "Text-to-image with Janus: the model writes the image as 576 VQ tokens (with classifier-free "
                 "guidance), decoded to a 384x384 image for the released models. The progress bar counts image "

@@ -197,7 +197,7 @@ class JodiJointGeneration(io.ComfyNode):
         return io.Schema(
             node_id="JodiJointGeneration",
             display_name="Jodi Joint Generation",
-            category="Jodi",
+            category="Jodi/jobs",
             description=(
                 "One node for joint generation: an image and its 7 label maps (lineart, edge, depth, normal, albedo, "
                 "segmentation, openpose) generated together from a prompt, or from nothing."
@@ -226,7 +226,7 @@ class JodiControllableGeneration(io.ComfyNode):
         return io.Schema(
             node_id="JodiControllableGeneration",
             display_name="Jodi Controllable Generation",
-            category="Jodi",
+            category="Jodi/jobs",
             description=(
                 "One node for controllable generation: an image generated from any set of connected label maps "
                 "(lineart, edge, depth, normal, albedo, segmentation, openpose) and an optional prompt."
@@ -269,7 +269,7 @@ class JodiPerception(io.ComfyNode):
         return io.Schema(
             node_id="JodiPerception",
             display_name="Jodi Perception",
-            category="Jodi",
+            category="Jodi/jobs",
             description=(
                 "One node for perception: predicts the 7 label maps (lineart, edge, depth, normal, albedo, "
                 "segmentation, openpose) of an image in one pass, at the image's size. No text encoder and no CFG "

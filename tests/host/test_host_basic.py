@@ -46,8 +46,9 @@ def test_every_pack_node_is_documented(pack_nodes):
     for name, entry in sorted(pack_nodes.items()):
         if not (name.startswith("Jodi") or name.startswith("Janus")):
             problems.append(f"{name}: node id without a Jodi/Janus prefix")
-        if entry["category"].split("/")[0] not in ("Jodi", "Janus"):
-            problems.append(f"{name}: category {entry['category']!r} not in the Jodi or Janus menu")
+        menu, _, submenu = entry["category"].partition("/")
+        if menu not in ("Jodi", "Janus") or not submenu:
+            problems.append(f"{name}: category {entry['category']!r} not in a Jodi/ or Janus/ submenu")
         if not entry.get("description"):
             problems.append(f"{name}: no description")
         for section in ("required", "optional"):
