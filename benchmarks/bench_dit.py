@@ -8,7 +8,8 @@ side by side, in one run:
   predicted, no CFG) and image + 1 condition (6 domains dropped, CFG batch 2);
 - the fused GLUMBConv middle and LayerNorm+modulate against their torch op chains;
 - DC-AE decode of 8 domains; a 20-step joint generation (DiT steps + the 8 decodes);
-- peak GPU memory, ratios, and MFU against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
+- peak GPU memory, ratios, and MFU against the card's dense bf16 peak (looked up by device name, e.g. 989 TFLOP/s
+  for H100/H200 SXM; ``--peak-tflops`` for other cards).
 
 Paths:
 - ``ref``: the model's ``forward`` (every slot computed, caption K/V recomputed per call, as the reference does) with
@@ -42,7 +43,23 @@ from jodi_core import layers  # noqa: E402
 from jodi_core.attention import linear_attention  # noqa: E402
 from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer  # noqa: E402
 
-BF16_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 (datasheet)
+# Dense bf16 tensor-core peaks (datasheets) by a part of torch.cuda.get_device_name(); the first match wins.
+BF16_PEAKS_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2),
+)
+peak_tflops = float("nan")  # of the card this run is on; set by main() (--peak-tflops overrides the table)
+
+
+def bf16_peak_tflops(device_name: str) -> float:
+    for part, tflops in BF16_PEAKS_TFLOPS:
+        if part in device_name:
+            return tflops
+    return float("nan")
+
+
+def mfu(tflops: float) -> float:
+    return tflops / peak_tflops
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,10 +243,10 @@ def bench_dit(model, device, dtype, hw, results, rep_ms):
                 ms = bench(fn, device, rep_ms)
                 mem = peak_mem_gib(fn, device)
             tflops = flops / (ms * 1e-3) / 1e12
-            row[name] = {"ms": ms, "peak_gib": mem, "tflops": tflops, "mfu": tflops / BF16_PEAK_TFLOPS,
+            row[name] = {"ms": ms, "peak_gib": mem, "tflops": tflops, "mfu": mfu(tflops),
                          "finite": finite}
             print(f"  DiT {scen:28s} {name:12s} {ms:9.2f} ms  peak {mem:6.2f} GiB  {tflops:6.1f} TFLOP/s  "
-                  f"MFU {100 * tflops / BF16_PEAK_TFLOPS:5.1f}%  finite={finite}")
+                  f"MFU {100 * mfu(tflops):5.1f}%  finite={finite}")
         # Generated slots only (the reference path returns garbage for condition/ignored slots).
         gen = [d for d in range(cfg.num_domains) if bool((role[:, d] == 0).any())]
         base = outputs["torch"][:, gen]
@@ -259,8 +276,11 @@ def bench_compile(model, device, dtype, hw, results, rep_ms):
     t = torch.full((rows,), 700.0, device=device)
     flops = dit_flops(cfg, T * active, rows)
     comp = {}
+    from torch._dynamo.utils import counters
+
     for name, backend, patch in (("torch+compile", "torch", None), ("triton+compile", "triton", None)):
         torch._dynamo.reset()
+        counters.clear()
         compiled = [torch.compile(blk) for blk in model.blocks]
         saved = model.blocks
         model.blocks = torch.nn.ModuleList(compiled)
@@ -274,10 +294,13 @@ def bench_compile(model, device, dtype, hw, results, rep_ms):
                 first = time.perf_counter() - t0
                 ms = bench(lambda: model.forward_prepared(x, t, ctx), device, rep_ms)
             tflops = flops / (ms * 1e-3) / 1e12
-            comp[name] = {"ms": ms, "first_call_s": first, "tflops": tflops, "mfu": tflops / BF16_PEAK_TFLOPS,
-                          "finite": bool(torch.isfinite(o).all())}
+            breaks = dict(counters["graph_break"])  # reason -> count, over all compiled blocks
+            comp[name] = {"ms": ms, "first_call_s": first, "tflops": tflops, "mfu": mfu(tflops),
+                          "finite": bool(torch.isfinite(o).all()), "graph_breaks": breaks}
             print(f"  DiT {scen:28s} {name:20s} {ms:9.2f} ms  (first call {first:.1f} s)  "
-                  f"MFU {100 * tflops / BF16_PEAK_TFLOPS:5.1f}%")
+                  f"MFU {100 * mfu(tflops):5.1f}%  graph breaks {sum(breaks.values())}")
+            for reason, n in breaks.items():
+                print(f"    graph break x{n}: {reason.splitlines()[0]}"[:300])
         except Exception as exc:  # report, keep the rest of the run
             comp[name] = {"error": repr(exc)[:500]}
             print(f"  DiT {name}: FAILED {exc!r}"[:600])
@@ -370,7 +393,7 @@ def bench_dcae_and_generation(model, device, dtype, hw, n_domains, results, rep_
     tflop = 8.37 * n_domains * (px / 1024) ** 2  # analytic, flops_count.py
     tfs = tflop / (ms * 1e-3)
     print(f"  DC-AE decode {n_domains} x {px}px: {ms:8.2f} ms  peak {mem:6.2f} GiB  {tfs:6.1f} TFLOP/s  "
-          f"MFU {100 * tfs / BF16_PEAK_TFLOPS:5.1f}%")
+          f"MFU {100 * mfu(tfs):5.1f}%")
     results["dcae_decode"] = {"domains": n_domains, "px": px, "ms": ms, "peak_gib": mem, "tflops": tfs}
 
     cfg = model.config
@@ -429,12 +452,17 @@ def main(argv=None):
     ap.add_argument("--out-dir", type=str, default=None, help="folder for the profile table")
     ap.add_argument("--skip", type=str, default="", help="comma list of: attention,dit,fused,profile,dcae")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense bf16 peak for MFU (default: looked up by device name)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    global peak_tflops
+    peak_tflops = args.peak_tflops or bf16_peak_tflops(results["device"])
+    results["bf16_peak_tflops"] = peak_tflops
     if cuda:
         import triton
 
@@ -455,7 +483,7 @@ def main(argv=None):
           f"{dtype}")
     if "matmul_8192_bf16_tflops" in results:
         print(f"  bf16 8192^3 matmul: {results['matmul_8192_bf16_tflops']:.0f} TFLOP/s (datasheet peak "
-              f"{BF16_PEAK_TFLOPS:.0f})")
+              f"{peak_tflops:.0f}; unknown card: pass --peak-tflops)")
 
     if "attention" not in skip:
         _section("linear attention alone (B=2 CFG, 8 domains x latent tokens, 70 heads x 32)", bench_attention,

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels import must_propagate
+
 logger = logging.getLogger(__name__)
 
 LinearAttentionFn = Callable[..., torch.Tensor]
@@ -125,8 +127,9 @@ def dispatch_linear_attention(
 ) -> torch.Tensor:
     """Run linear attention on the chosen backend.
 
-    Inputs the backend rejects (TypeError/ValueError) run on torch for that call; any other failure (a Triton compile
-    or launch error) is reported once and turns the backend off for the rest of the process.
+    Inputs the backend rejects (TypeError/ValueError) run on torch for that call; out of memory and torch.compile
+    tracing errors propagate; any other failure (a Triton compile or launch error) is reported once and turns the
+    backend off for the rest of the process.
     """
     name, fn = resolve_backend(backend, q.device)
     if name == "torch":
@@ -139,6 +142,8 @@ def dispatch_linear_attention(
                    "using PyTorch for them.")
         return linear_attention(q, k, v, key_mask, eps)
     except Exception as exc:  # a compile or launch failure: the backend is unusable here
+        if must_propagate(exc):
+            raise
         _warn_once(f"call:{name}", f"The {name} linear attention failed ({exc!r}); falling back to PyTorch for good.")
         _resolved[name] = None
         return linear_attention(q, k, v, key_mask, eps)

@@ -196,3 +196,19 @@ def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off(monkeyp
     torch.testing.assert_close(out, attention.linear_attention(q, k, v))
     assert attention.resolve_backend("picky", q.device)[0] == "torch"  # a real failure turns it off
     assert calls == [16, 32]
+
+
+def test_out_of_memory_propagates_and_keeps_the_backend(monkeypatch):
+    from jodi_core import attention
+
+    monkeypatch.setattr(attention, "_BACKENDS", dict(attention._BACKENDS))
+    monkeypatch.setattr(attention, "_resolved", {})
+
+    def hungry(q, k, v, key_mask=None, eps=1e-8):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    attention.register_backend("hungry", lambda: hungry)
+    q, k, v = (torch.randn(1, 5, 2, 32) for _ in range(3))
+    with pytest.raises(torch.OutOfMemoryError):
+        attention.dispatch_linear_attention(q, k, v, backend="hungry")
+    assert attention.resolve_backend("hungry", q.device)[0] == "hungry"

@@ -14,6 +14,7 @@ compiled 16-bit path is covered by the GPU run).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -215,6 +216,49 @@ def check_fused_dispatch(device, big):
     assert torch.equal(gate_residual(y, s[..., :1], y), y + s[..., :1] * y)  # other broadcasts: torch path
 
 
+def check_dit_backends(device, big, dtype_name):
+    """The whole DiT with ``attention_backend='triton'`` against ``'torch'``: one batch, a different role set per row
+    (joint; perception with two ignored domains), a padded caption. On CUDA the fused ops run too; under the
+    interpreter the attention kernel alone (the fused ops take CUDA tensors only).
+
+    fp32: equal up to summation order. 16-bit: Triton is no less accurate than torch against the fp32 model, and
+    the two agree within bf16/fp16 tolerance."""
+    from jodi_core.demo import tiny_random_models
+
+    dtype = _DTYPES[dtype_name]
+    dit32, _ = tiny_random_models(seed=3)
+    dit32 = dit32.to(device)
+    h, w = (12, 20) if big else (3, 5)
+    N, S = 2, dit32.config.model_max_length
+    C = dit32.config.in_channels
+    x = torch.randn(N, 8, C, h, w, device=device)
+    clean = torch.randn(N, 8, C, h, w, device=device)
+    y = torch.randn(N, 1, S, dit32.config.caption_channels, device=device)
+    mask = torch.ones(N, S, device=device)
+    mask[1, 5:] = 0
+    role = torch.tensor([[0] * 8, [1, 0, 0, 2, 0, 2, 0, 0]], device=device)
+    t = torch.tensor([700.0, 300.0], device=device)
+
+    def run(model, backend, dt):
+        model.attention_backend = backend
+        with torch.no_grad():
+            return model(x.to(dt), t, y.to(dt), role, mask, clean.to(dt)).double()
+
+    reference = run(dit32, "torch", torch.float32)
+    model = dit32 if dtype == torch.float32 else dit32.to(dtype)
+    ours, plain = run(model, "triton", dtype), run(model, "torch", dtype)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    if dtype == torch.float32:
+        assert rel(ours, plain) < 1e-5, f"fp32 triton vs torch: relative error {rel(ours, plain):.3g}"
+        return
+    err_ours, err_plain = rel(ours, reference), rel(plain, reference)
+    assert err_ours <= 1.5 * err_plain + 1e-3, f"triton {err_ours:.3g} vs torch {err_plain:.3g} against fp32"
+    assert rel(ours, plain) < 2 * _RTOL[dtype], f"{dtype_name} triton vs torch: relative error {rel(ours, plain):.3g}"
+
+
 LA_CASES = [
     (dt, T, mk)
     for dt in ("fp32", "bf16", "fp16")
@@ -247,6 +291,8 @@ def all_checks():
     for dt in LN_CASES:
         checks[f"gr-{dt}"] = functools.partial(check_gate_residual, dtype_name=dt)
     checks["fused-dispatch"] = check_fused_dispatch
+    for dt in ("fp32", "bf16"):
+        checks[f"dit-{dt}"] = functools.partial(check_dit_backends, dtype_name=dt)
     return checks
 
 
@@ -329,6 +375,59 @@ def test_fused_ops_fall_back_to_torch_exactly_on_cpu():
 
     z = F.conv2d(F.silu(x), w, b, padding=1, groups=8)
     assert torch.equal(dwconv_glu_torch(x, w, b), z[:, :4] * F.silu(z[:, 4:]))
+
+
+def _fused_op_cases():
+    """(module name, wrapper args): inputs every fused op accepts on its Triton path."""
+    y, s = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 1, 16)
+    x = torch.randn(2, 8, 4, 5)
+    return {
+        "dwconv_glu": (x, torch.randn(8, 1, 3, 3), torch.randn(8)),
+        "layernorm_modulate": (y, s, s),
+        "gate_residual": (y, s, y),
+    }
+
+
+@pytest.mark.parametrize("op", ["dwconv_glu", "layernorm_modulate", "gate_residual"])
+def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
+    """A compile/launch failure warns once and turns the op's kernel off; a rejected input goes to torch for that
+    call only; out of memory propagates (ComfyUI frees models and retries) and leaves the kernel on."""
+    import importlib
+
+    import jodi_core.kernels as kernels
+
+    module = importlib.import_module(f"jodi_core.kernels.{op}")
+    args = _fused_op_cases()[op]
+    wrapper, reference = getattr(module, op), getattr(module, f"{op}_torch")
+    expected = reference(*args)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "tensors_supported", lambda *t: True)
+    monkeypatch.setattr(kernels, "_failed", set())
+    monkeypatch.setattr(kernels, "_warned_inputs", set())
+    calls = []
+
+    def raising(error):
+        def kernel(*a, **kw):
+            calls.append(type(error).__name__)
+            raise error
+        return kernel
+
+    monkeypatch.setattr(module, f"{op}_triton", raising(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        wrapper(*args)
+    assert op not in kernels._failed
+
+    monkeypatch.setattr(module, f"{op}_triton", raising(ValueError("rows too long")))
+    assert torch.equal(wrapper(*args), expected)
+    assert op not in kernels._failed and calls[-1] == "ValueError"
+
+    monkeypatch.setattr(module, f"{op}_triton", raising(RuntimeError("PTX compile failed")))
+    with caplog.at_level(logging.WARNING, logger="jodi_core.kernels"):
+        assert torch.equal(wrapper(*args), expected)
+        assert torch.equal(wrapper(*args), expected)  # no second attempt, no second warning
+    assert op in kernels._failed
+    assert calls == ["OutOfMemoryError", "ValueError", "RuntimeError"]
+    assert sum("PTX compile failed" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -84,8 +84,30 @@ def use_triton(name: str, backend: str, *tensors) -> bool:
     return triton_available() and tensors_supported(*tensors)
 
 
-def mark_failed(name: str, exc: BaseException) -> None:
-    """Record that op ``name``'s kernel failed (compile or launch); warn once, use the torch path from now on."""
+def must_propagate(exc: BaseException) -> bool:
+    """Errors a fallback must not swallow: out of memory (the caller, e.g. ComfyUI, frees models and retries) and
+    torch.compile's tracing errors (raised while compiling the caller, not by the kernel)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or type(exc).__module__.startswith("torch._dynamo")
+
+
+_warned_inputs: set[str] = set()
+
+
+def kernel_failed(name: str, exc: Exception) -> None:
+    """Handle an exception from fused op ``name``'s Triton path; the caller then runs the torch path.
+
+    Out of memory and tracing errors are re-raised; inputs the kernel rejects (ValueError/TypeError) go to torch for
+    this call only; anything else is a compile or launch failure: warn once, use torch from now on.
+    """
+    if must_propagate(exc):
+        raise exc
+    if isinstance(exc, (ValueError, TypeError)):
+        if name not in _warned_inputs:
+            _warned_inputs.add(name)
+            logger.warning("Triton kernel %s does not take these inputs (%s); using PyTorch for them.", name, exc)
+        return
     if name not in _failed:
         _failed.add(name)
         logger.warning("Triton kernel %s failed (%r); using the PyTorch path from now on.", name, exc)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import mark_failed, use_triton
+from . import kernel_failed, use_triton
 
 _NAME = "gate_residual"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,6 +82,6 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend:
     ):
         try:
             return gate_residual_triton(x, gate, y)
-        except Exception as exc:  # compile/launch failure: fall back for good
-            mark_failed(_NAME, exc)
+        except Exception as exc:
+            kernel_failed(_NAME, exc)
     return gate_residual_torch(x, gate, y)

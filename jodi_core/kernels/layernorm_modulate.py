@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import mark_failed, use_triton
+from . import kernel_failed, use_triton
 
 _NAME = "layernorm_modulate"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,6 +91,6 @@ def layernorm_modulate(
     ):
         try:
             return layernorm_modulate_triton(x, shift, scale, eps)
-        except Exception as exc:  # compile/launch failure: fall back for good
-            mark_failed(_NAME, exc)
+        except Exception as exc:
+            kernel_failed(_NAME, exc)
     return layernorm_modulate_torch(x, shift, scale, eps)

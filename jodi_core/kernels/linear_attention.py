@@ -23,9 +23,9 @@ batch size.
 
 Numerics: the state KV and ksum are accumulated in float32. For 16-bit inputs the K^T V product runs on the tensor
 cores with 16-bit operands and float32 accumulation; the operands are relu(K) and V exactly as stored, so every
-product is exact and only the summation order differs from the float32 torch reference. For float32 inputs every dot
-runs in IEEE float32 (no TF32). The apply step computes relu(Q) . KV and the normaliser in IEEE float32 and rounds
-once to the output dtype.
+product is exact and only the summation order differs from the float32 torch reference. For float32 inputs the state
+dot runs in IEEE float32 (no TF32). The apply step computes relu(Q) . KV and the normaliser in float32 with 3xTF32
+dots on the GPU (about float32 accuracy; IEEE under the interpreter) and rounds once to the output dtype.
 
 Determinism: the token axis is split into S chunks (S depends only on B, H and T, never on the device); kernel 1
 writes one float32 partial state per (batch, head, chunk) and kernel 2 sums the S partials in a fixed order. No
