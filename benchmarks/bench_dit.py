@@ -386,15 +386,28 @@ def bench_dcae_and_generation(model, device, dtype, hw, n_domains, results, rep_
 
     vae = DCAE(DC_AE_F32C32_SANA_1_0, dtype=dtype, device=device).eval()
     z = torch.randn(n_domains, 32, hw, hw, device=device, dtype=dtype)
-    with torch.inference_mode():
-        ms = bench(lambda: vae.decode(z), device, max(rep_ms, 500))
-        mem = peak_mem_gib(lambda: vae.decode(z), device)
     px = hw * 32
     tflop = 8.37 * n_domains * (px / 1024) ** 2  # analytic, flops_count.py
-    tfs = tflop / (ms * 1e-3)
-    print(f"  DC-AE decode {n_domains} x {px}px: {ms:8.2f} ms  peak {mem:6.2f} GiB  {tfs:6.1f} TFLOP/s  "
-          f"MFU {100 * mfu(tfs):5.1f}%")
-    results["dcae_decode"] = {"domains": n_domains, "px": px, "ms": ms, "peak_gib": mem, "tflops": tfs}
+    results["dcae_decode"] = {}
+    decoded = {}
+    # LiteMLA on the reference's matmuls (torch) and on the Triton linear-attention kernel, side by side.
+    for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
+        vae.attention_backend = backend
+        with torch.inference_mode():
+            decoded[backend] = vae.decode(z).float()
+            ms = bench(lambda: vae.decode(z), device, max(rep_ms, 500))
+            mem = peak_mem_gib(lambda: vae.decode(z), device)
+        tfs = tflop / (ms * 1e-3)
+        print(f"  DC-AE decode {n_domains} x {px}px, {backend:6s} attention: {ms:8.2f} ms  peak {mem:6.2f} GiB  "
+              f"{tfs:6.1f} TFLOP/s  MFU {100 * mfu(tfs):5.1f}%")
+        results["dcae_decode"][backend] = {"domains": n_domains, "px": px, "ms": ms, "peak_gib": mem, "tflops": tfs}
+    if "triton" in decoded:
+        diff = float((decoded["triton"] - decoded["torch"]).norm() / decoded["torch"].norm())
+        results["dcae_decode"]["triton"]["rel_diff_vs_torch"] = diff
+        print(f"  DC-AE decode speed-up triton vs torch attention: "
+              f"{results['dcae_decode']['torch']['ms'] / results['dcae_decode']['triton']['ms']:.2f}x; "
+              f"output rel. difference {diff:.2e}")
+    vae.attention_backend = "auto"
 
     cfg = model.config
     gen = {}

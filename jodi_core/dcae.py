@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import check_backend, dispatch_linear_attention, resolve_backend
 from .dcae_keys import detect_key_format, diffusers_to_original
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,13 @@ class LiteMLA(nn.Module):
     ``qkv`` (1x1) gives ``heads`` groups of ``[q|k|v]`` (``dim`` channels each, interleaved per head); every
     multi-scale branch (depthwise kxk, then a grouped 1x1 with one group per q/k/v slice) adds as many heads again.
     Attention per head: ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)`` with ReLU on q and k.
+
+    ``backend`` (set through ``DCAE.attention_backend``) picks the linear form's implementation: ``torch`` is the
+    reference's channel-major matmuls (16-bit products rounded as it rounds them); ``triton``, and ``auto`` on CUDA,
+    run ``jodi_core.attention``'s token-major kernel, which accumulates in float32.
     """
+
+    backend = "auto"
 
     def __init__(self, channels: int, dim: int = 32, scales: tuple[int, ...] = (5,), dtype=None, device=None,
                  operations=None):
@@ -381,7 +388,9 @@ class LiteMLA(nn.Module):
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
         with _autocast_off(qkv.device.type):
-            if H * W > self.dim:
+            if H * W > self.dim and resolve_backend(self.backend, qkv.device)[0] != "torch":
+                out = self._linear_token_major(qkv)
+            elif H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
             else:
                 out = self._quadratic(qkv)
@@ -402,6 +411,14 @@ class LiteMLA(nn.Module):
         out = vk @ q  # (B, h, dim+1, N)
         out = out.float()
         return out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, h, dim, N)
+
+    def _linear_token_major(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = qkv.shape
+        # One copy to (B, N, heads', [q|k|v], dim): the kernel reads the three as strided views.
+        qkv = qkv.reshape(B, -1, 3, self.dim, H * W).permute(0, 4, 1, 2, 3).contiguous()
+        q, k, v = qkv.unbind(3)
+        out = dispatch_linear_attention(q, k, v, None, self.eps, backend=self.backend)  # (B, N, heads', dim)
+        return out.permute(0, 2, 3, 1)  # (B, heads', dim, N)
 
     def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(qkv)
@@ -575,7 +592,8 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
 class DCAE(nn.Module):
     """DC-AE with the efficientvit state-dict layout. ``encode``/``decode`` work on raw (unscaled) latents."""
 
-    def __init__(self, config: DCAEConfig = DC_AE_F32C32_SANA_1_0, dtype=None, device=None, operations=None):
+    def __init__(self, config: DCAEConfig = DC_AE_F32C32_SANA_1_0, dtype=None, device=None, operations=None,
+                 attention_backend: str = "auto"):
         super().__init__()
         if not isinstance(config, DCAEConfig):
             raise TypeError(f"config must be a DCAEConfig, got {type(config).__name__}.")
@@ -584,6 +602,19 @@ class DCAE(nn.Module):
         kw = dict(dtype=dtype, device=device, operations=operations)
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
+        self.attention_backend = attention_backend
+
+    @property
+    def attention_backend(self) -> str:
+        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``); ``auto`` = Triton on CUDA."""
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        self._attention_backend = check_backend(name)
+        for module in self.modules():
+            if isinstance(module, LiteMLA):
+                module.backend = name
 
     # ---- properties used by the pipeline ----------------------------------------------------------------------------
 

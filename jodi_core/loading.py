@@ -131,11 +131,14 @@ def weights_file(path: "str | os.PathLike") -> str:
     raise CheckpointError(f"No model.safetensors or diffusion_pytorch_model.safetensors in folder {path}.")
 
 
-def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = None, device="cpu"):
+def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = None, device="cpu",
+              attention_backend: str = "auto"):
     """Load a DC-AE checkpoint (original or diffusers key format); a folder means its ``model.safetensors``
-    (or ``diffusion_pytorch_model.safetensors``)."""
+    (or ``diffusion_pytorch_model.safetensors``). ``attention_backend``: ``auto | triton | torch``."""
+    from .attention import check_backend
     from .dcae import DCAE
 
+    check_backend(attention_backend)
     path = weights_file(path)
     sd = read_state_dict(path)
     name = os.path.basename(path)
@@ -144,6 +147,7 @@ def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = 
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
     model = DCAE.from_state_dict(sd, dtype=dtype, device=device, name=name)
     model.config = dataclasses.replace(model.config, **stored_dcae_settings(path))
+    model.attention_backend = attention_backend
     return model.eval().requires_grad_(False)
 
 

@@ -166,17 +166,18 @@ def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
                                             offload_device=offload_device)
 
 
-def load_vae_patcher(vae_name: str, dtype_choice: str):
+def load_vae_patcher(vae_name: str, dtype_choice: str, attention: str = "auto"):
     import comfy.model_management as mm
     import comfy.model_patcher
 
     from ..jodi_core.loading import load_dcae
 
+    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
     path = resolve_vae_path(vae_name)
     load_device = mm.vae_device()
     offload_device = mm.vae_offload_device()
     dtype = _pick_dtype(dtype_choice, mm.vae_dtype(load_device, [torch.bfloat16]))
-    vae = load_dcae(path, dtype=dtype, device=offload_device)
+    vae = load_dcae(path, dtype=dtype, device=offload_device, attention_backend=attention)
     vae.eval()
     log.info("Jodi: loaded DC-AE %s (%s) for %s", os.path.basename(path), dtype, load_device)
     return comfy.model_patcher.ModelPatcher(ManagedModule(vae), load_device=load_device,

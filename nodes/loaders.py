@@ -14,6 +14,13 @@ _DTYPE_TIP = (
 )
 
 
+_ATTENTION_TIP = (
+    "Linear-attention kernels. auto: Triton on CUDA when Triton works, else plain PyTorch. torch: always PyTorch (any "
+    "device; the reference's arithmetic). triton: ask for the Triton kernels (falls back to PyTorch with a warning "
+    "where they cannot run)."
+)
+
+
 class JodiModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -32,11 +39,8 @@ class JodiModelLoader(io.ComfyNode):
                     tooltip="Jodi checkpoint file from models/diffusion_models or models/jodi (extra_model_paths.yaml "
                             "folders included), or the built-in demo model."),
                 io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
-                io.Combo.Input(
-                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
-                    tooltip="Linear-attention kernels. auto: fused Triton kernels on CUDA when Triton works, else "
-                            "plain PyTorch. torch: always PyTorch (any device). triton: ask for the Triton kernels "
-                            "(falls back to PyTorch with a warning where they cannot run)."),
+                io.Combo.Input("attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
+                               tooltip=_ATTENTION_TIP + " Also picks the fused Triton norm/modulate/GLU kernels."),
             ],
             outputs=[common.JodiModel.Output(
                 display_name="jodi_model", tooltip="The Jodi DiT, managed by ComfyUI (moved to the GPU when used).")],
@@ -81,29 +85,34 @@ class JodiVAELoader(io.ComfyNode):
                     tooltip="DC-AE file from models/vae (e.g. dc-ae-f32c32-sana-1.0.safetensors), or the built-in "
                             "demo autoencoder that matches the demo model."),
                 io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input("attention", options=list(nodekit.ATTENTION_CHOICES), default="auto", optional=True,
+                               tooltip=_ATTENTION_TIP + " The DC-AE's kernel accumulates in float32 where the "
+                                       "reference rounds bf16 products."),
             ],
             outputs=[common.JodiVAE.Output(
                 display_name="jodi_vae", tooltip="The DC-AE, managed by ComfyUI. Not a core VAE: use Jodi Decode.")],
         )
 
     @classmethod
-    def validate_inputs(cls, vae_name=None, dtype=None):
+    def validate_inputs(cls, vae_name=None, dtype=None, attention=None):
         try:
             if vae_name is not None:
                 nodekit.check_choice("vae_name", vae_name, common.vae_choices())
             if dtype is not None:
                 nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+            if attention is not None:
+                nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
         except ValueError as e:
             return str(e)
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, vae_name, dtype="auto"):
-        return (common.file_fingerprint(common.resolve_vae_path, vae_name), dtype)
+    def fingerprint_inputs(cls, vae_name, dtype="auto", attention="auto"):
+        return (common.file_fingerprint(common.resolve_vae_path, vae_name), dtype, attention)
 
     @classmethod
-    def execute(cls, vae_name, dtype="auto") -> io.NodeOutput:
-        return io.NodeOutput(common.load_vae_patcher(vae_name, dtype))
+    def execute(cls, vae_name, dtype="auto", attention="auto") -> io.NodeOutput:
+        return io.NodeOutput(common.load_vae_patcher(vae_name, dtype, attention))
 
 
 NODES = [JodiModelLoader, JodiVAELoader]

@@ -246,17 +246,44 @@ def check_dit_backends(device, big, dtype_name):
 
     reference = run(dit32, "torch", torch.float32)
     model = dit32 if dtype == torch.float32 else dit32.to(dtype)
-    ours, plain = run(model, "triton", dtype), run(model, "torch", dtype)
+    _assert_backends_agree(run(model, "triton", dtype), run(model, "torch", dtype), reference, dtype, "DiT")
 
+
+def _assert_backends_agree(ours, plain, reference, dtype, what):
+    """fp32: equal up to summation order; 16-bit: ours no less accurate than torch against the fp32 model, and the
+    two within the dtype's tolerance."""
     def rel(a, b):
-        return float((a - b).norm() / b.norm())
+        return float((a.double() - b.double()).norm() / b.double().norm())
 
     if dtype == torch.float32:
-        assert rel(ours, plain) < 1e-5, f"fp32 triton vs torch: relative error {rel(ours, plain):.3g}"
+        assert rel(ours, plain) < 1e-5, f"{what} fp32 triton vs torch: relative error {rel(ours, plain):.3g}"
         return
     err_ours, err_plain = rel(ours, reference), rel(plain, reference)
-    assert err_ours <= 1.5 * err_plain + 1e-3, f"triton {err_ours:.3g} vs torch {err_plain:.3g} against fp32"
-    assert rel(ours, plain) < 2 * _RTOL[dtype], f"{dtype_name} triton vs torch: relative error {rel(ours, plain):.3g}"
+    assert err_ours <= 1.5 * err_plain + 1e-3, f"{what}: triton {err_ours:.3g} vs torch {err_plain:.3g} against fp32"
+    assert rel(ours, plain) < 2 * _RTOL[dtype], f"{what} {dtype} triton vs torch: relative error {rel(ours, plain):.3g}"
+
+
+def check_dcae_backends(device, big, dtype_name):
+    """The DC-AE's LiteMLA on the Triton kernel against its reference matmuls, encode and decode."""
+    from jodi_core.demo import tiny_random_models
+
+    dtype = _DTYPES[dtype_name]
+    _, vae32 = tiny_random_models(seed=5)
+    vae32 = vae32.to(device)
+    size = (200, 328) if big else (48, 80)  # attention over 50 x 82 / 12 x 20 positions: not block multiples
+    image = torch.rand(2, 3, *size, device=device) * 2 - 1
+    latent = torch.randn(2, vae32.latent_channels, size[0] // 8, size[1] // 8, device=device)
+
+    def run(model, backend, dt):
+        model.attention_backend = backend
+        with torch.no_grad():
+            return model.encode(image.to(dt)).double(), model.decode(latent.to(dt)).double()
+
+    reference = run(vae32, "torch", torch.float32)
+    model = vae32 if dtype == torch.float32 else vae32.to(dtype)
+    ours, plain = run(model, "triton", dtype), run(model, "torch", dtype)
+    for i, what in enumerate(("DC-AE encode", "DC-AE decode")):
+        _assert_backends_agree(ours[i], plain[i], reference[i], dtype, what)
 
 
 LA_CASES = [
@@ -293,6 +320,7 @@ def all_checks():
     checks["fused-dispatch"] = check_fused_dispatch
     for dt in ("fp32", "bf16"):
         checks[f"dit-{dt}"] = functools.partial(check_dit_backends, dtype_name=dt)
+        checks[f"dcae-{dt}"] = functools.partial(check_dcae_backends, dtype_name=dt)
     return checks
 
 

@@ -58,6 +58,18 @@ def test_dcae_loads_in_both_key_formats(tmp_path, dcae_sd):
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_dcae_attention_backend_reaches_every_attention_block(tmp_path, dcae_sd):
+    from jodi_core.dcae import LiteMLA
+
+    save_file(dcae_sd, tmp_path / "ae.safetensors")
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
+        load_dcae(tmp_path / "missing.safetensors", attention_backend="flash")  # refused before any file is read
+    model = load_dcae(tmp_path / "ae.safetensors", attention_backend="torch")
+    blocks = [m for m in model.modules() if isinstance(m, LiteMLA)]
+    assert blocks and model.attention_backend == "torch" and {m.backend for m in blocks} == {"torch"}
+    assert load_dcae(tmp_path / "ae.safetensors").attention_backend == "auto"
+
+
 def test_truncated_and_corrupt_files(tmp_path, dit_sd):
     path = tmp_path / "jodi.safetensors"
     save_file(dit_sd, path)

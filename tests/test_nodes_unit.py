@@ -189,7 +189,7 @@ class _Events:
 
     def __init__(self):
         self.loaded, self.progress, self.interrupt_after = [], [], None
-        self.full_loads, self.out_of_memory, self.dit_loads = [], False, []
+        self.full_loads, self.out_of_memory, self.dit_loads, self.vae_loads = [], False, [], []
 
 
 def _make_stubs(models_dir: Path, events: _Events) -> dict[str, types.ModuleType]:
@@ -348,7 +348,11 @@ def pack(tmp_path, monkeypatch):
         return TinyDiT().to(device, dtype)
 
     loading.load_jodi = load_jodi
-    loading.load_dcae = lambda path, dtype=None, device="cpu": TinyAE().to(device, dtype)
+    def load_dcae(path, dtype=None, device="cpu", attention_backend="auto"):
+        events.vae_loads.append({"path": path, "dtype": dtype, "attention_backend": attention_backend})
+        return TinyAE().to(device, dtype)
+
+    loading.load_dcae = load_dcae
     monkeypatch.setitem(sys.modules, loading.__name__, loading)
     ext = asyncio.run(module.comfy_entrypoint())
     nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
@@ -397,6 +401,13 @@ def test_loader_passes_its_choices_to_jodi_core(pack):
     load = pack.events.dit_loads[-1]
     assert load["path"].endswith("tiny.pth") and load["dtype"] == torch.float16
     assert load["attention_backend"] == "triton"
+    pack.nodes["JodiVAELoader"].execute("tiny-ae.safetensors", "fp16", "torch")
+    load = pack.events.vae_loads[-1]
+    assert load["path"].endswith("tiny-ae.safetensors") and load["dtype"] == torch.float16
+    assert load["attention_backend"] == "torch"
+    pack.nodes["JodiVAELoader"].execute("tiny-ae.safetensors", "auto")  # workflows saved before the input existed
+    assert pack.events.vae_loads[-1]["attention_backend"] == "auto"
+    assert "attention" in pack.nodes["JodiVAELoader"].validate_inputs(attention="flash")
 
 
 def _load(pack):

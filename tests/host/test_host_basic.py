@@ -99,7 +99,8 @@ def test_node_contract_from_the_design(comfy):
     assert model["output"] == ["JODI_MODEL"] and vae["output"] == ["JODI_VAE"]
     for entry in (model, vae):
         assert {"auto", "bf16", "fp16", "fp32"} <= set(_options(_inputs(entry)["dtype"]))
-    assert {"auto", "triton", "torch"} <= set(_options(_inputs(model)["attention"]))
+    for entry in (model, vae):
+        assert {"auto", "triton", "torch"} <= set(_options(_inputs(entry)["attention"]))
 
     roles = info["JodiRoles"]
     assert roles["output"] == ["JODI_ROLES"]
