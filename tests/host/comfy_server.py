@@ -177,7 +177,7 @@ class ComfyServer:
                 sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--base-directory", str(self.base_dir),
                 "--extra-model-paths-config", str(yaml_path), "--database-url", "sqlite:///:memory:",
-                "--preview-method", "none", "--log-stdout",
+                "--preview-method", "latent2rgb", "--log-stdout",  # Jodi previews on; core samplers' cheapest
             ]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
             t0 = time.monotonic()

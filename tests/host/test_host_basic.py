@@ -1,5 +1,9 @@
 """The pack inside a real ComfyUI 0.3.75: it imports quickly, registers its nodes, and /object_info describes them."""
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from .comfy_server import PACK_FOLDER_NAME
@@ -127,3 +131,38 @@ def test_node_contract_from_the_design(comfy):
         assert info[name]["output"][:8] == ["IMAGE"] * 8, name
     assert info["JodiLatentSplit"]["output"] == ["LATENT"]
     assert info["JodiLatentMerge"]["output"] == ["JODI_LATENT"]
+
+
+CONTRACT = Path(__file__).with_name("node_contract.json")
+
+
+def _contract(pack_nodes: dict) -> dict:
+    """What saved workflows depend on: each node's inputs in widget order with their types, and its outputs."""
+    def sockets(entry, section):
+        specs = entry["input"].get(section, {})
+        order = entry.get("input_order", {}).get(section, list(specs))
+        return [f"{name}: {specs[name][0] if isinstance(specs[name][0], str) else 'COMBO'}" for name in order]
+
+    return {name: {"category": entry["category"], "required": sockets(entry, "required"),
+                   "optional": sockets(entry, "optional"),
+                   "outputs": [f"{name}: {kind}" for kind, name in zip(entry["output"], entry["output_name"])]}
+            for name, entry in sorted(pack_nodes.items())}
+
+
+def test_object_info_matches_the_node_contract(pack_nodes):
+    """Every pack node's sockets, in order, against tests/host/node_contract.json: a renamed, retyped or reordered
+    input breaks the workflows people saved, so any change has to be deliberate (JODI_UPDATE_CONTRACT=1 rewrites the
+    file; review its diff)."""
+    actual = _contract(pack_nodes)
+    if os.environ.get("JODI_UPDATE_CONTRACT") == "1":
+        CONTRACT.write_text(json.dumps(actual, indent=1) + "\n")
+    expected = json.loads(CONTRACT.read_text())
+    assert sorted(actual) == sorted(expected), "nodes added or removed"
+    for name in expected:
+        assert actual[name] == expected[name], f"{name} changed its sockets"
+
+
+def test_both_model_folders_are_offered(comfy, host_models):
+    """Load Jodi Model lists models/diffusion_models and models/jodi (through folder_paths, so extra paths work)."""
+    options = _options(_inputs(comfy.object_info()["JodiModelLoader"])["ckpt_name"])
+    assert {host_models.jodi_file, host_models.jodi_pth_file} <= set(options), options

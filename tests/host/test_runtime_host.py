@@ -45,8 +45,12 @@ async def _collect(comfy, prompt: dict, on_message=None, timeout: float = 300) -
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
+                if msg.type == aiohttp.WSMsgType.BINARY:  # preview frames: event type, then its payload
+                    event = int.from_bytes(msg.data[:4], "big")
+                    messages.append({"type": "binary", "data": {"event": event, "payload": msg.data[4:]}})
+                    continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary preview frames
+                    continue
                 data = json.loads(msg.data)
                 if data.get("data", {}).get("prompt_id") not in (None, prompt_id):
                     continue
@@ -67,6 +71,22 @@ def test_sampler_reports_progress_per_step(comfy, host_models):
     progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "4"]
     assert [p["value"] for p in progress][-steps:] == list(range(1, steps + 1)), progress
     assert all(p["max"] == steps for p in progress[-steps:])
+    assert any(m["type"] == "execution_success" for m in messages)
+
+
+def test_sampler_sends_a_live_preview_of_the_image(comfy, host_models):
+    """With previews on (the host runs --preview-method latent2rgb), the sampler sends the decoded image domain as
+    a JPEG preview frame: at least the last step's, whatever the throttle."""
+    import io
+
+    from PIL import Image
+
+    messages = asyncio.run(_collect(comfy, _sampler_graph(host_models, 3, seed=104, name="preview")))
+    frames = [m["data"]["payload"] for m in messages if m["type"] == "binary" and m["data"]["event"] == 1]
+    assert frames, f"no preview frame among {[m['type'] for m in messages]}"
+    assert int.from_bytes(frames[-1][:4], "big") == 1  # JPEG
+    preview = Image.open(io.BytesIO(frames[-1][4:]))
+    assert preview.format == "JPEG" and preview.width == preview.height  # a 64 x 64 image, scaled to preview size
     assert any(m["type"] == "execution_success" for m in messages)
 
 
