@@ -22,8 +22,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import must_propagate
-
 logger = logging.getLogger(__name__)
 
 LinearAttentionFn = Callable[..., torch.Tensor]
@@ -142,6 +140,8 @@ def dispatch_linear_attention(
                    "using PyTorch for them.")
         return linear_attention(q, k, v, key_mask, eps)
     except Exception as exc:  # a compile or launch failure: the backend is unusable here
+        from .kernels import must_propagate  # not at import: the kernels package stays unloaded on plain torch
+
         if must_propagate(exc):
             raise
         _warn_once(f"call:{name}", f"The {name} linear attention failed ({exc!r}); falling back to PyTorch for good.")

@@ -176,11 +176,12 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Signature keys of model families people have in their ComfyUI folders, checked in order (most specific first).
+# Single files (prefixed), UNet/DiT-only files as in models/diffusion_models (bare), and diffusers folders' files.
 _FOREIGN_FAMILIES: tuple[tuple[str, Callable[[Mapping[str, torch.Tensor]], bool]], ...] = (
-    ("Flux", lambda sd: _has_any(sd, "double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight")),
-    ("SD3", lambda sd: _has_any(sd, "joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight")),
-    ("SDXL", lambda sd: _has_any(sd, "conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight")),
-    ("Stable Diffusion 1.x/2.x", lambda sd: _has_any(sd, "model.diffusion_model.input_blocks.0.0.weight")),
+    ("Flux", lambda sd: _has_any(sd, "double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_mlp.weight")),
+    ("SD3", lambda sd: _has_any(sd, "joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight")),
+    ("SDXL", lambda sd: _has_any(sd, "conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight", "label_emb.0.0.weight", "add_embedding.linear_1.weight")),
+    ("Stable Diffusion 1.x/2.x", lambda sd: _has_any(sd, "model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight", "down_blocks.0.resnets.0.conv1.weight")),
     ("Sana (single-domain, not Jodi)", lambda sd: "x_embedder.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd),
     ("a ControlNet", lambda sd: _has_any(sd, "control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
     ("an SD/SDXL VAE", lambda sd: _has_any(sd, "encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.conv_in.weight")),
@@ -287,8 +288,15 @@ def load_state_dict_strict(
     return module
 
 
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_finite(sd: Mapping[str, torch.Tensor], *, name: str) -> None:
-    """Fail on NaN/inf weights (a sign of a broken conversion or a bad fp16 export)."""
+    """Fail on quantised weights (fp8, int8: not a format these models load) and on NaN/inf weights (a sign of a
+    broken conversion or a bad fp16 export)."""
     for k, v in sd.items():
+        if (v.is_floating_point() and v.dtype not in LOADABLE_DTYPES) or v.dtype in (torch.int8, torch.uint8):
+            raise CheckpointError(f"{name}: tensor {k!r} is stored as {v.dtype}; quantised weights are not supported "
+                                  f"(use an fp32, fp16 or bf16 file).")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{name}: tensor {k!r} contains NaN or infinite values.")

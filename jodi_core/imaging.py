@@ -36,11 +36,17 @@ ASPECT_PRESETS: dict[str, float] = {
 }  # fmt: skip
 
 
+def check_positive_size(height: int, width: int, what: str = "image") -> tuple[int, int]:
+    """``(height, width)`` as ints; a clear error unless both are positive whole numbers."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v <= 0:
+            raise ValueError(f"{what} {name} must be a positive integer, got {v!r}.")
+    return int(height), int(width)
+
+
 def check_size(height: int, width: int, multiple: int = 32, what: str = "image") -> None:
     """Raise a clear error unless ``height`` and ``width`` are positive multiples of ``multiple``."""
-    for name, v in (("height", height), ("width", width)):
-        if int(v) != v or v <= 0:
-            raise ValueError(f"{what} {name} must be a positive integer, got {v!r}.")
+    height, width = check_positive_size(height, width, what)
     if height % multiple or width % multiple:
         raise ValueError(
             f"{what} size {width}x{height} (WxH) is not a multiple of {multiple}; the DC-AE compresses by {multiple}, "

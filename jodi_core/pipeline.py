@@ -181,6 +181,9 @@ class JodiPipeline:
             if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
                 shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"The {DOMAINS[d].name} condition must be a (B, 3, H, W) image tensor, got {shape}.")
+            if not img.is_floating_point():
+                raise TypeError(f"The {DOMAINS[d].name} condition must be a float image in [0, 1], got {img.dtype} "
+                                f"(divide 8-bit images by 255).")
             _check_finite(f"The {DOMAINS[d].name} condition image", img)
             img = imaging.fit_condition(img.float().clamp(0, 1), height, width, fit)
             # Encoded before the rows are matched: one image for all rows is encoded once.
@@ -203,6 +206,30 @@ class JodiPipeline:
             g = torch.Generator("cpu").manual_seed(int(s))
             noise.append(torch.randn((1, *shape), generator=g, dtype=torch.float32))
         return torch.cat(noise)
+
+    def _caption_rows(self, name: str, embeds, batch: int) -> torch.Tensor:
+        """``(B, 1, S, C)`` caption embeddings for ``batch`` rows; S and C must be the DiT's (300 Gemma-2 tokens)."""
+        config = self.transformer.config
+        S, C = config.model_max_length, config.caption_channels
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() not in (3, 4):
+            got = f"{embeds.dtype} {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise TypeError(f"{name} must be a float tensor (B, {S}, {C}), got {got}.")
+        if embeds.dim() == 3:
+            embeds = embeds[:, None]
+        if tuple(embeds.shape[1:]) != (1, S, C):
+            raise ValueError(f"{name} must have shape (B, {S}, {C}) for this model ({S} caption tokens of {C} "
+                             f"channels, as Jodi Text Encode gives), got {tuple(embeds.shape)}.")
+        _check_finite(name, embeds)
+        return _batch_rows(name, embeds, batch)
+
+    @staticmethod
+    def _mask_rows(mask, tokens: int, batch: int) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor) or mask.shape[-1] != tokens:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"prompt_mask must be (B, {tokens}) like the prompt embeddings, got {got}.")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("prompt_mask must hold only 0 (padding) and 1 (token).")
+        return _batch_rows("prompt_mask", mask.long().reshape(-1, tokens), batch)
 
     @torch.no_grad()
     def sample(
@@ -230,22 +257,16 @@ class JodiPipeline:
         caption_dropped = bool((roles[:, 0] == Role.CONDITION).all())
         use_cfg = self.uses_cfg(roles, prompt_embeds is not None, cfg_scale)
         if prompt_embeds is not None:
-            _check_finite("prompt_embeds", prompt_embeds)
-            if prompt_embeds.dim() == 3:
-                prompt_embeds = prompt_embeds[:, None]
-            prompt_embeds = _batch_rows("prompt_embeds", prompt_embeds, B)
+            prompt_embeds = self._caption_rows("prompt_embeds", prompt_embeds, B)
             if prompt_mask is None:
                 prompt_mask = torch.ones(B, prompt_embeds.shape[-2], dtype=torch.long)
-            prompt_mask = _batch_rows("prompt_mask", prompt_mask.long().reshape(-1, prompt_mask.shape[-1]), B)
+            prompt_mask = self._mask_rows(prompt_mask, prompt_embeds.shape[-2], B)
         if use_cfg:
             if negative_embeds is None:
                 null = model.y_embedder.y_embedding.detach()
                 negative_embeds = null[None, None].expand(B, 1, *null.shape)
             else:
-                _check_finite("negative_embeds", negative_embeds)
-                if negative_embeds.dim() == 3:
-                    negative_embeds = negative_embeds[:, None]
-                negative_embeds = _batch_rows("negative_embeds", negative_embeds, B)
+                negative_embeds = self._caption_rows("negative_embeds", negative_embeds, B)
             # [uncond, cond]; the unconditional half uses the prompt's mask, as the reference does.
             y = torch.cat([negative_embeds.to(device, dtype), prompt_embeds.to(device, dtype)])
             mask = torch.cat([prompt_mask, prompt_mask]).to(device)
@@ -314,6 +335,7 @@ class JodiPipeline:
             raise ValueError(f"steps must be a positive integer, got {steps!r}.")
         if not (cfg_scale >= 0 and cfg_scale == cfg_scale):
             raise ValueError(f"cfg_scale must be a non-negative number, got {cfg_scale!r}.")
+        height, width = imaging.check_positive_size(height, width, "output")
         role_table = parse_roles(roles)
         if role_table.shape[0] == 1:
             role_table = role_table.repeat(batch_size, 1)

@@ -1,5 +1,6 @@
 """Shared test configuration: where the golden fixtures and the real example data live."""
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ def fixtures_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
         pytest.fail(f"Golden fixtures not found at {FIXTURES_DIR}; set JODI_FIXTURES.")
     return FIXTURES_DIR
+
+
+def fixture_config_overrides(fixtures_dir: Path) -> dict:
+    """The JodiConfig fields tensor shapes cannot tell, from the reference config the DiT fixture was made with
+    (``dit_tiny_weights.json``), so a fixture set of another size or head count is read as it was made."""
+    ref = json.loads((fixtures_dir / "dit_tiny_weights.json").read_text())["config"]
+    return dict(num_heads=ref["num_heads"], linear_head_dim=ref["linear_head_dim"],
+                base_size=ref["input_size"] // ref["patch_size"], pe_interpolation=ref["pe_interpolation"],
+                use_pe=ref["use_pe"], y_norm_scale_factor=ref["y_norm_scale_factor"])
 
 
 @pytest.fixture(scope="session")

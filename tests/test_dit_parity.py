@@ -12,23 +12,15 @@ from safetensors.torch import load_file
 
 from jodi_core.transformer import JodiConfig, JodiTransformer
 
+from conftest import fixture_config_overrides
+
 ATOL = 1e-4  # fixture README: DiT out and taps (threading alone moves the official numbers by ~2e-6)
 
 
 def _load(fixtures_dir):
-    weights_meta = json.loads((fixtures_dir / "dit_tiny_weights.json").read_text())
     cases_meta = json.loads((fixtures_dir / "dit_tiny_cases.json").read_text())
     sd = load_file(fixtures_dir / cases_meta.get("weights", "dit_tiny_weights.safetensors"))
-    ref = weights_meta["config"]
-    config = JodiConfig.from_state_dict(
-        sd,
-        num_heads=ref["num_heads"],
-        linear_head_dim=ref["linear_head_dim"],
-        base_size=ref["input_size"] // ref["patch_size"],
-        pe_interpolation=ref["pe_interpolation"],
-        use_pe=ref["use_pe"],
-        y_norm_scale_factor=ref["y_norm_scale_factor"],
-    )
+    config = JodiConfig.from_state_dict(sd, **fixture_config_overrides(fixtures_dir))
     model = JodiTransformer(config, attention_backend="torch").eval()
     model.load_state_dict(sd, strict=True)
     return model, cases_meta, load_file(fixtures_dir / "dit_tiny_cases.safetensors")

@@ -99,6 +99,14 @@ def test_truncated_and_corrupt_files(tmp_path, dit_sd):
         (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
         (["model.diffusion_model.input_blocks.0.0.weight"], "Stable Diffusion 1.x/2.x"),
         (["x_embedder.proj.weight", "blocks.0.attn.qkv.weight"], "Sana"),
+        # UNet/DiT-only files (models/diffusion_models) and diffusers layouts
+        (["input_blocks.0.0.weight", "label_emb.0.0.weight"], "SDXL"),
+        (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight", "add_embedding.linear_1.weight"], "SDXL"),
+        (["input_blocks.0.0.weight"], "Stable Diffusion 1.x/2.x"),
+        (["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"], "Stable Diffusion 1.x/2.x"),
+        (["x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight",
+          "single_transformer_blocks.0.proj_mlp.weight"], "Flux"),
+        (["pos_embed.proj.weight", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight"], "SD3"),
     ],
 )
 def test_a_checkpoint_of_another_model_is_named(tmp_path, keys, family):
@@ -129,6 +137,15 @@ def test_missing_unexpected_and_mismatched_keys_are_listed(tmp_path, dit_sd):
     assert "1 missing keys: blocks.1.attn.proj.bias" in msg
     assert "1 unexpected keys: blocks.0.extra.weight" in msg
     assert "final_layers.3.linear.bias: checkpoint (7,) vs model (32,)" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantised_weights_are_refused_by_name(tmp_path, dit_sd, dtype):
+    sd = dict(dit_sd)
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].to(dtype)
+    save_file(sd, tmp_path / "fp8.safetensors")
+    with pytest.raises(CheckpointError, match=f"'blocks.0.attn.qkv.weight' is stored as {dtype}; quantised"):
+        load_jodi(tmp_path / "fp8.safetensors")
 
 
 def test_nan_weights_are_refused(tmp_path, dit_sd):

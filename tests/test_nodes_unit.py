@@ -292,7 +292,8 @@ class TinyDiT(nn.Module):
 
     def __init__(self, channels=4, caption=16):
         super().__init__()
-        self.config = _Cfg(base_size=8, patch_size=1, in_channels=channels, caption_channels=caption, hidden_size=8)
+        self.config = _Cfg(base_size=8, patch_size=1, in_channels=channels, caption_channels=caption, hidden_size=8,
+                           model_max_length=300)
         self.proj = nn.Conv2d(channels, channels, 1)
         self.y_embedder = nn.Module()
         self.y_embedder.register_buffer("y_embedding", torch.randn(300, caption))

@@ -92,6 +92,17 @@ def test_callback_and_interrupt(pipe):
         (dict(roles=[G] * 8, steps=0), "steps must be a positive integer"),
         (dict(roles=[G, C] + [I] * 6, conditions={"lineart": torch.rand(3, 8, 8)}), r"\(B, 3, H, W\)"),
         (dict(roles=[G] * 8, prompt_embeds=torch.full((1, 1, 300, 32), float("nan"))), "NaN"),
+        # caught before they reach torch.cat / F.interpolate
+        (dict(roles=[G] * 8, prompt_embeds=torch.zeros(1, 77, 32)), r"shape \(B, 300, 32\) for this model"),
+        (dict(roles=[G] * 8, prompt_embeds=torch.zeros(1, 300, 48)), r"shape \(B, 300, 32\) for this model"),
+        (dict(roles=[G] * 8, prompt_embeds=torch.zeros(1, 300, 32), negative_embeds=torch.zeros(1, 300, 48)),
+         r"negative_embeds must have shape"),
+        (dict(roles=[G] * 8, prompt_embeds=torch.zeros(1, 300, 32), prompt_mask=torch.full((1, 300), float("nan"))),
+         "only 0 .padding. and 1"),
+        (dict(roles=[G] * 8, prompt_embeds=torch.zeros(1, 300, 32), prompt_mask=torch.ones(1, 77)),
+         r"prompt_mask must be \(B, 300\)"),
+        (dict(roles=[G] * 8, height=64.5), "output height must be a positive integer, got 64.5"),
+        (dict(roles=[G] * 8, width=True), "output width must be a positive integer"),
     ],
 )
 def test_bad_input_gets_a_clear_error(pipe, kwargs, match):
@@ -100,6 +111,16 @@ def test_bad_input_gets_a_clear_error(pipe, kwargs, match):
     roles = args.pop("roles")
     with pytest.raises(ValueError, match=match):
         pipe(roles, **args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(conditions={"lineart": torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)}), "float image in .0, 1., got torch.uint8"),
+    (dict(conditions={"lineart": torch.rand(1, 3, 8, 8)}, prompt_embeds=torch.zeros(1, 300, 32, dtype=torch.long)),
+     "prompt_embeds must be a float tensor"),
+])
+def test_wrong_kinds_of_tensor_are_type_errors(pipe, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        pipe([G, C] + [I] * 6, 64, 64, steps=1, **kwargs)
 
 
 def test_cfg_rule_and_working_memory(pipe):

@@ -14,6 +14,8 @@ from jodi_core.loading import jodi_from_state_dict
 from jodi_core.pipeline import JodiPipeline
 from jodi_core.sampling import cfg_velocity, flow_timesteps, sample_dpmpp_2m
 
+from conftest import fixture_config_overrides
+
 # Suggested tolerances of the fixture README.
 ATOL_SAMPLE = 2e-3
 ATOL_X0_FIRST, ATOL_X0 = 1e-2, 2e-3
@@ -23,10 +25,9 @@ ATOL_MODEL_OUT = 5e-4
 def _load(fixtures_dir):
     meta = json.loads((fixtures_dir / "sampler_tiny.json").read_text())
     tensors = load_file(fixtures_dir / "sampler_tiny.safetensors")
-    weights_meta = json.loads((fixtures_dir / "dit_tiny_weights.json").read_text())
     sd = load_file(fixtures_dir / meta["weights"])
-    base_size = weights_meta["config"]["input_size"] // weights_meta["config"]["patch_size"]
-    model = jodi_from_state_dict(sd, dtype=torch.float32, base_size=base_size, attention_backend="torch")
+    model = jodi_from_state_dict(sd, dtype=torch.float32, attention_backend="torch",
+                                 **fixture_config_overrides(fixtures_dir))
     return meta, tensors, model
 
 
