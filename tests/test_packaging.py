@@ -1,4 +1,4 @@
-"""Registry and ComfyUI-Manager metadata: what the Comfy registry and Manager read from the repo's own files."""
+"""What ships beside the code: the registry and ComfyUI-Manager metadata, and the README's workflow screenshots."""
 
 import re
 from pathlib import Path
@@ -37,3 +37,18 @@ def test_requirements_txt_lists_the_runtime_dependencies():
 
     required = (REPO / "requirements.txt").read_text().splitlines()
     assert names(required) == names(PYPROJECT["project"]["dependencies"])
+
+
+def test_readme_screenshots_show_the_current_workflows():
+    """tools/screenshot_workflows.py records a digest of each workflow it rendered: a workflow changed since then
+    means the README shows an old graph."""
+    import hashlib
+    import json
+
+    rendered = json.loads((REPO / "docs" / "screenshots" / "rendered.json").read_text())
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    assert sorted(rendered) == [w.stem for w in workflows]
+    stale = [w.name for w in workflows if hashlib.sha256(w.read_bytes()).hexdigest() != rendered[w.stem]]
+    assert not stale, f"re-render the screenshots (python tools/screenshot_workflows.py): {stale} changed"
+    readme = (REPO / "README.md").read_text()
+    assert all(f"docs/screenshots/{w.stem}.png" in readme for w in workflows)

@@ -66,9 +66,9 @@ def _start_comfyui(base: Path) -> tuple[subprocess.Popen, str]:
                 break
         except OSError:
             time.sleep(0.5)
-    # Skip the first-run templates dialog that would cover the canvas.
-    urllib.request.urlopen(urllib.request.Request(url + "/api/settings/Comfy.TutorialCompleted", data=b"true",
-                                                  method="POST"))
+    # Skip the first-run templates dialog, and hide the minimap: both would cover the canvas.
+    for setting, value in (("Comfy.TutorialCompleted", b"true"), ("Comfy.Minimap.Visible", b"false")):
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/settings/{setting}", data=value, method="POST"))
     return proc, url
 
 
@@ -102,6 +102,9 @@ async def _shoot(url: str, debug_port: int, workflows: list[Path], out: Path) ->
         await call("Page.enable")
         await call("Runtime.enable")
         await call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
+        # The front end's "Nodes 2.0" banner remembers its dismissal in localStorage.
+        await call("Page.addScriptToEvaluateOnNewDocument",
+                   source="localStorage.setItem('vueNodesBannerDismissed', 'true')")
         await call("Page.navigate", url=url + "/")
         app = "(window.app || (window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app))"
         for _ in range(120):
@@ -155,8 +158,17 @@ def main() -> int:
             proc.terminate()
             proc.wait(15)
             chrome.wait(15)
+    # What was rendered: tests/test_workflow_files.py fails when a workflow changes without new screenshots.
+    rendered = {path.stem: workflow_digest(path) for path in workflows}
+    (out / "rendered.json").write_text(json.dumps(rendered, indent=1, sort_keys=True) + "\n")
     print(f"screenshots in {out}")
     return 0 if same else 1
+
+
+def workflow_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":

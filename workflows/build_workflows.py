@@ -277,7 +277,7 @@ def perception(defs) -> tuple[Graph, dict]:
                 steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False, mask_class="person")
     saved = _save_maps(g, per, "jodi_perception", names=LABELS, x=780)
     g.add("SaveImage", (780, 700), size=(250, 300), images=per[7], filename_prefix="jodi_perception/seg_classes")
-    g.note((400, 680), "Perception: the photo is the condition, the 7 label maps are predicted in one pass at the "
+    g.note((400, 730), "Perception: the photo is the condition, the 7 label maps are predicted in one pass at the "
                        "photo's size. No text encoder and no CFG are needed. Turn maps off to leave them out (faster)."
                        "\n\n" + MODEL_NOTE, size=(340, 300))
     saved["seg_classes"] = "jodi_perception/seg_classes"
@@ -317,7 +317,7 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
     dec = g.add("VAEDecode", (2220, 120), size=(200, 50), samples=ks[0], vae=ckpt[2])
     g.add("SaveImage", (2220, 220), size=(380, 320), images=dec[0], filename_prefix="jodi_controlnet/image")
     g.add("SaveImage", (770, 650), size=(250, 300), images=hint[0], filename_prefix="jodi_controlnet/depth_hint")
-    g.note((400, 680), "ControlNet chain: Jodi predicts depth and lineart from the photo; the depth map is put in "
+    g.note((400, 730), "ControlNet chain: Jodi predicts depth and lineart from the photo; the depth map is put in "
                        "the ControlNet convention (near = bright), the lineart is inverted (ControlNet wants white "
                        "lines on black) and both guide an SD 1.5 checkpoint through core Apply ControlNet nodes. "
                        "Put the SD 1.5 checkpoint in models/checkpoints and the two "
