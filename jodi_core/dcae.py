@@ -603,6 +603,7 @@ class DCAE(nn.Module):
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
         self.attention_backend = attention_backend
+        self.check_inputs = True  # the NaN/inf check costs one host sync per encode/decode
 
     @property
     def attention_backend(self) -> str:
@@ -655,6 +656,11 @@ class DCAE(nn.Module):
         if H % f or W % f or H == 0 or W == 0:
             raise ValueError(f"DC-AE image size {H}x{W} (HxW) must be a non-zero multiple of {f} on both sides.")
         self._check_dtype(x, "encode")
+        self._check_finite(x, "encode", "an image")
+
+    def _check_finite(self, t: torch.Tensor, op: str, what: str) -> None:
+        if self.check_inputs and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"DC-AE {op} got {what} with NaN or infinite values.")
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
@@ -669,6 +675,7 @@ class DCAE(nn.Module):
         if z.shape[-1] == 0 or z.shape[-2] == 0:
             raise ValueError(f"DC-AE decode got an empty latent of shape {tuple(z.shape)}.")
         self._check_dtype(z, "decode")
+        self._check_finite(z, "decode", "a latent")
 
     def _tiling(self, tile_size: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
         tile = DEFAULT_TILE_SIZE if tile_size is None else int(tile_size)

@@ -293,6 +293,10 @@ def test_bad_inputs(tiny_model):
         tiny_model.decode(torch.zeros(1, 32, 2, 2, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="32 latent channels, got 16"):
         tiny_model.decode(torch.zeros(1, 16, 2, 2))
+    with pytest.raises(ValueError, match="decode got a latent with NaN"):
+        tiny_model.decode(torch.full((1, 32, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="encode got an image with NaN"):
+        tiny_model.encode(torch.full((1, 3, 64, 64), float("inf")))
     with pytest.raises(ValueError, match="shape"):
         tiny_model.decode(torch.zeros(2, 8, 32, 2, 2))
     with pytest.raises(ValueError, match="tile_size 100"):

@@ -157,3 +157,18 @@ def test_condition_fit_and_one_encode_per_condition_image(pipe, monkeypatch):
     assert not torch.allclose(cropped, stretched)
     with pytest.raises(ValueError, match="condition_fit must be one of"):
         pipe.prepare_conditions(roles, {"depth": depth}, 64, 64, fit="pad")
+
+
+def test_role_and_caption_state_is_prepared_once_per_run(pipe, monkeypatch):
+    """r0 and every block's caption K/V come from one ``prepare`` per sampling run, not one per step or branch."""
+    calls = []
+    real_prepare = pipe.transformer.prepare
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "prepare", counting)
+    caption = torch.randn(1, 300, pipe.transformer.config.caption_channels)
+    pipe([G] * 8, 64, 64, steps=4, prompt_embeds=caption, cfg_scale=4.5, decode=False)  # CFG: two branches
+    assert len(calls) == 1
