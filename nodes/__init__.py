@@ -1,7 +1,9 @@
 """The ComfyUI nodes of ComfyUI-Jodi (V3 schema API). Imported only inside ComfyUI (see the pack's __init__.py).
 
-The API version is pinned to ``comfy_api.v0_0_2``, which ComfyUI 0.3.64 and 0.3.75 both ship with the same ``io``,
-``ui`` and ``ComfyExtension`` (``comfy_api.latest`` is a moving target).
+The API version is pinned to ``comfy_api.v0_0_2``, which ComfyUI 0.3.64 and 0.3.75 both ship. In both it still
+re-exports ``latest``'s ``io``, ``ui`` and ``ComfyExtension`` (the same surface in the two releases); the versioned
+name is the one meant to stay put when ``latest`` moves on. The host tests run 0.3.75 (no installable package
+vendors 0.3.64); the 0.3.64 surface was checked in its source.
 """
 
 from __future__ import annotations

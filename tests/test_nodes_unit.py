@@ -317,13 +317,16 @@ class TinyAE(nn.Module):
     def __init__(self, channels=4):
         super().__init__()
         self.config = _Cfg(scaling_factor=0.41407)
+        self.tiled_calls = []  # (encode|decode, tiled) per call
         self.enc = nn.Conv2d(3, channels, 8, 8)
         self.dec = nn.ConvTranspose2d(channels, 3, 8, 8)
 
     def encode(self, x, tiled=False):
+        self.tiled_calls.append(("encode", tiled))
         return self.enc(x)
 
     def decode(self, z, tiled=False):
+        self.tiled_calls.append(("decode", tiled))
         return torch.tanh(self.dec(z))
 
 
@@ -506,6 +509,22 @@ def test_interrupt_stops_sampling(pack):
                                                   batch_size=1, tiled_decode=False, mask_class="person",
                                                   **{**SAMPLING, "steps": 10})
     assert len(pack.events.progress) < 10
+
+
+def test_tiled_decode_reaches_the_autoencoder(pack):
+    model, vae = _load(pack)
+    ae = vae.model.module  # the ModelPatcher's ManagedModule holds the jodi_core autoencoder
+    roles = pack.kit.JodiRoles(("generate",) * 8)
+    jodi_latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_CUSTOM, width=64,
+                                                    height=64, batch_size=1, **SAMPLING).result[0]
+    for tiled in (True, False):
+        ae.tiled_calls.clear()
+        pack.nodes["JodiDecode"].execute(vae, jodi_latent, tiled_decode=tiled, mask_class="person")
+        assert ae.tiled_calls and all(t is tiled for kind, t in ae.tiled_calls if kind == "decode"), ae.tiled_calls
+    ae.tiled_calls.clear()
+    pack.nodes["JodiPerception"].execute(model, vae, torch.rand(1, 64, 64, 3), steps=1, seed=0,
+                                         sampler="euler-flow", flow_shift=3.0, tiled_decode=True, mask_class="person")
+    assert ae.tiled_calls[-1] == ("decode", True)  # the maps (a step preview before them may decode untiled)
 
 
 def test_shortcuts(pack):
