@@ -355,9 +355,10 @@ class LiteMLA(nn.Module):
     multi-scale branch (depthwise kxk, then a grouped 1x1 with one group per q/k/v slice) adds as many heads again.
     Attention per head: ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)`` with ReLU on q and k.
 
-    ``backend`` (set through ``DCAE.attention_backend``) picks the linear form's implementation: ``torch`` is the
-    reference's channel-major matmuls (16-bit products rounded as it rounds them); ``triton``, and ``auto`` on CUDA,
-    run ``jodi_core.attention``'s token-major kernel, which accumulates in float32.
+    ``backend`` (set through ``DCAE.attention_backend``) picks the linear form's implementation: ``torch`` and
+    ``auto`` run the reference's channel-major matmuls (16-bit products rounded as it rounds them); ``triton`` runs
+    ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can. ``auto`` stays on the matmuls
+    until ``benchmarks/bench_dit.py`` has measured the kernel faster for the DC-AE's shapes on a GPU.
     """
 
     backend = "auto"
@@ -388,7 +389,7 @@ class LiteMLA(nn.Module):
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
         with _autocast_off(qkv.device.type):
-            if H * W > self.dim and resolve_backend(self.backend, qkv.device)[0] != "torch":
+            if H * W > self.dim and self.backend != "auto" and resolve_backend(self.backend, qkv.device)[0] != "torch":
                 out = self._linear_token_major(qkv)
             elif H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
@@ -607,7 +608,7 @@ class DCAE(nn.Module):
 
     @property
     def attention_backend(self) -> str:
-        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``); ``auto`` = Triton on CUDA."""
+        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = the reference's matmuls)."""
         return self._attention_backend
 
     @attention_backend.setter

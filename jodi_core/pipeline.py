@@ -212,7 +212,8 @@ class JodiPipeline:
         config = self.transformer.config
         S, C = config.model_max_length, config.caption_channels
         if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.dim() not in (3, 4):
-            got = f"{embeds.dtype} {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            got = (f"{embeds.dtype} {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor)
+                   else type(embeds).__name__)
             raise TypeError(f"{name} must be a float tensor (B, {S}, {C}), got {got}.")
         if embeds.dim() == 3:
             embeds = embeds[:, None]

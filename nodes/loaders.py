@@ -14,13 +14,6 @@ _DTYPE_TIP = (
 )
 
 
-_ATTENTION_TIP = (
-    "Linear-attention kernels. auto: Triton on CUDA when Triton works, else plain PyTorch. torch: always PyTorch (any "
-    "device; the reference's arithmetic). triton: ask for the Triton kernels (falls back to PyTorch with a warning "
-    "where they cannot run)."
-)
-
-
 class JodiModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -39,8 +32,11 @@ class JodiModelLoader(io.ComfyNode):
                     tooltip="Jodi checkpoint file from models/diffusion_models or models/jodi (extra_model_paths.yaml "
                             "folders included), or the built-in demo model."),
                 io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
-                io.Combo.Input("attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
-                               tooltip=_ATTENTION_TIP + " Also picks the fused Triton norm/modulate/GLU kernels."),
+                io.Combo.Input(
+                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
+                    tooltip="Linear-attention kernels. auto: fused Triton kernels on CUDA when Triton works, else "
+                            "plain PyTorch. torch: always PyTorch (any device). triton: ask for the Triton kernels "
+                            "(falls back to PyTorch with a warning where they cannot run)."),
             ],
             outputs=[common.JodiModel.Output(
                 display_name="jodi_model", tooltip="The Jodi DiT, managed by ComfyUI (moved to the GPU when used).")],
@@ -85,9 +81,11 @@ class JodiVAELoader(io.ComfyNode):
                     tooltip="DC-AE file from models/vae (e.g. dc-ae-f32c32-sana-1.0.safetensors), or the built-in "
                             "demo autoencoder that matches the demo model."),
                 io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
-                io.Combo.Input("attention", options=list(nodekit.ATTENTION_CHOICES), default="auto", optional=True,
-                               tooltip=_ATTENTION_TIP + " The DC-AE's kernel accumulates in float32 where the "
-                                       "reference rounds bf16 products."),
+                io.Combo.Input(
+                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto", optional=True,
+                    tooltip="Linear attention of the DC-AE. auto and torch: the reference's PyTorch matmuls (any "
+                            "device). triton: the Triton linear-attention kernel on CUDA (float32 accumulation, "
+                            "where the reference rounds bf16 products; not yet measured faster, hence not auto)."),
             ],
             outputs=[common.JodiVAE.Output(
                 display_name="jodi_vae", tooltip="The DC-AE, managed by ComfyUI. Not a core VAE: use Jodi Decode.")],

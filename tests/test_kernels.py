@@ -260,7 +260,8 @@ def _assert_backends_agree(ours, plain, reference, dtype, what):
         return
     err_ours, err_plain = rel(ours, reference), rel(plain, reference)
     assert err_ours <= 1.5 * err_plain + 1e-3, f"{what}: triton {err_ours:.3g} vs torch {err_plain:.3g} against fp32"
-    assert rel(ours, plain) < 2 * _RTOL[dtype], f"{what} {dtype} triton vs torch: relative error {rel(ours, plain):.3g}"
+    err = rel(ours, plain)
+    assert err < 2 * _RTOL[dtype], f"{what} {dtype} triton vs torch: relative error {err:.3g}"
 
 
 def check_dcae_backends(device, big, dtype_name):

@@ -114,7 +114,8 @@ def test_bad_input_gets_a_clear_error(pipe, kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(conditions={"lineart": torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)}), "float image in .0, 1., got torch.uint8"),
+    (dict(conditions={"lineart": torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)}),
+     "float image in .0, 1., got torch.uint8"),
     (dict(conditions={"lineart": torch.rand(1, 3, 8, 8)}, prompt_embeds=torch.zeros(1, 300, 32, dtype=torch.long)),
      "prompt_embeds must be a float tensor"),
 ])
