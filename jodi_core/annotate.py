@@ -82,7 +82,8 @@ class AnnotateConfig:
     seed: int = 0
     sampler: str = "dpmpp_2m"
     flow_shift: float = 3.0
-    fit: str = "stretch"  # into its bucket: "stretch" keeps the maps aligned with the image; "crop": the reference
+    # into its bucket: "stretch" keeps the maps aligned with the image; "crop": the reference
+    fit: str = imaging.ALIGNED_FIT
     jpeg_quality: int = 95
     stop_after: Optional[int] = None  # stop (without merging) once this many images are done, per rank or Ray worker
     progress: bool = True
@@ -751,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="mixed into every image's path-derived noise seed")
     p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler"])
     p.add_argument("--flow-shift", type=float, default=3.0)
-    p.add_argument("--fit", default="stretch", choices=list(imaging.CONDITION_FITS),
+    p.add_argument("--fit", default=imaging.ALIGNED_FIT, choices=list(imaging.CONDITION_FITS),
                    help="stretch (default): each image is resized into its aspect bucket, so the maps line up with "
                         "it exactly; crop: cover and centre-crop as the reference app does (maps of images whose "
                         "aspect ratio is not a bucket's are then shifted near the borders)")

@@ -116,6 +116,9 @@ def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tens
 
 
 CONDITION_FITS = ("crop", "stretch")
+# What the nodes and annotate use: maps that line up with the input pixel for pixel. The library keeps the
+# reference's "crop" as its default.
+ALIGNED_FIT = "stretch"
 
 
 def fit_condition(images: torch.Tensor, height: int, width: int, fit: str = "crop") -> torch.Tensor:

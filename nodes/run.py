@@ -33,7 +33,7 @@ class RunSettings:
     sampler: str = "dpm++2m-flow"
     flow_shift: float = 3.0
     batch_size: int = 1
-    condition_fit: str = "stretch"
+    condition_fit: str = imaging.ALIGNED_FIT
 
     def check(self) -> "RunSettings":
         nodekit.check_choice("aspect", self.aspect, nodekit.ASPECT_CHOICES)

@@ -79,7 +79,7 @@ def _sampling_inputs(cfg: bool = True, batch: bool = True):
 
 def _fit_input():
     return io.Combo.Input(
-        "condition_fit", options=list(imaging.CONDITION_FITS), default="stretch", optional=True,
+        "condition_fit", options=list(imaging.CONDITION_FITS), default=imaging.ALIGNED_FIT, optional=True,
         tooltip="How condition images are brought to the sampling size (the nearest official aspect bucket). "
                 "stretch: resized to it, so the maps and the image line up with the inputs pixel for pixel (the "
                 "model sees the input slightly squeezed when its aspect ratio is not a bucket's). crop: covered and "
