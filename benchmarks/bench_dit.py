@@ -45,8 +45,8 @@ from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer  # noqa: E4
 
 # Dense bf16 tensor-core peaks (datasheets) by a part of torch.cuda.get_device_name(); the first match wins.
 BF16_PEAKS_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2),
 )
 peak_tflops = float("nan")  # of the card this run is on; set by main() (--peak-tflops overrides the table)
 
@@ -496,7 +496,7 @@ def main(argv=None):
           f"{dtype}")
     if "matmul_8192_bf16_tflops" in results:
         print(f"  bf16 8192^3 matmul: {results['matmul_8192_bf16_tflops']:.0f} TFLOP/s (datasheet peak "
-              f"{peak_tflops:.0f}; unknown card: pass --peak-tflops)")
+              f"{peak_tflops:.0f}{'' if peak_tflops == peak_tflops else '; unknown card: pass --peak-tflops'})")
 
     if "attention" not in skip:
         _section("linear attention alone (B=2 CFG, 8 domains x latent tokens, 70 heads x 32)", bench_attention,

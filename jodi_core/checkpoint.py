@@ -175,23 +175,34 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
 # What is this checkpoint?
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Signature keys of model families people have in their ComfyUI folders, checked in order (most specific first).
-# Single files (prefixed), UNet/DiT-only files as in models/diffusion_models (bare), and diffusers folders' files.
-_FOREIGN_FAMILIES: tuple[tuple[str, Callable[[Mapping[str, torch.Tensor]], bool]], ...] = (
-    ("Flux", lambda sd: _has_any(sd, "double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_mlp.weight")),
-    ("SD3", lambda sd: _has_any(sd, "joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight")),
-    ("SDXL", lambda sd: _has_any(sd, "conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight", "label_emb.0.0.weight", "add_embedding.linear_1.weight")),
-    ("Stable Diffusion 1.x/2.x", lambda sd: _has_any(sd, "model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight", "down_blocks.0.resnets.0.conv1.weight")),
-    ("Sana (single-domain, not Jodi)", lambda sd: "x_embedder.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd),
-    ("a ControlNet", lambda sd: _has_any(sd, "control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
-    ("an SD/SDXL VAE", lambda sd: _has_any(sd, "encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.conv_in.weight")),
-    ("a text encoder (Gemma/T5/CLIP)", lambda sd: _has_any(sd, "model.embed_tokens.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "text_model.embeddings.token_embedding.weight", "shared.weight")),
-    ("Janus", lambda sd: any(k.startswith(("language_model.", "gen_vision_model.", "model.vqmodel.")) for k in sd)),
-)  # fmt: skip
+# Signature keys of model families people have in their ComfyUI folders, checked in order (most specific first: a
+# diffusers ControlNet also has a UNet's down_blocks). Single files (prefixed), UNet/DiT-only files as in
+# models/diffusion_models (bare), and diffusers files.
+_FOREIGN_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("a ControlNet", ("control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
+    ("Flux", ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+              "single_transformer_blocks.0.proj_mlp.weight")),
+    ("SD3", ("joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+             "transformer_blocks.0.attn.add_q_proj.weight")),
+    ("SDXL", ("conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight",
+              "label_emb.0.0.weight", "add_embedding.linear_1.weight")),
+    ("Stable Diffusion 1.x/2.x", ("model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight",
+                                  "down_blocks.0.resnets.0.conv1.weight")),
+    ("an SD/SDXL VAE", ("encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.conv_in.weight")),
+    ("a text encoder (Gemma/T5/CLIP)", ("model.embed_tokens.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
+                                        "text_model.embeddings.token_embedding.weight", "shared.weight")),
+)
 
 
-def _has_any(sd: Mapping[str, torch.Tensor], *keys: str) -> bool:
-    return any(k in sd for k in keys)
+def _foreign_family(sd: Mapping[str, torch.Tensor]) -> str | None:
+    for family, keys in _FOREIGN_FAMILIES:
+        if any(k in sd for k in keys):
+            return family
+    if "x_embedder.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
+        return "Sana (single-domain, not Jodi)"
+    if any(k.startswith(("language_model.", "gen_vision_model.", "model.vqmodel.")) for k in sd):
+        return "Janus"
+    return None
 
 
 def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -202,10 +213,7 @@ def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
         return "dcae"
     if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and any(".attn.to_q" in k for k in sd):
         return "dcae-diffusers"
-    for family, matches in _FOREIGN_FAMILIES:
-        if matches(sd):
-            return family
-    return None
+    return _foreign_family(sd)
 
 
 _KIND_LABELS = {

@@ -389,7 +389,7 @@ class LiteMLA(nn.Module):
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
         with _autocast_off(qkv.device.type):
-            if H * W > self.dim and self.backend != "auto" and resolve_backend(self.backend, qkv.device)[0] != "torch":
+            if H * W > self.dim and self._takes_kernel(qkv):
                 out = self._linear_token_major(qkv)
             elif H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
@@ -412,6 +412,16 @@ class LiteMLA(nn.Module):
         out = vk @ q  # (B, h, dim+1, N)
         out = out.float()
         return out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, h, dim, N)
+
+    def _takes_kernel(self, qkv: torch.Tensor) -> bool:
+        if self.backend == "auto":
+            return False
+        name, _ = resolve_backend(self.backend, qkv.device)
+        if name != "triton":
+            return name != "torch"  # a backend registered in jodi_core.attention
+        from .kernels import tensors_supported  # not at import: Triton stays unloaded unless asked for
+
+        return tensors_supported(qkv)  # CUDA (or the interpreter); elsewhere the reference matmuls, not a fallback
 
     def _linear_token_major(self, qkv: torch.Tensor) -> torch.Tensor:
         B, _, H, W = qkv.shape

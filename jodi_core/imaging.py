@@ -38,10 +38,16 @@ ASPECT_PRESETS: dict[str, float] = {
 
 def check_positive_size(height: int, width: int, what: str = "image") -> tuple[int, int]:
     """``(height, width)`` as ints; a clear error unless both are positive whole numbers."""
+    sizes = []
     for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v <= 0:
+        try:  # Python, numpy and 0-d torch numbers; not bools, strings or NaN
+            whole = not isinstance(v, (bool, str)) and math.isfinite(float(v)) and int(v) == float(v) > 0
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole:
             raise ValueError(f"{what} {name} must be a positive integer, got {v!r}.")
-    return int(height), int(width)
+        sizes.append(int(v))
+    return sizes[0], sizes[1]
 
 
 def check_size(height: int, width: int, multiple: int = 32, what: str = "image") -> None:

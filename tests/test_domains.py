@@ -31,6 +31,7 @@ def pytest_generate_tests(metafunc):
 
     names = {t["name"] for t in json.loads((FIXTURES_DIR / "postprocess.json").read_text())["tensors"]}
     prefixes = sorted(n.removesuffix(".input") for n in names if n.endswith(".input"))
+    assert prefixes, "postprocess.json lists no <prefix>.input tensor"
     if "domain" in metafunc.fixturenames:
         metafunc.parametrize("prefix,domain", [(p, d) for p in prefixes for d in DOMAIN_NAMES if f"{p}.{d}" in names])
     elif "scheme" in metafunc.fixturenames:

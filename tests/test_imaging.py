@@ -45,6 +45,12 @@ def test_check_size_names_the_problem():
         check_size(100, 64)
     with pytest.raises(ValueError, match="positive"):
         check_size(0, 64)
+    import numpy as np
+
+    check_size(np.int64(64), torch.tensor(96))  # numbers from numpy or torch are sizes too
+    for bad in (float("nan"), True, "64", 64.5):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            check_size(bad, 64)
 
 
 def test_resize_and_crop_covers_then_crops_centre():

@@ -216,6 +216,30 @@ def check_fused_dispatch(device, big):
     assert torch.equal(gate_residual(y, s[..., :1], y), y + s[..., :1] * y)  # other broadcasts: torch path
 
 
+class _CountKernelCalls:
+    """Counts the Triton attention calls that returned, so a silent fallback to torch cannot pass a comparison."""
+
+    def __enter__(self):
+        from jodi_core import attention
+
+        name, self.kernel = attention.resolve_backend("triton", torch.device("cpu"))
+        assert name == "triton", "the Triton linear attention cannot run here"
+        self.calls = 0
+
+        def counted(*args, **kwargs):
+            out = self.kernel(*args, **kwargs)
+            self.calls += 1
+            return out
+
+        attention._resolved["triton"] = counted
+        return self
+
+    def __exit__(self, *exc):
+        from jodi_core import attention
+
+        attention._resolved["triton"] = self.kernel
+
+
 def check_dit_backends(device, big, dtype_name):
     """The whole DiT with ``attention_backend='triton'`` against ``'torch'``: one batch, a different role set per row
     (joint; perception with two ignored domains), a padded caption. On CUDA the fused ops run too; under the
@@ -246,7 +270,10 @@ def check_dit_backends(device, big, dtype_name):
 
     reference = run(dit32, "torch", torch.float32)
     model = dit32 if dtype == torch.float32 else dit32.to(dtype)
-    _assert_backends_agree(run(model, "triton", dtype), run(model, "torch", dtype), reference, dtype, "DiT")
+    with _CountKernelCalls() as kernel:
+        ours = run(model, "triton", dtype)
+    assert kernel.calls == dit32.config.depth, f"the kernel ran {kernel.calls} times for {dit32.config.depth} blocks"
+    _assert_backends_agree(ours, run(model, "torch", dtype), reference, dtype, "DiT")
 
 
 def _assert_backends_agree(ours, plain, reference, dtype, what):
@@ -282,7 +309,10 @@ def check_dcae_backends(device, big, dtype_name):
 
     reference = run(vae32, "torch", torch.float32)
     model = vae32 if dtype == torch.float32 else vae32.to(dtype)
-    ours, plain = run(model, "triton", dtype), run(model, "torch", dtype)
+    with _CountKernelCalls() as kernel:
+        ours = run(model, "triton", dtype)
+    assert kernel.calls > 0, "the DC-AE never ran the kernel"
+    plain = run(model, "torch", dtype)
     for i, what in enumerate(("DC-AE encode", "DC-AE decode")):
         _assert_backends_agree(ours[i], plain[i], reference[i], dtype, what)
 
@@ -444,6 +474,9 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     monkeypatch.setattr(module, f"{op}_triton", raising(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
         wrapper(*args)
+    monkeypatch.setattr(module, f"{op}_triton", raising(RuntimeError("Triton Error [CUDA]: out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        wrapper(*args)
     assert op not in kernels._failed
 
     monkeypatch.setattr(module, f"{op}_triton", raising(ValueError("rows too long")))
@@ -455,7 +488,7 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
         assert torch.equal(wrapper(*args), expected)
         assert torch.equal(wrapper(*args), expected)  # no second attempt, no second warning
     assert op in kernels._failed
-    assert calls == ["OutOfMemoryError", "ValueError", "RuntimeError"]
+    assert calls == ["OutOfMemoryError", "RuntimeError", "ValueError", "RuntimeError"]
     assert sum("PTX compile failed" in r.getMessage() for r in caplog.records) == 1
 
 

@@ -107,6 +107,13 @@ def test_truncated_and_corrupt_files(tmp_path, dit_sd):
         (["x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight",
           "single_transformer_blocks.0.proj_mlp.weight"], "Flux"),
         (["pos_embed.proj.weight", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight"], "SD3"),
+        # a diffusers ControlNet carries a UNet's down_blocks (and SDXL's add_embedding): still a ControlNet
+        (["conv_in.weight", "controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight",
+          "controlnet_down_blocks.0.weight"], "ControlNet"),
+        (["controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight",
+          "add_embedding.linear_1.weight"], "ControlNet"),
+        (["control_model.input_hint_block.0.weight", "control_model.input_blocks.0.0.weight"], "ControlNet"),
+        (["language_model.model.embed_tokens.weight", "gen_vision_model.encoder.conv_in.weight"], "Janus"),
     ],
 )
 def test_a_checkpoint_of_another_model_is_named(tmp_path, keys, family):

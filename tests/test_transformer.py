@@ -36,7 +36,7 @@ def _case_where(fixtures_dir, what: str, matches) -> dict:
     for case in meta["cases"]:
         if matches(case):
             return case
-    pytest.skip(f"this fixture set has no {what} case")
+    pytest.fail(f"this fixture set has no {what} case, which this test needs")
 
 
 @pytest.fixture(scope="module")

@@ -158,9 +158,10 @@ def main() -> int:
             proc.terminate()
             proc.wait(15)
             chrome.wait(15)
-    # What was rendered: tests/test_workflow_files.py fails when a workflow changes without new screenshots.
-    rendered = {path.stem: workflow_digest(path) for path in workflows}
-    (out / "rendered.json").write_text(json.dumps(rendered, indent=1, sort_keys=True) + "\n")
+    # What was rendered: tests/test_packaging.py fails when a workflow changes without new screenshots.
+    if same:
+        rendered = {path.stem: workflow_digest(path) for path in workflows}
+        (out / "rendered.json").write_text(json.dumps(rendered, indent=1, sort_keys=True) + "\n")
     print(f"screenshots in {out}")
     return 0 if same else 1
 
@@ -168,7 +169,7 @@ def main() -> int:
 def workflow_digest(path: Path) -> str:
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()  # same on a CRLF checkout
 
 
 if __name__ == "__main__":

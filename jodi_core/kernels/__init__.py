@@ -89,10 +89,12 @@ def must_propagate(exc: BaseException) -> bool:
     torch.compile's tracing errors (raised while compiling the caller, not by the kernel)."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or type(exc).__module__.startswith("torch._dynamo")
+    if isinstance(exc, torch.OutOfMemoryError) or type(exc).__module__.startswith("torch._dynamo"):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()  # Triton's launcher says it so
 
 
-_warned_inputs: set[str] = set()
+_warned_inputs: set[tuple[str, str]] = set()
 
 
 def kernel_failed(name: str, exc: Exception) -> None:
@@ -104,8 +106,8 @@ def kernel_failed(name: str, exc: Exception) -> None:
     if must_propagate(exc):
         raise exc
     if isinstance(exc, (ValueError, TypeError)):
-        if name not in _warned_inputs:
-            _warned_inputs.add(name)
+        if (name, str(exc)) not in _warned_inputs:
+            _warned_inputs.add((name, str(exc)))
             logger.warning("Triton kernel %s does not take these inputs (%s); using PyTorch for them.", name, exc)
         return
     if name not in _failed:
