@@ -18,9 +18,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import identify_checkpoint, read_state_dict
+    from .checkpoint import has_nonfinite, identify_checkpoint, read_state_dict
     from .loading import weights_file
 
     path = weights_file(args.checkpoint)
@@ -29,7 +27,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     n = sum(v.numel() for v in sd.values())
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     print(f"{path}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in sd.items() if has_nonfinite(v)]
     if bad:
         print(f"warning: {len(bad)} tensors hold NaN or inf values (the loaders refuse them): {', '.join(bad[:5])}")
     if kind == "jodi":

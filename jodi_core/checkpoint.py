@@ -306,5 +306,10 @@ def check_finite(sd: Mapping[str, torch.Tensor], *, name: str) -> None:
         if (v.is_floating_point() and v.dtype not in LOADABLE_DTYPES) or v.dtype in (torch.int8, torch.uint8):
             raise CheckpointError(f"{name}: tensor {k!r} is stored as {v.dtype}; quantised weights are not supported "
                                   f"(use an fp32, fp16 or bf16 file).")
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if has_nonfinite(v):
             raise CheckpointError(f"{name}: tensor {k!r} contains NaN or infinite values.")
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether a weight tensor of a loadable float dtype holds NaN or inf (other dtypes: False; fp8 has no isfinite)."""
+    return t.dtype in LOADABLE_DTYPES and not bool(torch.isfinite(t).all())

@@ -197,6 +197,16 @@ def test_info_reads_model_folders_and_warns_about_non_finite_weights(tmp_path, c
     assert f"1 tensors hold NaN or inf values (the loaders refuse them): {first}" in out
 
 
+def test_info_describes_a_quantised_file_instead_of_crashing(tmp_path, capsys, dit_sd):
+    from jodi_core.__main__ import main
+
+    sd = dict(dit_sd)
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].to(torch.float8_e4m3fn)
+    save_file(sd, tmp_path / "fp8.safetensors")
+    assert main(["info", str(tmp_path / "fp8.safetensors")]) == 0  # isfinite has no float8 kernel
+    assert "float8_e4m3fn" in capsys.readouterr().out
+
+
 def test_training_wrappers_rng_state_and_prefixes_load(tmp_path, fixtures_dir, dit_sd):
     import numpy as np
 

@@ -293,6 +293,22 @@ class ComfyServer:
             raise PromptFailed(f"prompt failed: {error_summary(entry)}\n{self.log_tail(3000)}", entry)
         return entry
 
+    def free_and_rerun(self, make_prompt, nodes: set[str], attempts: int = 10) -> tuple[int, dict]:
+        """POST /free (unload the models, drop the cache), then run ``make_prompt(attempt)`` until every node in
+        ``nodes`` ran again instead of coming from the cache; returns (attempt, history entry).
+
+        /free only sets flags, which the prompt worker applies when it next wakes; on a loaded machine a prompt sent
+        right away can still be served from the cache. Without /free the nodes would never run again."""
+        status, _ = self.request("/free", {"unload_models": True, "free_memory": True})
+        assert status == 200, f"/free answered {status}"
+        for attempt in range(attempts):
+            time.sleep(1.0)
+            entry = self.run_prompt(make_prompt(attempt))
+            cached = [m for kind, m in entry["status"]["messages"] if kind == "execution_cached"]
+            if not nodes & set(cached[0]["nodes"] if cached else []):
+                return attempt, entry
+        raise AssertionError(f"nodes {sorted(nodes)} never ran again after /free")
+
     def view(self, image: dict) -> bytes:
         query = urllib.parse.urlencode({
             "filename": image["filename"], "subfolder": image.get("subfolder", ""),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 import torch
@@ -91,18 +90,7 @@ def test_model_is_freed_and_reloaded(comfy, host_models):
         "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
     }
     first = _ui_text(comfy.run_prompt(prompt), "3")
-    status, _ = comfy.request("/free", {"unload_models": True, "free_memory": True})
-    assert status == 200
-    # /free only sets flags, which the prompt worker applies when it next wakes; on a loaded machine a prompt sent
-    # right away can still be served from the cache. Without /free the loader would never run again.
-    for _ in range(10):
-        time.sleep(1.0)
-        again = comfy.run_prompt(prompt)
-        cached = [m for kind, m in again["status"]["messages"] if kind == "execution_cached"]
-        if "1" not in (cached[0]["nodes"] if cached else []):
-            break
-    else:
-        pytest.fail("the loader never ran again after /free")
+    _, again = comfy.free_and_rerun(lambda attempt: prompt, {"1"})
     assert _ui_text(again, "3") == first
 
 

@@ -126,17 +126,7 @@ def test_free_unloads_the_jodi_models_and_the_next_run_reloads_them(comfy, host_
         return g
 
     assert comfy.run_prompt(graph("before_free"))["status"]["status_str"] == "success"
-    status, _ = comfy.request("/free", {"unload_models": True, "free_memory": True})
-    assert status == 200
-    # /free only sets flags the prompt worker applies when it next wakes (see the Janus test).
-    for attempt in range(10):
-        time.sleep(1.0)
-        again = comfy.run_prompt(graph(f"after_free_{attempt}"))
-        cached = [m for kind, m in again["status"]["messages"] if kind == "execution_cached"]
-        if not {"1", "2"} & set(cached[0]["nodes"] if cached else []):
-            break
-    else:
-        pytest.fail("the Jodi loaders never ran again after /free")
+    attempt, _ = comfy.free_and_rerun(lambda attempt: graph(f"after_free_{attempt}"), {"1", "2"})
     before = load_file(probe_dir / "before_free.safetensors")["value.samples"]
     after = load_file(probe_dir / f"after_free_{attempt}.safetensors")["value.samples"]
     assert torch.equal(before, after)
