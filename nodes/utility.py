@@ -12,6 +12,7 @@ from . import common
 
 log = logging.getLogger(__name__)
 
+
 class JodiDepthToControlNet(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -134,8 +135,9 @@ class JodiLatentSplit(io.ComfyNode):
             display_name="Jodi Latent Split",
             category="Jodi/latent",
             description=(
-                "Takes one domain out of a Jodi latent as a standard LATENT (the DC-AE's latent channels, 32 for the released one; scaled), e.g. "
-                "to save it or to put it into another Jodi latent with Jodi Latent Merge."
+                "Takes one domain out of a Jodi latent as a standard LATENT (the DC-AE's latent channels, 32 for "
+                "the released one; scaled), e.g. to save it or to put it into another Jodi latent with Jodi Latent "
+                "Merge."
             ),
             inputs=[
                 common.JodiLatentType.Input("jodi_latent", tooltip="From Jodi Sampler."),
