@@ -7,6 +7,10 @@ tests, where ComfyUI is absent, so the ComfyUI-only imports are guarded.
 import importlib.util
 import os
 
+# Served by ComfyUI at /extensions/<pack folder>/; the front end's node help panel reads
+# web/docs/<node id>.md from there. A plain string, so it is set with or without ComfyUI.
+WEB_DIRECTORY = "./web"
+
 
 def _register_model_folders() -> None:
     """Add models/jodi and models/Janus-Pro to ComfyUI's model folders, keeping paths an extra_model_paths.yaml
@@ -26,4 +30,4 @@ if importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spe
     _register_model_folders()
     from .nodes import comfy_entrypoint  # noqa: F401
 
-    __all__ = ["comfy_entrypoint"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
