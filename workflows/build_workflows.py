@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEMO = "jodi-demo (built-in)"
 AUTO = "auto (condition image, else width x height)"
+ASPECT_CUSTOM = "width x height"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -55,6 +56,11 @@ def load_definitions(comfy_dir: Path) -> dict:
         classes.update(nodes_preview_any.NODE_CLASS_MAPPINGS)
     except ImportError:
         pass
+    # "String (Multiline)" (comfy_extras, a V3 extension) holds a prompt that several nodes share
+    from comfy_extras import nodes_primitive
+
+    primitives = asyncio.run(asyncio.run(nodes_primitive.comfy_entrypoint()).get_node_list())
+    classes.update({c.GET_SCHEMA().node_id: c for c in primitives})
     classes.update({c.GET_SCHEMA().node_id: c for c in asyncio.run(ext.get_node_list())})
     defs = {}
     for cname, cls in classes.items():
@@ -171,10 +177,14 @@ class Graph:
                 inputs.append(entry_in)
             outputs = [{"name": out_names[i], "type": t, "links": out_links.get((node.id, i), []), "slot_index": i}
                        for i, t in enumerate(out_types)]
+            properties = {"Node name for S&R": node.type}
+            models = model_downloads(node)
+            if models:  # what the front end's missing-models dialog offers to download
+                properties["models"] = models
             entry = {
                 "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
                 "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {"Node name for S&R": node.type}, "widgets_values": widgets,
+                "properties": properties, "widgets_values": widgets,
             }
             if node.title:
                 entry["title"] = node.title
@@ -198,6 +208,81 @@ def _default(spec):
     if str(kind) == "COMBO":
         return opts.get("options", [None])[0]
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(str(kind))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model downloads
+# ---------------------------------------------------------------------------------------------------------------------
+
+JODI_CKPT = "Jodi.pth"
+DCAE_FILE = "dc-ae-f32c32-sana-1.0.safetensors"
+GEMMA_FILE = "gemma-2-2b-it.safetensors"
+JANUS_MODEL = "Janus-Pro-1B"
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+CN_DEPTH = "control_v11f1p_sd15_depth.pth"
+CN_LINEART = "control_v11p_sd15_lineart.pth"
+HF = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Download:
+    """Where a model a workflow names comes from: ComfyUI model folder, source repository, file in the repository.
+
+    ``name`` is the file name under ``directory`` when it is not the loader's value: a Janus model is a folder, and
+    ComfyUI lists its weights as ``<folder>/<file>``.
+    """
+
+    directory: str
+    repo: str
+    file: str
+    name: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{HF}/{self.repo}/resolve/main/{self.file}"
+
+
+# The one table the loaders' properties.models come from; the README's Models table links the same URLs (a test
+# checks both). The front end (1.49) offers a download for a missing model when its name ends in a model extension
+# and the URL is on huggingface.co; it saves the file under the entry's name in models/<directory>.
+MODEL_DOWNLOADS: dict[str, Download] = {
+    JODI_CKPT: Download("diffusion_models", "VIPL-GENUN/Jodi", "Jodi.pth"),
+    # The original-format DC-AE, saved under the name the workflows pick.
+    DCAE_FILE: Download("vae", "mit-han-lab/dc-ae-f32c32-sana-1.0", "model.safetensors"),
+    # No single-file Gemma-2-2B-IT is published: the link is the first weight shard of the official (gated) repository,
+    # whose whole folder 'python -m jodi_core convert-gemma' turns into this one file.
+    GEMMA_FILE: Download("text_encoders", "google/gemma-2-2b-it", "model-00001-of-00002.safetensors"),
+    # A folder model: the dialog only lists widget values that end in a model extension, so it never shows this row;
+    # the entry names the weights as ComfyUI lists them, and the note says which other files the folder needs.
+    JANUS_MODEL: Download("Janus-Pro", "deepseek-ai/Janus-Pro-1B", "pytorch_model.bin",
+                          name=f"{JANUS_MODEL}/pytorch_model.bin"),
+    SD15_CKPT: Download("checkpoints", "stable-diffusion-v1-5/stable-diffusion-v1-5", SD15_CKPT),
+    CN_DEPTH: Download("controlnet", "lllyasviel/ControlNet-v1-1", CN_DEPTH),
+    CN_LINEART: Download("controlnet", "lllyasviel/ControlNet-v1-1", CN_LINEART),
+}
+
+# Loader node -> the input naming its model
+LOADER_INPUTS = {
+    "JodiModelLoader": "ckpt_name",
+    "JodiVAELoader": "vae_name",
+    "CLIPLoader": "clip_name",
+    "JanusLoader": "model_name",
+    "CheckpointLoaderSimple": "ckpt_name",
+    "ControlNetLoader": "control_net_name",
+}
+
+
+def model_downloads(node: Node) -> list[dict]:
+    """The ``properties.models`` entries of a loader node (the front end's format: name, url, directory)."""
+    if node.type not in LOADER_INPUTS:
+        return []
+    value = node.values[LOADER_INPUTS[node.type]]
+    if value == DEMO:  # built into the pack
+        return []
+    if value not in MODEL_DOWNLOADS:
+        raise KeyError(f"{node.type} names {value!r}, which has no entry in MODEL_DOWNLOADS")
+    d = MODEL_DOWNLOADS[value]
+    return [{"name": d.name or value, "url": d.url, "directory": d.directory}]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,15 +379,15 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
                 openpose=False, steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False,
                 mask_class="person")
     hint = g.add("JodiDepthToControlNet", (770, 120), size=(280, 110), depth=per[2], invert=False, normalize=True)
-    ckpt = g.add("CheckpointLoaderSimple", (770, 280), size=(320, 100),
-                 ckpt_name="v1-5-pruned-emaonly.safetensors")
+    ckpt = g.add("CheckpointLoaderSimple", (770, 280), size=(320, 100), ckpt_name=SD15_CKPT)
     pos = g.add("CLIPTextEncode", (1120, 280), size=(360, 140), clip=ckpt[1],
-                text="an oil painting of a woman walking along railway tracks through an autumn forest, highly detailed")
+                text="an oil painting of a woman walking along railway tracks through an autumn forest, "
+                     "highly detailed")
     neg = g.add("CLIPTextEncode", (1120, 460), size=(360, 120), clip=ckpt[1], text="blurry, low quality")
     cn_depth = g.add("ControlNetLoader", (770, 430), size=(320, 60),
-                     control_net_name="control_v11f1p_sd15_depth.pth")
+                     control_net_name=CN_DEPTH)
     cn_line = g.add("ControlNetLoader", (770, 530), size=(320, 60),
-                    control_net_name="control_v11p_sd15_lineart.pth")
+                    control_net_name=CN_LINEART)
     apply_depth = g.add("ControlNetApplyAdvanced", (1520, 120), size=(300, 190), positive=pos[0], negative=neg[0],
                         control_net=cn_depth[0], image=hint[0], strength=0.8, start_percent=0.0, end_percent=1.0)
     # Jodi lineart is dark lines on white; ControlNet lineart models take white lines on black.
@@ -326,14 +411,14 @@ def controlnet_chain(defs) -> tuple[Graph, dict]:
     return g, {"saves": {"image": "jodi_controlnet/image", "depth_hint": "jodi_controlnet/depth_hint"},
                "size_hw": {"image": [512, 768], "depth_hint": [768, 1152]},
                "inputs": {"jodi_pexels-jplenio-1105378.jpg": "jodi_test_images/pexels-jplenio-1105378.jpg"},
-               "models": {"checkpoints": ["v1-5-pruned-emaonly.safetensors"],
-                          "controlnet": ["control_v11f1p_sd15_depth.pth", "control_v11p_sd15_lineart.pth"]}}
+               "models": {"checkpoints": [SD15_CKPT], "controlnet": [CN_DEPTH, CN_LINEART]}}
 
 
-JANUS_MODEL = "Janus-Pro-1B"
-JODI_CKPT = "Jodi.pth"
-DCAE_FILE = "dc-ae-f32c32-sana-1.0.safetensors"
-GEMMA_FILE = "gemma-2-2b-it.safetensors"
+REAL_JODI_NOTE = (
+    "Jodi needs the real model here (the built-in demo model takes no text): Jodi.pth in models/diffusion_models or "
+    "models/jodi, dc-ae-f32c32-sana-1.0 in models/vae, and a single-file gemma-2-2b-it in models/text_encoders "
+    "('python -m jodi_core convert-gemma')."
+)
 JANUS_NOTE = (
     "Janus: download deepseek-ai/Janus-Pro-1B (or -7B) and put the whole folder (weights, config.json, "
     "tokenizer.json, preprocessor_config.json) in models/Janus-Pro, e.g. models/Janus-Pro/Janus-Pro-1B; then pick "
@@ -370,10 +455,7 @@ def janus_caption_to_jodi(defs) -> tuple[Graph, dict]:
                        "into its text input), Jodi Perception reads the photo's depth and lineart, and Jodi "
                        "Controllable Generation draws a new image from those maps and the caption. Change the seed "
                        "for variations; edit the text in between with a String node if you like.\n\n"
-                       + JANUS_NOTE + "\n\nJodi needs the real model here (the built-in demo model takes no text): "
-                       "Jodi.pth in models/diffusion_models or models/jodi, dc-ae-f32c32-sana-1.0 in models/vae, "
-                       "and a single-file gemma-2-2b-it in models/text_encoders ('python -m jodi_core "
-                       "convert-gemma').", size=(680, 300))
+                       + JANUS_NOTE + "\n\n" + REAL_JODI_NOTE, size=(360, 340))
     saves = {name: f"janus_caption_to_jodi/{name}" for name in ("image", "depth", "lineart")}
     return g, {"saves": saves, "size_hw": [768, 1152],
                "inputs": {"jodi_pexels-jplenio-1105378.jpg": "jodi_test_images/pexels-jplenio-1105378.jpg"}}
@@ -393,6 +475,49 @@ def janus_text_to_image(defs) -> tuple[Graph, dict]:
                "size_hw": "the Janus model's image size (384x384 for Janus and Janus-Pro)", "inputs": {}}
 
 
+JANUS_DRAFT_PROMPT = (
+    "A cozy reading corner by a tall window, a green velvet armchair, a stack of old books and a sleeping tabby cat, "
+    "warm afternoon light, detailed, best quality."
+)
+
+
+def janus_draft_to_jodi_1024(defs) -> tuple[Graph, dict]:
+    g = Graph(defs)
+    prompt = g.add("PrimitiveStringMultiline", (40, 120), size=(320, 170), title="prompt", value=JANUS_DRAFT_PROMPT)
+    janus = g.add("JanusLoader", (40, 330), size=(320, 90), model_name=JANUS_MODEL, dtype="auto")
+    model = g.add("JodiModelLoader", (40, 460), size=(320, 110), ckpt_name=JODI_CKPT, dtype="auto",
+                  attention="auto")
+    vae = g.add("JodiVAELoader", (40, 610), size=(320, 110), vae_name=DCAE_FILE, dtype="auto")
+    clip = g.add("CLIPLoader", (40, 760), size=(320, 110), clip_name=GEMMA_FILE, type="lumina2", device="default")
+    draft = g.add("JanusGenerate", (400, 120), size=(320, 250), title="Janus Generate (384 px draft)",
+                  model=janus[0], prompt=prompt[0], cfg=5.0, temperature=1.0, seed=42, batch_size=1)
+    encode = g.add("JodiTextEncode", (400, 760), size=(320, 110), clip=clip[0], text=prompt[0],
+                   complex_human_instruction=True)
+    per = g.add("JodiPerception", (760, 120), size=(330, 360), model=model[0], vae=vae[0], image=draft[0],
+                lineart=True, edge=False, depth=True, normal=False, albedo=False, segmentation=False,
+                openpose=False, steps=20, seed=0, sampler="dpm++2m-flow", flow_shift=3.0, tiled_decode=False,
+                mask_class="person")
+    gen = g.add("JodiControllableGeneration", (1130, 120), size=(340, 620), title="Jodi at 1024 px",
+                model=model[0], vae=vae[0], depth=per[2], lineart=per[0], positive=encode[0],
+                unconnected_labels="ignore", aspect=ASPECT_CUSTOM, width=1024, height=1024, steps=20, cfg=4.5,
+                seed=7, sampler="dpm++2m-flow", flow_shift=3.0, batch_size=1, tiled_decode=False,
+                mask_class="person")
+    g.add("SaveImage", (1510, 120), size=(420, 470), images=gen[0], filename_prefix="janus_draft_to_jodi/image")
+    g.add("SaveImage", (400, 410), size=(320, 310), images=draft[0], filename_prefix="janus_draft_to_jodi/draft")
+    g.add("SaveImage", (760, 790), size=(250, 280), images=per[2], filename_prefix="janus_draft_to_jodi/depth")
+    g.add("SaveImage", (1030, 790), size=(250, 280), images=per[0], filename_prefix="janus_draft_to_jodi/lineart")
+    g.note((1510, 640), "Janus draft -> Jodi at 1024 px. Janus tops out at 384x384; here its picture is only a "
+                        "draft. Jodi Perception reads the draft's depth and lineart, and Jodi Controllable "
+                        "Generation draws the final image at 1024x1024 from those maps and the same prompt (the "
+                        "'prompt' node feeds both Janus Generate and Jodi Text Encode). Change the Janus seed for "
+                        "another composition, the Jodi seed for another rendering of it.\n\n" + JANUS_NOTE
+                        + "\n\n" + REAL_JODI_NOTE, size=(420, 260))
+    saves = {name: f"janus_draft_to_jodi/{name}" for name in ("image", "draft", "depth", "lineart")}
+    janus_size = "the Janus model's image size (384x384 for Janus and Janus-Pro)"
+    return g, {"saves": saves, "size_hw": {"image": [1024, 1024], "draft": janus_size, "depth": janus_size,
+                                           "lineart": janus_size}, "inputs": {}}
+
+
 WORKFLOWS = {
     "jodi_joint_generation": joint_generation,
     "jodi_controllable_generation": controllable_generation,
@@ -400,6 +525,7 @@ WORKFLOWS = {
     "jodi_controlnet_chain": controlnet_chain,
     "janus_caption_to_jodi": janus_caption_to_jodi,
     "janus_text_to_image": janus_text_to_image,
+    "janus_draft_to_jodi_1024": janus_draft_to_jodi_1024,
 }
 
 # Loader node -> (manifest model folder key, the input naming the model)

@@ -162,27 +162,34 @@ def test_shipped_janus_workflow(comfy, host_models, reference, probe_dir, name):
     for key, prefix in entry["saves"].items():
         assert len(saved[prefix]) == 1, prefix
         image = saved[prefix][0]
-        if isinstance(entry["size_hw"], list):
-            assert image.size == (entry["size_hw"][1], entry["size_hw"][0]), (prefix, image.size)
+        size_hw = entry["size_hw"][key] if isinstance(entry["size_hw"], dict) else entry["size_hw"]
+        if isinstance(size_hw, list):
+            assert image.size == (size_hw[1], size_hw[0]), (prefix, image.size)
         else:  # Janus's own size: the tiny model's
             size = reference.config.gen_image_size
             assert image.size == (size, size), (prefix, image.size)
 
-    for nid in captions:  # the caption is a string, and it is what Jodi Text Encode encoded
+    for nid in captions:  # the caption is a string
         text = _ui_text(history, nid)
         assert len(text) == 1 and isinstance(text[0], str) and "\n" not in text[0]
-        for enc in encoders:
-            clip = prompt[enc]["inputs"]["clip"]
-            check = {
-                "c": dict(prompt[clip[0]]),
-                "e": {"class_type": "JodiTextEncode", "inputs": {**prompt[enc]["inputs"], "clip": ["c", clip[1]],
-                                                                 "text": text[0]}},
-                "p": {"class_type": "JodiTestSaveTensors", "inputs": {"value": ["e", 0], "name": f"{name}_direct"}},
-            }
-            comfy.run_prompt(check)
-            linked = load_file(probe_dir / f"{name}_{enc}.safetensors")
-            direct = load_file(probe_dir / f"{name}_direct.safetensors")
-            assert torch.equal(linked["value.0.0"], direct["value.0.0"])
+    for enc in encoders:  # what Jodi Text Encode encoded is the caption, or the prompt text it shares with Janus
+        source = prompt[enc]["inputs"]["text"]
+        assert isinstance(source, list), "the shipped Janus workflows link Jodi Text Encode's text"
+        if prompt[source[0]]["class_type"] == "JanusCaption":
+            text = _ui_text(history, source[0])[0]
+        else:
+            text = prompt[source[0]]["inputs"]["value"]
+        clip = prompt[enc]["inputs"]["clip"]
+        check = {
+            "c": dict(prompt[clip[0]]),
+            "e": {"class_type": "JodiTextEncode", "inputs": {**prompt[enc]["inputs"], "clip": ["c", clip[1]],
+                                                             "text": text}},
+            "p": {"class_type": "JodiTestSaveTensors", "inputs": {"value": ["e", 0], "name": f"{name}_direct"}},
+        }
+        comfy.run_prompt(check)
+        linked = load_file(probe_dir / f"{name}_{enc}.safetensors")
+        direct = load_file(probe_dir / f"{name}_direct.safetensors")
+        assert torch.equal(linked["value.0.0"], direct["value.0.0"])
 
 
 def test_caption_feeds_the_text_widget_as_a_socket():
