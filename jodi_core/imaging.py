@@ -1,4 +1,5 @@
-"""Image geometry: the official aspect-ratio buckets, condition resizing and cropping, output resizing.
+"""Image geometry: the official aspect-ratio buckets, condition resizing and cropping, output resizing; and the one
+function that reads image files (:func:`load_rgb8`).
 
 Images here are float tensors ``(B, 3, H, W)``; callers say whether they hold [0, 1] or [-1, 1] values, and every
 operation is linear, so both work.
@@ -6,8 +7,12 @@ operation is linear, so both work.
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from typing import BinaryIO, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,3 +151,132 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 def latent_size(height: int, width: int, compression: int) -> tuple[int, int]:
     return math.ceil(height / compression), math.ceil(width / compression)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading image files
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The most pixels an image file may decode to: 8192 x 8192 (67 MP; the largest size the nodes make). Larger files are
+# refused with a clear error before they are decoded (phone photos are 12-50 MP; Pillow's own bomb check stops at
+# 179 MP, and the per-pixel cost of annotating the maps at the image's size grows with it).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION) or 1)
+    except Exception:  # a broken EXIF block: read the pixels as stored
+        return 1
+
+
+def _upright(im):
+    """``im`` turned as its EXIF orientation says (what every viewer shows); unchanged without one."""
+    from PIL import ImageOps
+
+    if _orientation(im) == 1:
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block: read the pixels as stored
+        return im
+
+
+def _to_rgb8(im) -> np.ndarray:
+    """Any Pillow mode -> ``(H, W, 3)`` uint8. 16-bit and 32-bit integer grey (``I;16*``, ``I``) are scaled from
+    0..65535, float grey (``F``) from 0..1 when it lies there (else Pillow's 0..255), and images with transparency
+    (RGBA, LA, P with a transparent colour, ...) are composited on white."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if mode == "F":
+            a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+            a = a * 255 if a.size and a.min() >= 0 and a.max() <= 1 else a
+        else:  # I;16, I;16B, I;16L, I;16N and I (which Pillow also uses for 16-bit PNGs)
+            a = np.clip(a, 0, 65535) / 257
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
+        alpha = rgba[..., 3:] / 255
+        return np.rint(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV, RGBX
+    return np.asarray(im)
+
+
+def load_rgb8(
+    source: Union[str, os.PathLike, BinaryIO],
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    cover: Optional[tuple[int, int]] = None,
+) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB, upright (EXIF orientation applied), whatever its mode.
+
+    ``cover=(height, width)``: the caller only needs an image that covers this size, so a JPEG may be decoded at a
+    reduced scale (1/2, 1/4, 1/8) for speed. A ValueError saying why for anything that cannot be read: not an
+    image, truncated, empty, or more than ``max_pixels`` pixels (decompression bombs included).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if cover is not None and im.format == "JPEG":
+                uh, uw = (w, h) if _orientation(im) in _ROTATED_ORIENTATIONS else (h, w)  # upright size
+                scale = max(cover[0] / uh, cover[1] / uw)
+                req = (max(1, int(w * scale + 1)), max(1, int(h * scale + 1)))
+                im.draft(im.mode, req)
+                w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{w}x{h} (WxH) is {w * h / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP "
+                                 f"this reads (imaging.MAX_IMAGE_PIXELS)")
+            im.load()  # decode now, so a truncated file fails here
+            arr = _to_rgb8(_upright(im))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image: too large: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"cannot read image: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, MemoryError) as e:
+        empty = isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and os.path.getsize(source) == 0
+        raise ValueError(f"cannot read image: {'empty file (0 bytes)' if empty else f'{type(e).__name__}: {e}'}") \
+            from None
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError("cannot read image: zero-sized image")
+    return arr if arr.flags.writeable and arr.flags.c_contiguous else arr.copy()  # torch wants a writable array
+
+
+def upright_copy(path: Union[str, os.PathLike]) -> Optional[bytes]:
+    """The file at ``path`` re-encoded upright when its EXIF orientation turns it, else None (copy it as it is).
+
+    The copy keeps the format, the ICC profile and the other EXIF fields (the orientation tag is reset); a JPEG keeps
+    its quantisation tables and chroma subsampling, so it loses no more than one re-encode at its own quality."""
+    from PIL import Image, JpegImagePlugin
+
+    with Image.open(path) as im:
+        if _orientation(im) == 1:
+            return None
+        fmt = im.format
+        im.load()
+        out = _upright(im)
+        kw = {"exif": out.getexif().tobytes()}
+        if im.info.get("icc_profile"):
+            kw["icc_profile"] = im.info["icc_profile"]
+        if fmt == "JPEG":
+            kw["qtables"] = im.quantization
+            sampling = JpegImagePlugin.get_sampling(im)
+            if sampling >= 0:
+                kw["subsampling"] = sampling
+        elif fmt == "WEBP":
+            kw["lossless"] = True  # Pillow cannot tell a lossy WebP from a lossless one: lose nothing
+        buf = io.BytesIO()
+        out.save(buf, fmt, **kw)
+        return buf.getvalue()

@@ -90,3 +90,99 @@ def test_extreme_aspect_ratios_crop_the_source_first():
     size = (64, int(1600 * 64 / 16))
     full = center_crop(resize(image, *size), 64, 64)  # the plain path, for comparison
     assert out.std() > 0.3 and (out - full).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading files: one function, upright, 8-bit RGB from any mode, bounded size
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, im, name="x.png", **kw):
+    path = tmp_path / name
+    im.save(path, **kw)
+    return path
+
+
+def test_load_rgb8_converts_every_mode_to_8_bit_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from jodi_core.imaging import load_rgb8
+
+    ramp16 = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+    expected = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    # 16-bit grey PNG (Pillow: I;16) and the same values as a 32-bit integer image: scaled, not clipped
+    for im, name in ((Image.fromarray(ramp16), "g16.png"), (Image.fromarray(ramp16.astype(np.int32), "I"), "i.tiff")):
+        out = load_rgb8(_saved(tmp_path, im, name))
+        assert out.dtype == np.uint8 and out.shape == (4, 256, 3)
+        assert np.abs(out[..., 0].astype(int) - expected).max() <= 1 and (out[..., 0] == out[..., 2]).all()
+    # float grey in [0, 1] (TIFF)
+    out = load_rgb8(_saved(tmp_path, Image.fromarray((ramp16 / 65535).astype(np.float32), "F"), "f.tiff"))
+    assert np.abs(out[..., 1].astype(int) - expected).max() <= 1
+    # transparency is composited on white: RGBA, LA and a palette image with a transparent colour
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest fully transparent (black underneath)
+    assert load_rgb8(_saved(tmp_path, Image.fromarray(rgba, "RGBA"))).tolist() == [
+        [[255, 0, 0], [255, 255, 255]], [[255, 255, 255], [255, 255, 255]]]
+    la = Image.fromarray(np.array([[[0, 255], [0, 0]]], np.uint8), "LA")
+    assert load_rgb8(_saved(tmp_path, la)).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.info["transparency"] = 0
+    assert load_rgb8(_saved(tmp_path, p, transparency=0)).tolist() == [[[255, 255, 255], [0, 255, 0]]]
+    # CMYK JPEG, 1-bit, grey
+    cmyk = load_rgb8(_saved(tmp_path, Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "c.jpg"))
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1:].mean() < 40  # red
+    assert load_rgb8(_saved(tmp_path, Image.new("1", (3, 2), 1))).min() == 255
+    assert load_rgb8(_saved(tmp_path, Image.new("L", (3, 2), 77))).tolist() == [[[77] * 3] * 3] * 2
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_rgb8_applies_exif_orientation(tmp_path, orientation):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from jodi_core.data.joint_dataset import load_image
+    from jodi_core.imaging import load_rgb8, upright_copy
+
+    arr = np.zeros((6, 10, 3), np.uint8)
+    arr[:3, :5] = 255  # one white corner: every orientation looks different
+    im = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _saved(tmp_path, im, "o.png", exif=exif)
+    with Image.open(path) as f:
+        expected = np.asarray(ImageOps.exif_transpose(f).convert("RGB"))
+    got = load_rgb8(path)
+    assert got.shape == expected.shape and (got == expected).all()
+    assert got.shape[:2] == ((10, 6) if orientation >= 5 else (6, 10))
+    assert load_image(path, got.shape[:2]).shape == (3, *got.shape[:2])  # the training reader, too
+    copy = upright_copy(path)
+    if orientation == 1:
+        assert copy is None  # copied as it is
+    else:
+        with Image.open(__import__("io").BytesIO(copy)) as f:
+            assert f.getexif().get(0x0112, 1) == 1 and (np.asarray(f.convert("RGB")) == expected).all()
+
+
+def test_load_rgb8_refuses_unreadable_and_oversized_files(tmp_path):
+    from PIL import Image
+
+    from jodi_core.imaging import MAX_IMAGE_PIXELS, load_rgb8
+
+    assert MAX_IMAGE_PIXELS == 8192 * 8192
+    path = _saved(tmp_path, Image.new("RGB", (100, 50)))
+    assert load_rgb8(path).shape == (50, 100, 3)
+    with pytest.raises(ValueError, match=r"cannot read image: 100x50 \(WxH\) is 0 MP, more than"):
+        load_rgb8(path, max_pixels=4999)
+    (tmp_path / "t.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_rgb8(tmp_path / "t.txt")
+    (tmp_path / "e.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="0 bytes"):
+        load_rgb8(tmp_path / "e.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "j.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "j.jpg").read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_rgb8(tmp_path / "cut.jpg")

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..domains import DOMAIN_NAMES, DOMAINS, get_domain
-from ..imaging import center_crop, resize
+from ..imaging import center_crop, load_rgb8, resize
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,42 @@ def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
     if len(size) != 2 or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in size):
         raise ValueError(f"size must be a positive int or (height, width), got {size!r}.")
     return int(size[0]), int(size[1])
+
+
+class RootGuard:
+    """Says whether paths stay inside ``root`` once resolved (symlinks followed, ``..`` applied), for the many paths
+    of one dataset: each directory is resolved once, then each file costs one ``lstat``."""
+
+    def __init__(self, root: Union[str, os.PathLike]):
+        self.root = os.path.realpath(root)
+        self._dirs: dict[str, str] = {}
+
+    def resolve(self, path: Union[str, os.PathLike]) -> str:
+        """``path`` (absolute, or relative to the root) with every symlink resolved."""
+        full = os.path.join(self.root, os.fspath(path))
+        head, name = os.path.split(full)
+        if name in ("", ".", ".."):
+            return os.path.realpath(full)
+        real_head = self._dirs.get(head)
+        if real_head is None:
+            real_head = self._dirs[head] = os.path.realpath(head)
+        candidate = os.path.join(real_head, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+
+    def contains(self, path: Union[str, os.PathLike], strict: bool = True) -> bool:
+        """True when ``path`` resolves to a place below the root (``strict=False``: or the root itself)."""
+        resolved = self.resolve(path)
+        if resolved == self.root:
+            return not strict
+        try:
+            return os.path.commonpath([resolved, self.root]) == self.root
+        except ValueError:  # another drive (Windows)
+            return False
+
+
+def is_inside(path: Union[str, os.PathLike], root: Union[str, os.PathLike], strict: bool = False) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or below it; ``strict``: below it only."""
+    return RootGuard(root).contains(os.path.abspath(path), strict)
 
 
 def read_metadata(path: Union[str, Path]) -> list[dict]:
@@ -74,14 +110,10 @@ def read_metadata(path: Union[str, Path]) -> list[dict]:
 def load_image(path: Union[str, Path], size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
     """Load an image file as ``(3, H, W)`` float in [-1, 1], scaled to cover ``size`` and centre cropped."""
     height, width = size
-    with Image.open(path) as im:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for at least the size we will scale to.
-        iw, ih = im.size
-        scale = max(height / ih, width / iw)
-        if not nearest and im.format == "JPEG":
-            im.draft("RGB", (max(1, int(iw * scale + 1)), max(1, int(ih * scale + 1))))
-        arr = np.asarray(im.convert("RGB"))
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
+    # A JPEG can decode at 1/2, 1/4, 1/8 scale for free: ask for at least the size we will scale to (not for maps
+    # resized with nearest-neighbour sampling, whose values must stay exact).
+    arr = load_rgb8(path, cover=None if nearest else (height, width))
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
     ih, iw = x.shape[-2:]
     scale = max(height / ih, width / iw)
     cover = (max(height, round(ih * scale)), max(width, round(iw * scale)))
@@ -123,6 +155,7 @@ class JointDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"Dataset folder not found: {self.root}")
         self.size = _as_size(size)
         self.records = read_metadata(self.root / "metadata.jsonl")
+        self._guard = RootGuard(self.root)
         wanted = DOMAIN_NAMES if domains is None else tuple(get_domain(d).name for d in domains)
         if "image" not in wanted:
             wanted = ("image",) + tuple(wanted)
@@ -146,6 +179,9 @@ class JointDataset(torch.utils.data.Dataset):
 
     def _path(self, rel: str) -> Path:
         path = self.root / rel
+        if not self._guard.contains(rel):  # an absolute path, "..", or a symlink out of the dataset
+            raise ValueError(f"{self.root / 'metadata.jsonl'} refers to {rel!r}, which lies outside the dataset "
+                             f"folder {self.root}; every path must stay inside it.")
         if not path.is_file():
             raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} refers to a missing file: {path}")
         return path
