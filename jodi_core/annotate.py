@@ -6,8 +6,16 @@ recursively) or a ``metadata.jsonl`` in the Joint-1.6M layout whose missing maps
     image/<rel>                                  the input image, copied byte for byte
     annotation_<folder>/<rel>[.jpg]              one JPEG per label (``.jpg`` appended when <rel> is not a JPEG)
     annotation_seg_12colors/<rel>.png            the segmentation, snapped to the 12-colour palette (lossless)
-    metadata.jsonl                               image, info.height/width, annotation_<folder> paths (+ input fields)
-    errors.jsonl                                 images that could not be read, with the reason
+    metadata.jsonl                               image, info.height/width, annotation_<folder> paths,
+                                                 source_fingerprint (+ input fields)
+    errors.jsonl                                 images that could not be read or were refused, with the reason
+
+Images are read upright (EXIF orientation applied; a turned image's copy is written upright) and in any mode (16-bit,
+CMYK, transparency...) as 8-bit RGB; one of more than ``imaging.MAX_IMAGE_PIXELS`` pixels (8192 x 8192) goes to
+``errors.jsonl``. Every path read from the input (files of a folder, the ``image`` and ``annotation_*`` values of a
+metadata.jsonl) must stay inside its root once symlinks are followed, and every path written inside OUTPUT, or that
+image goes to ``errors.jsonl``. Rows and lines of an existing metadata.jsonl that this did not write are kept as they
+are.
 
 Results do not depend on how the work is split: each image's noise seed is a hash of its path in the output, and
 images are batched by aspect bucket and by the set of maps they need. Work is split into deterministic shards
@@ -16,8 +24,10 @@ images are batched by aspect bucket and by the set of maps they need. Work is sp
 
 Nothing is lost or written twice: each file is written to a temporary name and renamed; an image counts as done once
 its record is appended to the writer's part file (``.annotate/part-*.jsonl``), after all of its files exist. A run
-started again reads the records already there, skips what is complete and redoes the rest. The part files are merged
-into ``metadata.jsonl`` at the end (idempotently: records are keyed by image path).
+started again reads the records already there, skips what is complete and redoes the rest, and an image whose source
+changed since (size, mtime, then SHA-256: ``source_fingerprint``). The part files are merged into ``metadata.jsonl``
+at the end (idempotently: records are keyed by image path). An OUTPUT that cannot be written (read-only, full) stops
+the run with an :class:`OutputError` that names the folder and the cause; what is finished stays recorded.
 
 With several workers (torchrun ranks on several nodes, Ray workers on a cluster) OUTPUT must be one shared folder:
 every worker writes its own files and part file there.
@@ -27,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -45,21 +57,83 @@ import torch
 
 from . import imaging
 from .atomic import copy_atomic, write_atomic
+from .data.joint_dataset import RootGuard, is_inside
 from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
 from .loading import resolve_device
 from .sampling import Interrupted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnnotateConfig", "AnnotateSummary", "Annotator", "annotate", "main_annotate", "plan_work", "merge_outputs"]
+__all__ = ["AnnotateConfig", "AnnotateSummary", "Annotator", "OutputError", "annotate", "extra_roots", "main_annotate",
+           "plan_work", "merge_outputs", "resolve_inside"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 STATE_DIR = ".annotate"  # part files and per-writer error logs, merged at the end
 GRAY_FILE_DOMAINS = frozenset({"depth"})  # written as one-channel JPEGs, as in Joint-1.6M
+FINGERPRINT_KEY = "source_fingerprint"  # {size, mtime_ns, sha256} of the source the record's maps were made from
+# Server-side setting of the ComfyUI node: more folders it may read and write, beside ComfyUI's input and output.
+ROOTS_ENV = "JODI_ANNOTATE_ROOTS"
 
 
 class Stopped(Exception):
     """Raised inside a run when ``stop_after`` images are done or the caller asked to stop."""
+
+
+class OutputError(OSError):
+    """OUTPUT cannot be written (read-only, full, no permission). The message is one line naming the folder and the
+    cause; what was finished stays recorded, so running again resumes."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@contextlib.contextmanager
+def _writing_to(out: Path) -> Iterator[None]:
+    """Turn an OSError of writing into ``out`` into an :class:`OutputError`; others (an input that vanished) pass."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        if e.filename is not None and not (is_inside(e.filename, out) or is_inside(out, e.filename)):
+            raise
+        code = f" [{errno.errorcode[e.errno]}]" if e.errno in errno.errorcode else ""
+        cause = f"{e.strerror or e}{code}"
+        raise OutputError(e.errno, f"cannot write to the output folder {out}: {cause}. What is finished is kept; "
+                                   f"fix this and run again to resume.") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folders a run may use
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def extra_roots(environ: Optional[dict] = None) -> list[Path]:
+    """The folders named by ``JODI_ANNOTATE_ROOTS`` (``os.pathsep``-separated absolute paths), resolved."""
+    text = (os.environ if environ is None else environ).get(ROOTS_ENV, "")
+    roots = []
+    for entry in text.split(os.pathsep):
+        entry = entry.strip()
+        if not entry:
+            continue
+        path = Path(os.path.expanduser(entry))
+        if not path.is_absolute():
+            raise ValueError(f"{ROOTS_ENV}: {entry!r} is not an absolute path; list absolute folders separated by "
+                             f"{os.pathsep!r}.")
+        roots.append(Path(os.path.realpath(path)))
+    return roots
+
+
+def resolve_inside(path: "str | os.PathLike", roots: Sequence["str | os.PathLike"], what: str = "path",
+                   hint: str = "") -> Path:
+    """``path`` with its symlinks resolved, or a ValueError naming ``what`` unless it is one of ``roots`` or lies
+    inside one (what the core save nodes check, after symlinks)."""
+    resolved = Path(os.path.realpath(path))
+    if any(is_inside(resolved, root) for root in roots):
+        return resolved
+    allowed = ", ".join(str(Path(os.path.realpath(r))) for r in roots)
+    raise ValueError(f"{what} {str(path)!r} points outside the allowed folders ({allowed}): it resolves to "
+                     f"{resolved}.{' ' + hint if hint else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,15 +210,17 @@ class WorkItem:
     record: dict  # the record so far (input fields, labels already present)
     domains: tuple  # labels to make
     copies: list = field(default_factory=list)  # (source file, output-relative path) to copy into the output
+    error: str = ""  # refused when planned (a path outside its folder): recorded in errors.jsonl, nothing read
+    fingerprint: Optional[dict] = None  # of the source as read (set when it is read)
 
     def to_row(self) -> dict:
         return {"key": self.key, "source": self.source, "record": json.dumps(self.record),
-                "domains": list(self.domains), "copies": json.dumps(self.copies)}
+                "domains": list(self.domains), "copies": json.dumps(self.copies), "error": self.error}
 
     @classmethod
     def from_row(cls, row) -> "WorkItem":
         return cls(str(row["key"]), str(row["source"]), json.loads(row["record"]), tuple(row["domains"]),
-                   [tuple(c) for c in json.loads(row["copies"])])
+                   [tuple(c) for c in json.loads(row["copies"])], str(row["error"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,34 +249,88 @@ def _has_label(record: dict, domain: str, root: Path) -> bool:
     return isinstance(rel, str) and (root / rel).is_file()
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
+def _parse_line(line: bytes) -> Optional[dict]:
+    """A JSON object line as a dict; None for anything else (blank, torn, not UTF-8, not an object)."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _is_record(rec: Optional[dict]) -> bool:
+    """A line this reads as an image record: an object with an ``image`` path. Other lines are kept as they are."""
+    return rec is not None and isinstance(rec.get("image"), str)
+
+
+def _raw_lines(path: Path) -> list[bytes]:
+    """The lines of a file as bytes, without their line ends; [] when it does not exist."""
     if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: skipping a torn or invalid line", path)
-                continue
-            if isinstance(rec, dict):
-                yield rec
+        return []
+    return path.read_bytes().splitlines()
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """Objects of a JSON-lines file; a torn last line (a killed writer) and other invalid lines are skipped."""
+    for line in _raw_lines(path):
+        if not line.strip():
+            continue
+        rec = _parse_line(line)
+        if rec is None:
+            log.debug("%s: skipping a torn or invalid line", path)
+            continue
+        yield rec
 
 
 def known_records(out: Path) -> dict[str, dict]:
-    """Image key -> its record in ``out``: metadata.jsonl, then the part files oldest first (their names start with
-    the launch time). A newer record's fields win; maps that only an older record names are kept (a run with other
-    ``--domains`` adds maps, it does not drop the earlier ones)."""
-    known = {r["image"]: r for r in _read_jsonl(out / "metadata.jsonl") if isinstance(r.get("image"), str)}
+    """Image key -> its record in ``out``: metadata.jsonl (the first row of a key), then the part files oldest first
+    (their names start with the launch time). A newer record's fields win; maps that only an older record names are
+    kept (a run with other ``--domains`` adds maps, it does not drop the earlier ones)."""
+    known: dict[str, dict] = {}
+    for r in _read_jsonl(out / "metadata.jsonl"):
+        if _is_record(r):
+            known.setdefault(r["image"], r)
     for part in sorted((out / STATE_DIR).glob("part-*.jsonl")):
         for r in _read_jsonl(part):
-            if isinstance(r.get("image"), str):
+            if _is_record(r):
                 known[r["image"]] = {**known.get(r["image"], {}), **r}
     return known
+
+
+def fingerprint(path: "str | os.PathLike") -> dict:
+    """Size, modification time (ns) and SHA-256 of a file: what a record says about the source of its maps."""
+    with open(path, "rb") as f:
+        return _fingerprint_open(f)
+
+
+def _fingerprint_open(f) -> dict:
+    st = os.fstat(f.fileno())
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    f.seek(0)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def source_changed(record: dict, path: "str | os.PathLike") -> bool:
+    """Whether the file at ``path`` differs from the one the record's maps were made from: a different size, or (when
+    the modification time differs too, e.g. after a copy) different content. A record without a fingerprint (made
+    elsewhere or by an older version) is taken as is."""
+    fp = record.get(FINGERPRINT_KEY)
+    if not isinstance(fp, dict):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False  # reading it will fail and say why
+    if st.st_size != fp.get("size"):
+        return True
+    if st.st_mtime_ns == fp.get("mtime_ns"):
+        return False
+    try:
+        return fingerprint(path)["sha256"] != fp.get("sha256")
+    except OSError:
+        return False
 
 
 def part_name(worker: str) -> str:
@@ -225,14 +355,39 @@ def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
     return sorted(found)
 
 
+def _refusal(key: str, path: Path, record: dict, guards: dict, record_root: Path, out: Path) -> str:
+    """Why this image must not be touched ('' when it may): a path read from the input that resolves outside its
+    folder (absolute, "..", a symlink out), or a path to write that would land outside OUTPUT."""
+    src_guard, out_guard = guards["input"], guards["output"]
+    path = os.path.abspath(path)
+    if not src_guard.contains(path):
+        return (f"the image resolves to {src_guard.resolve(path)}, outside the input folder {src_guard.root} "
+                f"(an absolute path, '..' or a symlink out of it); skipped")
+    label_guard = out_guard if Path(record_root) == out else src_guard
+    for d in DOMAINS[1:]:
+        rel = record.get(d.metadata_key)
+        if isinstance(rel, str) and not label_guard.contains(rel):
+            return f"{d.metadata_key} {rel!r} resolves outside its folder {label_guard.root}; skipped"
+        if isinstance(rel, str) and not out_guard.contains(rel):
+            return f"{d.metadata_key} {rel!r} would be written outside the output folder {out_guard.root}; skipped"
+    for rel in [key] + [label_path(key, d.name) for d in DOMAINS[1:]]:
+        if not out_guard.contains(rel):
+            return f"{rel!r} would be written outside the output folder {out_guard.root}; skipped"
+    if os.path.isdir(out_guard.resolve(key)):
+        return f"{key!r} names a folder, not an image file; skipped"
+    return ""
+
+
 def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[WorkItem], int]:
     """The images of shard ``rank`` of ``world`` that still need labels, sorted by key, and how many of the shard's
     images are complete. The shard is cut from the full sorted list *before* completed images are left out, so ranks
-    that start at different times (and see different progress) still agree on who owns what."""
+    that start at different times (and see different progress) still agree on who owns what. Images refused for a
+    path outside its folder come back with ``error`` set."""
     src, out = Path(cfg.input), Path(cfg.output)
     known = known_records(out)
     items, complete = [], 0
     if src.is_dir():
+        root = src
         skip = out.resolve() if out.resolve() != src.resolve() else None
         entries = []
         for path in _list_images(src, skip):
@@ -246,6 +401,7 @@ def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[
         entries = [(r["image"], root / r["image"], r, root) for r in read_metadata(src)]
     else:
         raise FileNotFoundError(f"Input not found: {src} (a folder of images or a metadata.jsonl).")
+    guards = {"input": RootGuard(root), "output": RootGuard(out)}
     in_place_root = out.resolve()
     counts = collections.Counter(e[0] for e in entries)
     if counts and max(counts.values()) > 1:
@@ -257,17 +413,27 @@ def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[
         record_root = out
         if record is None:
             record, record_root = dict(base), (base_root or out)
-        todo = tuple(d for d in cfg.domains if not _has_label(record, d, record_root))
-        if not todo and (out / key).is_file():
-            complete += 1
+        refusal = _refusal(key, path, record, guards, Path(record_root), out)
+        if refusal:
+            items.append(WorkItem(key, str(path), record, (), [], error=refusal))
             continue
+        if source_changed(record, path):  # every map of the old source is stale: make them all again
+            named = [d.name for d in DOMAINS[1:] if isinstance(record.get(d.metadata_key), str)]
+            todo = tuple(cfg.domains) + tuple(n for n in named if n not in cfg.domains)
+            recopy = Path(path).resolve() != (out / key).resolve()
+        else:
+            todo = tuple(d for d in cfg.domains if not _has_label(record, d, record_root))
+            recopy = False
+            if not todo and (out / key).is_file():
+                complete += 1
+                continue
         copies = []
         if Path(record_root).resolve() != in_place_root:  # bring the image and the labels already made along
             copies.append((str(path), key))
             for d in DOMAINS[1:]:
                 if d.name not in todo and _has_label(record, d.name, Path(record_root)):
                     copies.append((str(Path(record_root) / record[d.metadata_key]), record[d.metadata_key]))
-        elif not (out / key).is_file():
+        elif recopy or not (out / key).is_file():
             copies.append((str(path), key))
         items.append(WorkItem(key, str(path), record, todo, copies))
     items.sort(key=lambda it: it.key)
@@ -329,24 +495,56 @@ class PartWriter:
         self._append(self.errors, {"image": key, "source": source, "error": reason})
 
 
+def _rewrite_jsonl(path: Path, records: dict[str, dict], keys: Sequence[str]) -> None:
+    """Write the records ``keys`` into the JSON-lines file ``path``, keeping every line that is not one of its image
+    records (rows of other tools, such as an imagefolder's ``{"file_name": ...}``, invalid lines, repeated keys)
+    byte for byte, after the record it followed; a record that did not change keeps its line as it was. Nothing is
+    written when nothing changed."""
+    data = path.read_bytes() if path.is_file() else None
+    old_lines = data.splitlines() if data else []
+    old: dict[str, tuple[bytes, dict]] = {}
+    after: dict[Optional[str], list[bytes]] = collections.defaultdict(list)  # key (None: the top) -> lines after it
+    prev = None
+    for line in old_lines:
+        rec = _parse_line(line)
+        if _is_record(rec) and rec["image"] not in old:
+            old[rec["image"]] = (line, rec)
+            prev = rec["image"]
+        elif line.strip():
+            after[prev].append(line)
+    lines = list(after.pop(None, []))
+    for k in keys:
+        line, rec = old.get(k, (None, None))
+        lines.append(line if rec == records[k] else json.dumps(records[k], ensure_ascii=False).encode("utf-8"))
+        lines += after.pop(k, [])
+    for rest in after.values():  # follows a record no longer listed: kept all the same
+        lines += rest
+    new = b"".join(line + b"\n" for line in lines)
+    if new != data:
+        write_atomic(path, new)
+
+
 def merge_outputs(out: "str | Path", order: Optional[Sequence[str]] = None) -> int:
     """Fold the part files into ``metadata.jsonl`` and the error logs into ``errors.jsonl`` (idempotent; safe to run
-    again after a crash). Records keep ``order`` (the input's order) when given, else sorted by image path.
-    Returns the number of records."""
+    again after a crash). Records keep ``order`` (the input's order) when given, else sorted by image path; lines
+    that are not image records are kept as they were. Returns the number of records."""
     out = Path(out)
     records = known_records(out)
     keys = [k for k in (order or []) if k in records]
     keys += sorted(set(records) - set(keys))
-    text = "".join(json.dumps(records[k], ensure_ascii=False) + "\n" for k in keys)
-    write_atomic(out / "metadata.jsonl", text.encode("utf-8"))
-    errors: dict[str, dict] = {e["image"]: e for e in _read_jsonl(out / "errors.jsonl") if "image" in e}
+    _rewrite_jsonl(out / "metadata.jsonl", records, keys)
+    errors = {e["image"]: e for e in _read_jsonl(out / "errors.jsonl") if _is_record(e)}
     state = out / STATE_DIR
-    for path in sorted(state.glob("errors-*.jsonl")):
-        errors.update({e["image"]: e for e in _read_jsonl(path) if "image" in e})
-    errors = {k: v for k, v in errors.items() if k not in records}  # fixed since: no longer an error
+    # Launches oldest first: an image's last outcome wins (done clears an earlier error, a later failure adds one).
+    launches = sorted({p.name.split("-", 1)[1] for p in state.glob("*.jsonl")
+                       if p.name.startswith(("part-", "errors-"))})
+    for name in launches:
+        errors.update({e["image"]: e for e in _read_jsonl(state / f"errors-{name}") if _is_record(e)})
+        for r in _read_jsonl(state / f"part-{name}"):
+            if _is_record(r):
+                errors.pop(r["image"], None)
     if errors or (out / "errors.jsonl").exists():
-        text = "".join(json.dumps(errors[k], ensure_ascii=False) + "\n" for k in sorted(errors))
-        write_atomic(out / "errors.jsonl", text.encode("utf-8"))
+        _rewrite_jsonl(out / "errors.jsonl", errors, sorted(errors))
     # Everything is in the merged files now; the parts are redundant.
     for path in list(state.glob("part-*.jsonl")) + list(state.glob("errors-*.jsonl")):
         path.unlink(missing_ok=True)
@@ -379,20 +577,28 @@ def load_models(cfg: AnnotateConfig, device: torch.device):
 
 
 def read_image(path: "str | Path") -> torch.Tensor:
-    """``(3, H, W)`` float in [0, 1]; ValueError naming the file for anything unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    """``(3, H, W)`` float in [0, 1], upright and 8-bit RGB whatever the file's mode (:func:`imaging.load_rgb8`);
+    a ValueError saying why for anything unreadable or larger than ``imaging.MAX_IMAGE_PIXELS``."""
+    return read_source(path)[0]
 
+
+def read_source(path: "str | Path") -> tuple[torch.Tensor, dict]:
+    """The image (as :func:`read_image`) and the :func:`fingerprint` of the very bytes it was decoded from."""
+    with open(path, "rb") as f:
+        fp = _fingerprint_open(f)
+        if fp["size"] == 0:
+            raise ValueError("cannot read image: empty file (0 bytes)")
+        arr = imaging.load_rgb8(f)
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255, fp  # (H, W, 3) -> (3, H, W)
+
+
+def _upright_copy(src: "str | Path") -> Optional[bytes]:
+    """The source re-encoded upright when its EXIF orientation turns it, else None (copied byte for byte)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        size = os.path.getsize(path) if os.path.exists(path) else None
-        what = "empty file (0 bytes)" if size == 0 else f"{type(e).__name__}: {e}"
-        raise ValueError(f"cannot read image: {what}") from None
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError("cannot read image: zero-sized image")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255  # (H, W, 3) -> (3, H, W)
+        return imaging.upright_copy(src)
+    except Exception as e:  # Pillow cannot re-encode it: the byte copy still shows upright in viewers
+        log.warning("annotate: %s: cannot write an upright copy (%s); copied as it is", src, e)
+        return None
 
 
 class Annotator:
@@ -416,7 +622,9 @@ class Annotator:
         dit, vae = models if models is not None else load_models(cfg, self.device)
         self.pipe = JodiPipeline(dit, vae)
         self.resolution = int(cfg.resolution or self.pipe.base_size)
-        self.writer = PartWriter(self.out, writer_name)
+        with _writing_to(self.out):
+            self.writer = PartWriter(self.out, writer_name)
+        self._out_guard = RootGuard(self.out)
         self.should_stop = should_stop
         self.done = self.failed = 0
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -462,7 +670,9 @@ class Annotator:
         for item in items:
             self._check_stop()
             try:
-                image = read_image(item.source)
+                if item.error:
+                    raise ValueError(item.error)
+                image, item.fingerprint = read_source(item.source)
             except (ValueError, OSError) as e:
                 self._fail(item, str(e))
                 if on_progress:
@@ -529,15 +739,27 @@ class Annotator:
         record = {"image": item.key, "info": dict(item.record.get("info") or {}), **item.record}
         record["image"] = item.key
         for src, rel in item.copies:
-            copy_atomic(Path(src), self.out / rel)
+            upright = _upright_copy(src) if rel == item.key else None
+            if upright is None:
+                copy_atomic(Path(src), self._dest(rel))
+            else:  # the maps are upright, so is the image beside them (whatever reads it)
+                write_atomic(self._dest(rel), upright)
         for name, x in maps.items():
             rel = label_path(item.key, name)
             seg = name == "segmentation"
             data = _encode_image(x, "PNG" if seg else "JPEG", name in GRAY_FILE_DOMAINS, self.cfg.jpeg_quality)
-            write_atomic(self.out / rel, data)
+            write_atomic(self._dest(rel), data)
             record[get_domain(name).metadata_key] = rel
         record["info"] = {**dict(record.get("info") or {}), "height": int(size[0]), "width": int(size[1])}
+        if item.fingerprint is not None:
+            record[FINGERPRINT_KEY] = item.fingerprint
         self.writer.done(record)  # last: the image counts as done only once every file exists
+
+    def _dest(self, rel: str) -> Path:
+        """``OUTPUT/rel``, checked again at write time (plan_work refused such paths already)."""
+        if not self._out_guard.contains(rel):
+            raise ValueError(f"refusing to write {rel!r} outside the output folder {self.out}")
+        return self.out / rel
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -595,7 +817,8 @@ def annotate(
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing_to(out):
+        out.mkdir(parents=True, exist_ok=True)
     mine, complete = plan_work(cfg, rank, world)
     summary = AnnotateSummary(skipped=complete)
     if mine:
@@ -609,7 +832,8 @@ def annotate(
                 on_progress(bar.n, len(mine))
 
         try:
-            annotator.run(mine, progress)
+            with _writing_to(out):
+                annotator.run(mine, progress)
         except Stopped:
             summary.stopped = True
         finally:
@@ -618,7 +842,8 @@ def annotate(
     if any_stopped is not None:
         summary.stopped = any_stopped(summary.stopped)
     if rank == 0 and not summary.stopped:
-        merge_outputs(out, _input_order(cfg))
+        with _writing_to(out):
+            merge_outputs(out, _input_order(cfg))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -684,7 +909,8 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional
         raise ValueError("--engine ray needs Ray: install the [scale] extra (ray[data]).") from None
     t0 = time.perf_counter()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing_to(out):
+        out.mkdir(parents=True, exist_ok=True)
     items, complete = plan_work(cfg)
     summary = AnnotateSummary(skipped=complete)
     if items:
@@ -723,7 +949,8 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional
                 ray.shutdown()
     summary.stopped = cfg.stop_after is not None and summary.done + summary.failed < len(items)
     if not summary.stopped:
-        merge_outputs(out, _input_order(cfg))
+        with _writing_to(out):
+            merge_outputs(out, _input_order(cfg))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -783,7 +1010,8 @@ def main_annotate(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = config_from_args(args)
         if args.merge_only:
-            n = merge_outputs(cfg.output, _input_order(cfg))
+            with _writing_to(Path(cfg.output)):
+                n = merge_outputs(cfg.output, _input_order(cfg))
             log.info("annotate: merged %d records into %s", n, Path(cfg.output) / "metadata.jsonl")
             return 0
         if args.engine == "ray":
@@ -795,6 +1023,9 @@ def main_annotate(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("annotate: %s", e)
         return 2
+    except OutputError as e:  # one line, no traceback: the folder and the cause
+        log.error("annotate: %s", e)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("%s", summary)
     return 3 if summary.stopped else 0

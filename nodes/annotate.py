@@ -8,6 +8,7 @@ from pathlib import Path
 from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
+from ..jodi_core.annotate import ROOTS_ENV, extra_roots, resolve_inside
 from ..jodi_core.domains import LABEL_NAMES, get_domain
 from . import common
 
@@ -15,22 +16,23 @@ MAX_STEPS = 1000
 MAX_BATCH = 64
 
 
+ROOTS_HINT = (
+    f"To allow other folders (a data disk), set {ROOTS_ENV} in the environment of the ComfyUI server to a list of "
+    f"absolute folders separated by '{os.pathsep}'."
+)
+
+
 def _folder(path: str, what: str, base_getter: str) -> Path:
-    """Absolute paths as given (the user names a folder on their disk); relative ones inside ComfyUI's input/output
-    directory, and never outside it ("../" that climbs out is refused, as the core save nodes do)."""
+    """The folder, resolved (symlinks followed), which must lie inside ComfyUI's input (or output) directory or a
+    folder of ``JODI_ANNOTATE_ROOTS``: a shared workflow is untrusted input, so no other folder of the server is
+    read or written. A relative path is taken inside the ComfyUI directory."""
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"{what} must be a folder path, got {path!r}.")
-    p = Path(os.path.expanduser(path.strip()))
-    if p.is_absolute():
-        return p
     import folder_paths
 
-    getter = getattr(folder_paths, base_getter, None)
-    base = Path(getter() if getter else os.getcwd()).resolve()
-    p = (base / p).resolve()
-    if os.path.commonpath([base, p]) != str(base):
-        raise ValueError(f"{what} {path!r} points outside {base}; give an absolute path to use another folder.")
-    return p
+    base = Path(getattr(folder_paths, base_getter)())
+    p = base / os.path.expanduser(path.strip())  # an absolute path replaces the base
+    return resolve_inside(p, [base, *extra_roots()], what, hint=ROOTS_HINT)
 
 
 def parse_domains(text: str) -> list[str]:
@@ -51,16 +53,19 @@ class JodiAnnotateFolder(io.ComfyNode):
                 "Labels every image in a folder (jpg, png, webp, recursively) with Jodi perception and writes a "
                 "dataset in the Joint-1.6M layout: image/, annotation_<domain>/ and metadata.jsonl, ready for "
                 "training. Unreadable images are listed in errors.jsonl. Interrupting keeps what is done; running "
-                "again resumes and skips finished images."
+                "again resumes and skips finished images. The folders must lie inside ComfyUI's input and output "
+                f"directories (or a folder listed in {ROOTS_ENV} on the server)."
             ),
             inputs=[
                 common.JodiModel.Input("model", tooltip="Jodi model from Load Jodi Model."),
                 common.JodiVAE.Input("vae", tooltip="DC-AE from Load Jodi DC-AE."),
                 io.String.Input("input_folder", default="jodi_images",
-                                tooltip="Folder of images; a relative path is inside ComfyUI's input directory."),
+                                tooltip="Folder of images inside ComfyUI's input directory (a relative path is "
+                                        "taken there). Files that are symlinks out of it are skipped. "
+                                        + ROOTS_HINT),
                 io.String.Input("output_folder", default="jodi_dataset",
-                                tooltip="Dataset folder to write; a relative path is inside ComfyUI's output "
-                                        "directory. An existing one is resumed."),
+                                tooltip="Dataset folder to write inside ComfyUI's output directory (a relative path "
+                                        "is taken there). An existing one is resumed. " + ROOTS_HINT),
                 io.String.Input("domains", default="all",
                                 tooltip=f"Comma-separated labels to produce, or 'all' ({', '.join(LABEL_NAMES)})."),
                 io.Int.Input("steps", default=20, min=1, max=MAX_STEPS, tooltip="Sampling steps per image."),

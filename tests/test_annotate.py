@@ -165,6 +165,7 @@ def test_output_is_the_joint_layout(inputs, reference):
         with Image.open(src) as im:
             w, h = im.size
         assert rec["info"] == {"height": h, "width": w}
+        assert rec[ann.FINGERPRINT_KEY] == ann.fingerprint(src)  # what resuming compares the source with
         for d in DOMAINS[1:]:
             path = reference / rec[d.metadata_key]
             assert rec[d.metadata_key] == ann.label_path(rec["image"], d.name)
@@ -237,7 +238,8 @@ def test_maps_do_not_depend_on_batch_size(inputs, reference, tmp_path):
 def test_domain_subset_then_more_domains(inputs, tmp_path):
     run(inputs, tmp_path, domains=["depth", "seg"])
     recs = [json.loads(x) for x in (tmp_path / "metadata.jsonl").read_text().splitlines()]
-    assert all(set(r) == {"image", "info", "annotation_depth", "annotation_seg_12colors"} for r in recs)
+    assert all(set(r) == {"image", "info", "annotation_depth", "annotation_seg_12colors", ann.FINGERPRINT_KEY}
+               for r in recs)
     assert not (tmp_path / "annotation_normal").exists()
     depth_before = (tmp_path / recs[0]["annotation_depth"]).read_bytes()
     summary = run(inputs, tmp_path, domains=["depth", "normal"])  # only the missing normals are made
@@ -453,5 +455,6 @@ def test_command_line_and_summary(inputs, tmp_path, caplog):
     assert "done" in caplog.text and "skipped" in caplog.text and "failed" in caplog.text
     recs = [json.loads(x) for x in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert len(recs) == len(list(inputs.rglob("*.*")))
-    assert all(set(r) == {"image", "info", "annotation_edge", "annotation_seg_12colors"} for r in recs)
+    assert all(set(r) == {"image", "info", "annotation_edge", "annotation_seg_12colors", ann.FINGERPRINT_KEY}
+               for r in recs)
     assert set(LABEL_NAMES) >= {"edge", "segmentation"}
