@@ -59,7 +59,6 @@ from . import imaging
 from .atomic import copy_atomic, write_atomic
 from .data.joint_dataset import RootGuard, is_inside
 from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
-from .loading import resolve_device
 from .sampling import Interrupted
 
 log = logging.getLogger(__name__)
@@ -618,6 +617,8 @@ class Annotator:
 
         self.cfg = cfg
         self.out = Path(cfg.output)
+        from .loading import resolve_device  # on use: the ComfyUI node imports this module for its path checks
+
         self.device = device or resolve_device(cfg.device)
         dit, vae = models if models is not None else load_models(cfg, self.device)
         self.pipe = JodiPipeline(dit, vae)
@@ -857,6 +858,8 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from .loading import resolve_device
+
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
