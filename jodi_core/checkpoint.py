@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -89,21 +91,82 @@ def _read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: Path, device) -> dict[str, torch.Tensor]:
     # Zip archives are memory-mapped; legacy (pre-1.6) files cannot be, but read just as safely.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        obj = torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, zip errors) for bad files
-        blocking = _unsafe_globals(path)
-        if blocking and all(_is_numpy_data(g) for g in blocking):
-            obj = _load_with_numpy_data(path, device, mmap)
-        elif blocking:
-            raise CheckpointError(
-                f"Checkpoint {path.name} holds pickled objects that cannot be read safely ({', '.join(blocking[:5])}"
-                f"). Save its state dict alone, e.g. as .safetensors, and load that.") from e
-        else:
-            raise CheckpointError(f"Checkpoint {path.name} is corrupt, truncated or not a torch file "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+    obj = load_pickle_safely(path, device=device, mmap=zipfile.is_zipfile(path))
     return unwrap_state_dict(obj, name=path.name)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that needs Python objects beyond tensors, plain containers and numpy arrays: refused unread, since
+    unpickling them could run any code. ``globals`` names what it asked for, where known."""
+
+    def __init__(self, message: str, globals: Sequence[str] = ()):
+        super().__init__(message)
+        self.globals = tuple(globals)
+
+
+def load_pickle_safely(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu", mmap: bool = False,
+                       numpy_arrays: bool = True):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so no code in the file can run.
+
+    ``numpy_arrays``: also rebuild numpy arrays (the numpy RNG state training code stores), through an allowlist of
+    numpy's array and dtype types and nothing callable beyond them. Errors name the file and the cause; a refused
+    file gets :class:`UnsafeCheckpointError`. No message passes on torch's advice to retry with
+    ``weights_only=False``, which would run whatever the file holds.
+    """
+    path = Path(path)
+    try:
+        return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, zip errors) for bad files
+        error = e
+    blocking = _unsafe_globals(path) or _globals_named_in(error)
+    if blocking and numpy_arrays and all(_is_numpy_data(g) for g in blocking):
+        try:
+            with torch.serialization.safe_globals(_numpy_data_types()):
+                return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
+        except Exception as e:
+            reason = load_error_reason(e)
+            raise CheckpointError(f"Checkpoint {path.name} could not be read safely ({reason}).") from None
+    if blocking:
+        raise UnsafeCheckpointError(
+            f"Checkpoint {path.name} holds pickled objects that cannot be read safely ({', '.join(blocking[:5])}"
+            f"): loading them could run code, so it is refused. Save its state dict alone, e.g. as .safetensors, "
+            f"and load that.", blocking) from None
+    if _is_weights_only_refusal(error) and not _OPCODE_IN_MESSAGE.search(str(error)):  # (opcodes: not a torch file)
+        raise UnsafeCheckpointError(
+            f"Checkpoint {path.name} holds pickled data that cannot be read safely ({load_error_reason(error)}), so "
+            f"it is refused. Save its state dict alone, e.g. as .safetensors, and load that.") from None
+    # torch's own text is kept as the cause only where it carries no weights_only advice
+    cause = None if _is_weights_only_refusal(error) else error
+    raise CheckpointError(f"Checkpoint {path.name} is corrupt, truncated or not a torch file "
+                          f"({load_error_reason(error)}).") from cause
+
+
+# torch's refusal text suggests re-running with weights_only=False or allowlisting the class: both run the file's
+# code. Our messages keep only what the file asked for.
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+_OPCODE_IN_MESSAGE = re.compile(r"Unsupported operand (\d+)")
+
+
+def _is_weights_only_refusal(error: BaseException) -> bool:
+    return isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error).lower()
+
+
+def _globals_named_in(error: BaseException) -> list[str]:
+    return list(dict.fromkeys(_GLOBAL_IN_MESSAGE.findall(str(error)))) if _is_weights_only_refusal(error) else []
+
+
+def load_error_reason(error: BaseException) -> str:
+    """One line on why ``torch.load`` failed, without torch's hints (never "weights_only=False")."""
+    if _is_weights_only_refusal(error):
+        names = _globals_named_in(error)
+        if names:
+            return f"it asks for {', '.join(names[:5])}"
+        opcode = _OPCODE_IN_MESSAGE.search(str(error))
+        if opcode:
+            return f"pickle instruction {opcode.group(1)}, which torch's tensor files do not use"
+        return "pickled data other than tensors and plain containers"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -118,15 +181,6 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 def _is_numpy_data(name: str) -> bool:
     return name in _NUMPY_DATA_GLOBALS or (name.startswith("numpy.dtypes.") and name.endswith("DType"))
-
-
-def _load_with_numpy_data(path: Path, device, mmap: bool):
-    try:
-        with torch.serialization.safe_globals(_numpy_data_types()):
-            return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise CheckpointError(f"Checkpoint {path.name} could not be read safely ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}).") from e
 
 
 def _numpy_data_types() -> list:

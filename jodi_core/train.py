@@ -13,7 +13,9 @@ Stage 2 (``dit``) freezes the DC-AE and trains a :class:`~jodi_core.transformer.
 - caption dropout: dropped rows use the model's stored null caption (``caption_dropout = 1`` needs no text encoder).
 
 Checkpoints (``<output_dir>/last.pt``) hold the models, optimizer, stage, step and RNG states; a run resumes from
-them. Batches are a pure function of (seed, step, rank), so a resumed run continues exactly where it stopped.
+them. They hold tensors and plain containers only and are read with ``weights_only=True``, so a crafted file cannot
+run code (:func:`read_training_state`). Batches are a pure function of (seed, step, rank), so a resumed run continues
+exactly where it stopped.
 Everything rank-dependent lives in :class:`Distributed` (a single process unless launched by torchrun).
 
 Entry points: :func:`train` (a :class:`TrainConfig`) and :func:`main_train` (command-line arguments).
@@ -439,8 +441,17 @@ def make_batches(cfg: TrainConfig, start_step: int, dist: Distributed) -> Iterat
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# last.pt holds tensors and plain containers only (no numpy arrays, no classes), so it is read with
+# torch.load(weights_only=True) and a crafted file cannot run code on resume.
+CHECKPOINT_FORMAT = "jodi_core.train/2"
+_CHECKPOINT_KEYS = ("stage", "step", "dcae", "transformer", "dcae_opt", "dit_opt")
+
+
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    numpy_state = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -448,7 +459,11 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # (older checkpoints hold numpy's own tuple)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():  # (all training noise comes from per-step generators)
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
@@ -459,6 +474,39 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
     """The noise/role generator of one step: a pure function of the run and the step, so resuming is exact."""
     salt = {"dcae": 1, "dit": 2}[stage]
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, step, rank]).generate_state(1)[0]))
+
+
+def read_training_state(path: "str | Path") -> dict:
+    """A ``last.pt`` of :class:`Trainer`, read safely: tensors and plain containers only (``weights_only=True``).
+
+    Files of the previous format, whose numpy RNG state is a pickled array, are read through the same narrow numpy
+    allowlist as reference checkpoints (:func:`checkpoint.load_pickle_safely`). Anything else that needs Python
+    objects is refused unread, and a file that is not one of our checkpoints gets a clear error.
+    """
+    from .checkpoint import CheckpointError, UnsafeCheckpointError, load_pickle_safely
+
+    path = Path(path)
+    restart = (f"Move it out of {path.parent} to start the run afresh, or start a new run from the weights it "
+               f"exported (transformer_checkpoint = jodi.safetensors, dcae_checkpoint = dcae.safetensors).")
+    try:
+        state = load_pickle_safely(path, device="cpu")
+    except UnsafeCheckpointError as e:
+        what = f" ({', '.join(e.globals[:5])})" if e.globals else ""
+        raise CheckpointError(
+            f"{path} is not a training checkpoint that can be resumed safely: it holds pickled Python objects{what} "
+            f"that jodi_core never writes there, and unpickling them could run code, so it was not loaded. "
+            f"{restart}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} cannot be resumed from: {e} {restart}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        found = f"keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a jodi_core training checkpoint (no {missing[0]!r}; found {found}). "
+                              f"{restart}")
+    if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}; this jodi_core reads "
+                              f"{CHECKPOINT_FORMAT!r}. {restart}")
+    return state
 
 
 def save_safetensors(module: nn.Module, path: Path, metadata: dict) -> None:
@@ -583,7 +631,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
+            "format": CHECKPOINT_FORMAT, "stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
             "dcae": self.dcae.state_dict(), "transformer": self.transformer.state_dict(),
             "dcae_opt": self.dcae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict(),
             "losses": self.losses, "rng": _rng_state(), "config": self.cfg.to_dict(),
@@ -598,10 +646,7 @@ class Trainer:
         self.dist.barrier()
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for key in ("stage", "step", "dcae", "transformer", "dcae_opt", "dit_opt"):
-            if key not in state:
-                raise ValueError(f"{path} is not a training checkpoint (no {key!r}).")
+        state = read_training_state(path)
         self.dcae.load_state_dict(state["dcae"])
         self.transformer.load_state_dict(state["transformer"])
         self.dcae_opt.load_state_dict(state["dcae_opt"])

@@ -262,3 +262,59 @@ def test_pipeline_refuses_a_dcae_of_another_latent_width():
     other = DCAE(DCAEConfig(**{**vars(vae.config), "latent_channels": vae.config.latent_channels * 2}))
     with pytest.raises(ValueError, match="latent channels but the DC-AE makes"):
         JodiPipeline(dit, other)
+
+
+class _RunsCode:
+    """Unpickling this writes a marker file: what a hostile checkpoint would do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_refusals_never_pass_on_torchs_advice_to_load_unsafely(tmp_path, dit_sd, zipped):
+    import traceback
+
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "Jodi.pth"
+    torch.save({"state_dict": dit_sd, "hook": _RunsCode(marker)}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match=r"cannot be read safely \(.*exec.*could run code") as err:
+        load_jodi(path)
+    assert not marker.exists()
+    # The message and whatever a traceback shows with it (a chained torch error) advise nothing unsafe.
+    text = "".join(traceback.format_exception(err.value))
+    for phrase in ("weights_only", "Re-running", "trust", "can still be loaded", "add_safe_globals"):
+        assert phrase not in text, phrase
+
+
+def test_not_a_torch_file_is_named_as_such_without_torchs_advice(tmp_path):
+    import pickle
+    import traceback
+
+    for name, data in (("junk.pth", b"not a checkpoint at all"), ("plain.pt", pickle.dumps({"a": 1}, protocol=4))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="corrupt, truncated or not a torch file") as err:
+            read_state_dict(tmp_path / name)
+        assert "weights_only" not in "".join(traceback.format_exception(err.value)), name
+
+
+def test_every_torch_load_in_the_pack_is_weights_only():
+    """Each ``torch.load(...)`` in jodi_core and nodes passes ``weights_only=True`` itself (never torch's default)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in sorted([*(root / "jodi_core").rglob("*.py"), *(root / "nodes").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                flags = [k.value for k in node.keywords if k.arg == "weights_only"]
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", flags))
+    assert calls
+    unsafe = [where for where, flags in calls if len(flags) != 1 or not (isinstance(flags[0], ast.Constant)
+                                                                         and flags[0].value is True)]
+    assert not unsafe, f"torch.load without weights_only=True at {unsafe}"

@@ -200,7 +200,7 @@ def test_resume_reproduces_the_next_losses(tmp_path):
     assert first.dit_losses == straight.dit_losses[:2]
     assert resumed.dit_losses[:2] == first.dit_losses  # the history comes back with the checkpoint
     np.testing.assert_allclose(resumed.dit_losses[2:], straight.dit_losses[2:], rtol=1e-5)
-    state = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
     assert state["stage"] == "dit" and state["step"] == 4 and "rng" in state and "dit_opt" in state
 
 
@@ -221,7 +221,7 @@ def test_config_files_and_command_line(tmp_path):
         train(_config(tmp_path, caption_dropout=0.5))
     assert main_train(["--config", str(path), "--output-dir", str(tmp_path / "cli"), "--dit-steps", "2"]) == 0
     assert (tmp_path / "cli" / "jodi.safetensors").is_file()
-    state = torch.load(tmp_path / "cli" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "cli" / "last.pt", weights_only=True)
     assert state["step"] == 2
 
 
@@ -317,7 +317,7 @@ def test_max_minutes_stops_relaunches_resume_and_the_schedule_never_rises(tmp_pa
                lr_schedule="cosine", warmup_steps=2)
     first = train(_config(tmp_path, **cfg))
     assert not first.finished and first.dcae_path is None and first.transformer_path is None  # in the DC-AE stage
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["stage"] == "dcae" and 0 < state["step"] < 3
     results = []
     while not results or not results[-1].finished:
