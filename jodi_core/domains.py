@@ -12,7 +12,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,21 @@ class Role(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Post-processing runs at the output size (up to 8192 x 8192 in the nodes), so it keeps its temporaries to a few
+# copies of the output image: in-place arithmetic on fresh tensors, and the segmentation search done in chunks.
+
+
 def _check_range(x: torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"Post-processing expects (B, 3, H, W) images, got shape {tuple(x.shape)}.")
-    if torch.isnan(x).any():
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x)  # one pass, no mask the size of the image; NaN propagates into both
+    if torch.isnan(lo) or torch.isnan(hi):
         raise ValueError("Post-processing got NaN values; the decoded images are invalid.")
-    if x.min() < -1 or x.max() > 1:
+    if lo < -1 or hi > 1:
         raise ValueError(
-            f"Post-processing expects values in [-1, 1], got [{x.min().item():.4g}, {x.max().item():.4g}]; "
+            f"Post-processing expects values in [-1, 1], got [{lo.item():.4g}, {hi.item():.4g}]; "
             "clamp decoded images first."
         )
 
@@ -61,13 +68,13 @@ def _check_range(x: torch.Tensor) -> None:
 def postprocess_rgb(x: torch.Tensor) -> torch.Tensor:
     """image, albedo, openpose: ``(x + 1) / 2``."""
     _check_range(x)
-    return (x + 1) / 2
+    return (x + 1).div_(2)
 
 
 def postprocess_gray(x: torch.Tensor) -> torch.Tensor:
     """lineart, edge: channel mean, to [0, 1], repeated to 3 channels."""
     _check_range(x)
-    return ((x.mean(dim=1, keepdim=True) + 1) / 2).repeat(1, 3, 1, 1)
+    return x.mean(dim=1, keepdim=True).add_(1).div_(2).repeat(1, 3, 1, 1)
 
 
 def postprocess_depth(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +95,7 @@ def postprocess_depth(x: torch.Tensor) -> torch.Tensor:
 def postprocess_normal(x: torch.Tensor) -> torch.Tensor:
     """normal: unit vectors over channels (eps 1e-12, so zero vectors give 0.5), then to [0, 1]."""
     _check_range(x)
-    return (F.normalize(x, p=2, dim=1) + 1) / 2
+    return F.normalize(x, p=2, dim=1).add_(1).div_(2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,16 +125,39 @@ def ade150_to_seg12() -> torch.Tensor:
     return torch.tensor(_palettes()["map150to12"], dtype=torch.long)
 
 
+# The nearest-colour search holds a (pixels, palette, 3) float32 difference and its square: 288 bytes per pixel for
+# the 12 colours, 3.6 kB for the 151 of ADE20K. Whole images of 8192 x 8192 would need 18 GB; chunks of about this
+# many bytes keep it small whatever the size.
+SEG_CHUNK_BYTES = 32 << 20
+
+
+def _seg_chunks(height: int, width: int, colours: int) -> tuple[int, int]:
+    """(rows, columns) of a chunk: whole rows while they fit :data:`SEG_CHUNK_BYTES`, else part of one row."""
+    pixels = max(1, SEG_CHUNK_BYTES // (colours * 3 * 4 * 2))
+    if pixels >= width:
+        return min(height, pixels // width), width
+    return 1, pixels
+
+
 def seg_to_index(x: torch.Tensor, scheme: str = "colors12") -> torch.Tensor:
     """Nearest palette colour by squared RGB distance on ``(x + 1) / 2 * 255``; ties take the first index.
 
-    Returns the class-index map ``(B, H, W)`` int64.
+    Returns the class-index map ``(B, H, W)`` int64. Computed chunk by chunk with the reference's expression, so
+    the result is the same as over the whole image, ties included.
     """
     _check_range(x)
     palette = seg_palette(scheme).to(x.device)
-    rgb = ((x.float() + 1) / 2 * 255).permute(0, 2, 3, 1)  # (B, H, W, 3)
-    dist = ((rgb[..., None, :] - palette) ** 2).sum(-1)  # (B, H, W, P)
-    return dist.argmin(dim=-1)
+    B, _, H, W = x.shape
+    index = torch.empty(B, H, W, dtype=torch.long, device=x.device)
+    rows, cols = _seg_chunks(H, W, palette.shape[0])
+    for b in range(B):
+        for top in range(0, H, rows):
+            for left in range(0, W, cols):
+                chunk = x[b : b + 1, :, top : top + rows, left : left + cols]
+                rgb = ((chunk.float() + 1) / 2 * 255).permute(0, 2, 3, 1)  # (1, h, w, 3)
+                dist = ((rgb[..., None, :] - palette) ** 2).sum(-1)  # (1, h, w, P)
+                index[b : b + 1, top : top + rows, left : left + cols] = dist.argmin(dim=-1)
+    return index
 
 
 def index_to_seg(index: torch.Tensor, scheme: str = "colors12") -> torch.Tensor:
@@ -230,3 +260,13 @@ def parse_roles(roles: "Sequence | torch.Tensor", batch: int | None = None) -> t
 def postprocess(domain: "str | int", x: torch.Tensor) -> torch.Tensor:
     """Post-process decoded images of one domain (clamped to [-1, 1] first)."""
     return get_domain(domain).postprocess(x.float().clamp(-1, 1))
+
+
+def postprocess_with_index(domain: "str | int", x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A domain's post-processed images from decoded ``x`` in [-1, 1], and for segmentation its class map ``(B, H,
+    W)`` (else None): the nearest-colour search runs once for both."""
+    d = get_domain(domain)
+    if d.postprocess is postprocess_seg:
+        index = seg_to_index(x)
+        return index_to_seg(index), index
+    return d.postprocess(x), None
