@@ -19,15 +19,26 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from . import imaging
-from .domains import DOMAINS, NUM_DOMAINS, Role, get_domain, parse_roles, seg_to_index
+from . import imaging, memory
+from .domains import DOMAINS, NUM_DOMAINS, Role, get_domain, parse_roles, postprocess_with_index
+from .memory import InsufficientMemoryError
 from .sampling import Interrupted, StepCallback, cfg_velocity, flow_timesteps, get_sampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JodiPipeline", "JodiResult", "Interrupted"]
+__all__ = ["JodiPipeline", "JodiResult", "Interrupted", "InsufficientMemoryError"]
 
 DCAE_SCALING_FACTOR = 0.41407
+
+# Memory model of a run (bytes), for the check before it starts. Per output pixel and sample: each decoded map kept
+# as float32 RGB, the segmentation class map (int64), and, while one map is post-processed, the decoded map plus the
+# post-processing's own temporaries (at most about one more map; see domains.py).
+MAP_BYTES_PER_PIXEL = 12
+SEG_INDEX_BYTES_PER_PIXEL = 8
+POSTPROCESS_BYTES_PER_PIXEL = 24
+# DC-AE activations per working-size pixel, in units of its first stage's width times the element size: 7.4 measured
+# for the f32c32 decoder (fp32, 512 px, CPU), whose full-resolution stages hold a few tensors of that width at once.
+DCAE_ACTIVATION_FACTOR = 8
 
 
 @dataclass
@@ -102,6 +113,107 @@ class JodiPipeline:
         rows = batch * (2 if use_cfg else 1)
         return rows * tokens * hidden * 4 * 12
 
+    def _dcae_activations(self, rows: int, height: int, width: int, tiled: bool) -> int:
+        """Rough peak bytes of one DC-AE pass over ``rows`` images of ``height x width`` pixels."""
+        cfg = getattr(self.vae, "config", None)
+        first_width = int(getattr(cfg, "width_list", (128,))[0])
+        try:
+            elem = next(self.vae.parameters()).element_size()
+        except (AttributeError, StopIteration):
+            elem = 4
+        h, w = height, width
+        if tiled:  # one tile at a time, plus the float32 image and weights the tiles are blended into
+            from .dcae import DEFAULT_TILE_SIZE
+
+            h, w = min(height, DEFAULT_TILE_SIZE), min(width, DEFAULT_TILE_SIZE)
+        blend = rows * height * width * 4 * 4 if tiled and (h, w) != (height, width) else 0
+        return rows * h * w * first_width * elem * DCAE_ACTIVATION_FACTOR + blend
+
+    @staticmethod
+    def _device_of(module: Optional[torch.nn.Module], requested=None) -> torch.device:
+        if requested is not None:
+            return torch.device(requested)
+        try:
+            return next(module.parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
+
+    def memory_needs(
+        self,
+        batch: int,
+        roles,
+        height: int,
+        width: int,
+        use_cfg: bool,
+        *,
+        decode: bool = True,
+        tiled_decode: bool = False,
+        decode_rows: Optional[int] = None,
+        decoded: Optional[Sequence[int]] = None,
+        snap: bool = True,
+        dit_device: "str | torch.device | None" = None,
+        vae_device: "str | torch.device | None" = None,
+        extra_host_bytes: int = 0,
+    ) -> dict[torch.device, int]:
+        """Estimated peak bytes per device of a whole run to a ``height x width`` output: encoding the conditions,
+        sampling, then decoding and post-processing every map at the output size (all maps stay in RAM).
+
+        ``decode_rows``: samples decoded at once (default: the batch); ``decoded``: domain indices decoded (default:
+        every domain that is not ignored); devices default to the modules' own; ``extra_host_bytes``: what the caller
+        adds in RAM at the end (copies of the maps, say). Rough by design: it is there to refuse runs that cannot
+        fit, before they allocate anything."""
+        if isinstance(roles, torch.Tensor):  # a latent's roles, which decoding takes as they are
+            table = roles.detach().cpu().long().reshape(-1, NUM_DOMAINS)
+        else:
+            table = parse_roles(roles, batch=batch)
+        work_h, work_w = self.working_size(height, width, snap)
+        f = self.compression
+        host = torch.device("cpu")
+        dit_dev, vae_dev = self._device_of(self.transformer, dit_device), self._device_of(self.vae, vae_device)
+        channels = int(getattr(getattr(self.transformer, "config", None), "in_channels", 32))
+        latents = batch * NUM_DOMAINS * channels * (work_h // f) * (work_w // f) * 4
+        phases: list[dict[torch.device, int]] = []
+
+        def phase(*parts: tuple[torch.device, int]) -> None:
+            need: dict[torch.device, int] = {}
+            for device, n in parts:
+                need[device] = need.get(device, 0) + int(n)
+            phases.append(need)
+
+        if (table == Role.CONDITION).any():  # encoding a condition image at the working size
+            phase((vae_dev, self._dcae_activations(batch, work_h, work_w, False)), (host, latents))
+        if self.transformer is not None:  # noise, the sampler's history and the model's output: a few latents
+            phase((dit_dev, self.working_memory(batch, table[:1], height, width, use_cfg) + 6 * latents),
+                  (host, latents))
+        if decoded is None:
+            decoded = [d for d in range(NUM_DOMAINS) if (table[:, d] != Role.IGNORE).any()]
+        if decode and decoded:
+            rows = min(batch, decode_rows or batch)
+            out_px = height * width
+            kept = batch * out_px * (MAP_BYTES_PER_PIXEL * len(decoded)
+                                     + SEG_INDEX_BYTES_PER_PIXEL * (get_domain("segmentation").index in decoded))
+            activations = self._dcae_activations(rows, work_h, work_w, tiled_decode)
+            decoded_map = rows * work_h * work_w * MAP_BYTES_PER_PIXEL  # float32, before the resize
+            post = rows * out_px * POSTPROCESS_BYTES_PER_PIXEL
+            if vae_dev.type == "cpu":
+                phase((host, latents + kept + extra_host_bytes + max(activations, decoded_map + post)))
+            else:  # resized on the device, post-processed in RAM
+                phase((vae_dev, max(activations, decoded_map + rows * out_px * MAP_BYTES_PER_PIXEL)),
+                      (host, latents + kept + extra_host_bytes + post))
+        needs: dict[torch.device, int] = {}
+        for need in phases:
+            for device, n in need.items():
+                needs[device] = max(needs.get(device, 0), n)
+        return needs
+
+    def check_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool, **kwargs) -> None:
+        """Raise :class:`InsufficientMemoryError` before a run whose :meth:`memory_needs` exceed the free memory of
+        one of its devices (RAM, or CUDA memory after what the loaded models take)."""
+        table = parse_roles(roles, batch=batch)
+        maps = int((table != Role.IGNORE).any(dim=0).sum())
+        needs = self.memory_needs(batch, table, height, width, use_cfg, **kwargs)
+        memory.check_fits(needs, f"{width}x{height} output, {maps} maps, batch {batch}")
+
     @staticmethod
     def uses_cfg(roles, has_prompt: bool, cfg_scale: float) -> bool:
         """Whether sampling runs a second, unconditional branch: only with a prompt and a scale other than 1, and
@@ -141,11 +253,11 @@ class JodiPipeline:
         for d in domains:
             z = latents[:, d].to(device=device, dtype=dtype) / self.scaling_factor
             x = self.vae.decode(z, tiled=tiled) if tiled else self.vae.decode(z)
-            x = imaging.resize(x.float(), height, width).clamp(-1, 1).cpu()
-            domain = DOMAINS[d]
-            images[domain.name] = domain.postprocess(x)
-            if domain.name == "segmentation":
-                seg_index = seg_to_index(x)
+            x = imaging.resize(x.float(), height, width).clamp_(-1, 1).cpu()  # in place: x is at the output size
+            images[DOMAINS[d].name], index = postprocess_with_index(d, x)
+            del x
+            if index is not None:
+                seg_index = index
         return images, seg_index
 
     # ---- sampling --------------------------------------------------------------------------------------------------
@@ -321,10 +433,13 @@ class JodiPipeline:
         decode: bool = True,
         tiled_decode: bool = False,
         condition_fit: str = "crop",
+        check_memory: bool = True,
     ) -> JodiResult:
         """``seeds``: one noise seed per sample (overrides ``seed``; the batch is ``len(seeds)``), for callers whose
         samples must not depend on how they are batched. ``condition_fit``: ``"crop"`` (the reference) or
-        ``"stretch"`` (outputs line up with the condition images; see :func:`imaging.fit_condition`)."""
+        ``"stretch"`` (outputs line up with the condition images; see :func:`imaging.fit_condition`).
+        ``check_memory``: refuse a run that cannot fit in the free memory before it starts (:meth:`check_memory`);
+        hosts that check it themselves turn it off."""
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if not seeds or batch_size not in (1, len(seeds)):
@@ -344,6 +459,10 @@ class JodiPipeline:
             raise ValueError(f"Got {role_table.shape[0]} rows of roles but batch_size {batch_size}.")
         B = role_table.shape[0]
         work_h, work_w = self.working_size(height, width, snap_to_bucket)
+        if check_memory:
+            use_cfg = self.uses_cfg(role_table, prompt_embeds is not None, cfg_scale)
+            self.check_memory(B, role_table, height, width, use_cfg, decode=decode, tiled_decode=tiled_decode,
+                              snap=snap_to_bucket)
         clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w, fit=condition_fit)
         if seeds is not None and len(seeds) != B:
             raise ValueError(f"Got {len(seeds)} seeds for {B} rows of roles.")

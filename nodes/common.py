@@ -208,6 +208,35 @@ def load_for_run(model_patcher, vae_patcher, memory_required: int = 0) -> None:
     load_fully([p for p in (model_patcher, vae_patcher) if p is not None], memory_required)
 
 
+def device_need(needs: dict, *patchers) -> int:
+    """The largest estimated need on the patchers' load devices: the room ComfyUI is asked to free for the run."""
+    devices = {torch.device(p.load_device) for p in patchers}
+    return max([int(n) for d, n in needs.items() if torch.device(d) in devices], default=0)
+
+
+def check_memory(needs: dict, what: str, host_only: bool = False) -> None:
+    """Refuse a run whose estimated peak (JodiPipeline.memory_needs) exceeds what ComfyUI reports free
+    (get_free_memory: available RAM, or VRAM including torch's cache), with a clear error instead of an OOM kill.
+    ``host_only``: check the RAM alone (GPU memory is only known once the models are loaded)."""
+    import comfy.model_management as mm
+
+    from ..jodi_core import memory
+
+    get_free = getattr(mm, "get_free_memory", None)
+
+    def available(device: torch.device) -> Optional[int]:
+        own = memory.available_memory(device)
+        if get_free is None:
+            return own
+        free = int(get_free(device))
+        # psutil (ComfyUI's source for RAM) does not see a container's memory limit; ours does.
+        return min(free, own) if device.type == "cpu" and own is not None else free
+
+    # Other backends (DirectML reports a fixed 1 GB) would be refused at random: CPU and CUDA only.
+    kinds = ("cpu",) if host_only else ("cpu", "cuda")
+    memory.check_fits({d: n for d, n in needs.items() if torch.device(d).type in kinds}, what, available)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Progress, previews, interrupt
 # ---------------------------------------------------------------------------------------------------------------------

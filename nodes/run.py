@@ -108,8 +108,16 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     height, width = nodekit.resolve_size(settings.aspect, settings.width, settings.height,
                                          roles.first_condition_size(), pipe.base_size, pipe.compression)
     use_cfg = pipe.uses_cfg(list(roles.roles), emb is not None, settings.cfg)
-    need = pipe.working_memory(batch, list(roles.roles), height, width, use_cfg)
-    common.load_for_run(model_patcher, vae_patcher, need)
+    # Only what the run made is decoded: condition slots would be the VAE round trip of the user's own input.
+    wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
+    needs = pipe.memory_needs(
+        batch, list(roles.roles), height, width, use_cfg, decode=decode, tiled_decode=tiled, decode_rows=1,
+        decoded=wanted, dit_device=model_patcher.load_device, vae_device=vae_patcher.load_device,
+        extra_host_bytes=node_copies(batch, height, width, len(wanted), len(conditions)) if decode else 0)
+    what = f"{width}x{height} output, {len(wanted)} maps, batch {batch}"
+    common.check_memory(needs, what, host_only=True)  # before anything is loaded or allocated
+    common.load_for_run(model_patcher, vae_patcher, common.device_need(needs, model_patcher, vae_patcher))
+    common.check_memory(needs, what)  # the GPU's free memory is known once the models are in place
 
     role_row = torch.tensor([["generate", "condition", "ignore"].index(r) for r in roles.roles])
     reporter = common.StepReporter(settings.steps, pipe, role_row)
@@ -117,13 +125,12 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
         list(roles.roles), height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
         sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
-        decode=False, condition_fit=settings.condition_fit,
+        decode=False, condition_fit=settings.condition_fit, check_memory=False,
     )
     latent = nodekit.JodiLatent(result.latents.float().cpu(), result.roles.cpu(), height, width)
     if decode:
-        # Only what the run made: condition slots would be the VAE round trip of the user's own input.
-        wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
-        result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted)
+        result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted,
+                                                         checked=True)
         for name, image in conditions.items():
             fitted = imaging.fit_condition(image, height, width, settings.condition_fit)
             result.images[name] = fitted.expand(latent.batch, -1, -1, -1)
@@ -140,15 +147,37 @@ def decode(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False):
     return decode_samples(vae_patcher, latent, tiled=tiled)
 
 
-def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False, domains=None):
+def node_copies(batch: int, height: int, width: int, maps: int, conditions: int = 0) -> int:
+    """RAM the nodes add to the pipeline's maps at the output size: an IMAGE per map socket (black ones too), the
+    class-index image and mask, the batch concatenation of the decoded maps, and each condition image fitted to the
+    output size and converted back to an IMAGE."""
+    pixels = batch * height * width
+    joined = maps if batch > 1 else 0
+    return pixels * (12 * len(DOMAIN_NAMES) + 16 + 12 * joined + 24 * conditions)
+
+
+def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False, domains=None,
+                   checked: bool = False):
     """The decode loop of Jodi Decode and the shortcuts: one sample at a time (bounds the decoder's memory), with a
-    progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one)."""
+    progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one).
+    ``checked``: the caller has already checked that the decode fits in memory."""
     import comfy.utils
 
     from ..jodi_core.pipeline import JodiPipeline
 
-    common.load_fully([vae_patcher])
     pipe = JodiPipeline(None, common.unwrap(vae_patcher))
+    if checked:
+        common.load_fully([vae_patcher])
+    else:
+        decoded = [DOMAIN_NAMES.index(n) for n in latent.present()] if domains is None else list(domains)
+        needs = pipe.memory_needs(
+            latent.batch, latent.roles, latent.height, latent.width, False, tiled_decode=tiled, decode_rows=1,
+            decoded=decoded, vae_device=vae_patcher.load_device,
+            extra_host_bytes=node_copies(latent.batch, latent.height, latent.width, len(decoded)))
+        what = f"{latent.width}x{latent.height} output, {len(decoded)} maps, batch {latent.batch}"
+        common.check_memory(needs, what, host_only=True)
+        common.load_fully([vae_patcher], common.device_need(needs, vae_patcher))
+        common.check_memory(needs, what)
     pbar = comfy.utils.ProgressBar(latent.batch)
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
     for b in range(latent.batch):
@@ -156,6 +185,8 @@ def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False,
         parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
                                          tiled=tiled, domains=domains))
         pbar.update_absolute(b + 1, latent.batch)
+    if len(parts) == 1:  # torch.cat would copy every map
+        return parts[0]
     images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     seg = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
     return images, seg

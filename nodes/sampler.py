@@ -42,7 +42,8 @@ def _size_inputs(default_aspect: str = nodekit.ASPECT_AUTO):
             tooltip="Output size. auto: the first connected condition image's size, else width x height. width x "
                     "height: as given. A preset (W:H, one of " + presets + "): the official bucket size for that "
                     "aspect (16:9 and 9:16 give the nearest buckets, 2:1 and 1:2). Jodi always samples at the nearest "
-                    "official aspect bucket and resizes the maps back."),
+                    "official aspect bucket and resizes the maps back. The maps are kept at the output size: a run "
+                    "whose maps cannot fit in the free memory is refused before it starts."),
         io.Int.Input("width", default=1024, min=32, max=8192, step=8,
                      tooltip="Output width in pixels (used by 'width x height' and by 'auto' without conditions)."),
         io.Int.Input("height", default=1024, min=32, max=8192, step=8,

@@ -464,6 +464,35 @@ def test_models_load_whole_and_running_out_of_memory_says_what_to_do(pack):
         pack.events.out_of_memory = False
 
 
+def test_a_run_too_big_for_free_memory_is_refused_before_anything_loads(pack, monkeypatch):
+    """8192 x 8192 is allowed by the inputs; on a machine without the RAM for its maps it must be a Python error
+    (ComfyUI's get_free_memory is what the nodes ask), not an OOM kill of the server."""
+    model, vae = _load(pack)
+    mm = sys.modules["comfy.model_management"]
+    asked = []
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        asked.append(torch.device(dev))
+        return 4 << 30  # 4 GB
+
+    monkeypatch.setattr(mm, "get_free_memory", get_free_memory, raising=False)
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: pytest.fail("models loaded before the memory check"))
+    big = dict(aspect=nodekit.ASPECT_CUSTOM, width=8192, height=8192, batch_size=1, tiled_decode=False,
+               mask_class="person", **SAMPLING)
+    with pytest.raises(MemoryError, match=r"Not enough RAM for this Jodi run \(8192x8192 output, 8 maps, batch 1\)"
+                                          r".*smaller output size.*fewer maps"):
+        pack.nodes["JodiJointGeneration"].execute(model, vae, **big)
+    assert asked and all(d.type == "cpu" for d in asked) and not pack.events.progress
+    latent = pack.kit.JodiLatent(torch.zeros(1, 8, 4, 8, 8), torch.zeros(1, 8, dtype=torch.long), 8192, 8192)
+    with pytest.raises(MemoryError, match="Not enough RAM"):
+        pack.nodes["JodiDecode"].execute(vae, latent, False, "person")
+    # What fits goes ahead, and ComfyUI is asked to make room on the device for the estimate, not just the DiT.
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, **k: loads.append(memory_required))
+    pack.nodes["JodiJointGeneration"].execute(model, vae, **{**big, "width": 64, "height": 64})
+    assert loads and loads[0] > 0  # the run's own load carries its estimate
+
+
 def test_sampler_rejects_bad_values_and_foreign_conditioning(pack):
     model, vae = _load(pack)
     roles = pack.kit.JodiRoles(("generate",) * 8)

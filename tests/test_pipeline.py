@@ -173,3 +173,42 @@ def test_role_and_caption_state_is_prepared_once_per_run(pipe, monkeypatch):
     caption = torch.randn(1, 300, pipe.transformer.config.caption_channels)
     pipe([G] * 8, 64, 64, steps=4, prompt_embeds=caption, cfg_scale=4.5, decode=False)  # CFG: two branches
     assert len(calls) == 1
+
+
+def test_memory_estimate_grows_with_the_output_size_and_the_maps(pipe):
+    joint = [G] * 8
+    sizes = (512, 1024, 2048, 4096, 8192)
+    host = [pipe.memory_needs(1, joint, s, s, use_cfg=False)[torch.device("cpu")] for s in sizes]
+    assert all(a < b for a, b in zip(host, host[1:]))
+    assert host[-1] > 8192**2 * 8 * 12  # at least the 8 maps as float32 RGB
+    one_map = pipe.memory_needs(1, [G] + [I] * 7, 8192, 8192, use_cfg=False)[torch.device("cpu")]
+    assert one_map < host[-1] / 3
+    assert pipe.memory_needs(2, joint, 8192, 8192, use_cfg=False)[torch.device("cpu")] > 1.9 * host[-1]
+    gpu = pipe.memory_needs(1, joint, 8192, 8192, use_cfg=True, dit_device="cuda", vae_device="cuda")
+    assert set(gpu) == {torch.device("cuda"), torch.device("cpu")}  # the maps come back to RAM in any case
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_allocates(pipe, monkeypatch):
+    from jodi_core import memory
+    from jodi_core.memory import InsufficientMemoryError
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 << 30)  # 2 GB free
+    for step in ("prepare_conditions", "make_noise", "sample", "decode_latents"):
+        monkeypatch.setattr(pipe, step, lambda *a, **k: pytest.fail("the run started before the memory check"))
+    with pytest.raises(InsufficientMemoryError, match=r"Not enough RAM .*8192x8192 output, 8 maps.*smaller output "
+                                                      r"size.*fewer maps") as err:
+        pipe([G] * 8, 8192, 8192, steps=1)
+    assert isinstance(err.value, MemoryError)
+    monkeypatch.setenv("JODI_MEMORY_CHECK", "0")  # the escape hatch: the run goes ahead (here: into the stub)
+    with pytest.raises(pytest.fail.Exception, match="before the memory check"):
+        pipe([G] * 8, 8192, 8192, steps=1)
+
+
+def test_free_memory_readers():
+    from jodi_core import memory
+
+    free = memory.available_memory("cpu")
+    assert free is None or free > 0
+    assert memory.available_memory("meta") is None  # unknown devices are not checked
+    memory.check_fits({torch.device("cpu"): 1}, "a tiny run")
+    memory.check_fits({torch.device("meta"): 1 << 62}, "an unknown device")
