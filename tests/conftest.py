@@ -8,10 +8,13 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("JODI_SHARED", REPO_ROOT.parent / "shared"))
+# The repo keeps its own copy of the test data (tests/data), so a clone made anywhere passes its tests.
+# JODI_SHARED points at another tree of the same layout (data/..., fixtures/jodi); JODI_FIXTURES at fixtures alone.
+SHARED_DIR = Path(os.environ.get("JODI_SHARED", REPO_ROOT / "tests" / "data"))
+DATA_DIR = SHARED_DIR / "data" if "JODI_SHARED" in os.environ else SHARED_DIR
 FIXTURES_DIR = Path(os.environ.get("JODI_FIXTURES", SHARED_DIR / "fixtures" / "jodi"))
-TEST_IMAGES_DIR = SHARED_DIR / "data" / "jodi_test_images"
-EXAMPLE_DATA_DIR = SHARED_DIR / "data" / "jodi_example_data"
+TEST_IMAGES_DIR = DATA_DIR / "jodi_test_images"
+EXAMPLE_DATA_DIR = DATA_DIR / "jodi_example_data"
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,9 @@ class HostModels:
 
 
 def _fixture_dir() -> Path:
-    shared = Path(os.environ.get("JODI_SHARED", REPO_ROOT.parent / "shared"))
-    return Path(os.environ.get("JODI_FIXTURES", shared / "fixtures" / "jodi"))
+    from conftest import FIXTURES_DIR  # tests/conftest.py: the repo's copy, or JODI_SHARED / JODI_FIXTURES
+
+    return FIXTURES_DIR
 
 
 def _write_jodi_models(models: Path) -> None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR as SHARED_DATA  # the repo's test data, or JODI_SHARED
 
 from .ui_to_api import convert
 
@@ -29,7 +30,6 @@ def _require_model_code():
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / "workflows"
 MANIFEST = WORKFLOWS / "api" / "manifest.json"
-SHARED_DATA = Path(os.environ.get("JODI_SHARED", REPO_ROOT.parent / "shared")) / "data"
 FAST_STEPS = 2
 SD_SIZE_HW = [192, 256]  # the SD 1.5 generation of the ControlNet chain runs smaller (its VAE is full size)
 
