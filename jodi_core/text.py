@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "CHI_PROMPT_LINES", "CHI_PROMPT", "MODEL_MAX_LENGTH", "BOS_ID", "PAD_ID", "CaptionTokens", "clean_prompt",
     "caption_text", "caption_length", "layout_tokens", "select_index", "select_caption", "null_caption_tokens",
+    "GEMMA2_RMS_EPS", "gemma2_final_norm",
 ]
 
 # The CHI prefix of the reference inference config (``text_encoder.chi_prompt``), one entry per line.
@@ -52,6 +53,7 @@ CHI_PROMPT = "\n".join(CHI_PROMPT_LINES)
 MODEL_MAX_LENGTH = 300  # caption tokens the DiT sees (``text_encoder.model_max_length``)
 BOS_ID = 2  # Gemma's <bos>
 PAD_ID = 0  # Gemma's <pad>
+GEMMA2_RMS_EPS = 1e-6  # Gemma-2's ``rms_norm_eps``
 
 _ASPECT_FLAGS = ("--aspect_ratio", "--ar", "--hw")
 
@@ -126,3 +128,14 @@ def null_caption_tokens(
 ) -> CaptionTokens:
     """Tokens of the reference's null caption ``""``: BOS then padding, mask ``1, 0, 0, ...``."""
     return layout_tokens([bos_id], max_length, pad_id)
+
+
+def gemma2_final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float = GEMMA2_RMS_EPS) -> torch.Tensor:
+    """Gemma-2's final RMSNorm, as Hugging Face's ``Gemma2RMSNorm`` computes it: in float32, scaled by ``1 + w``.
+
+    Step 4 above needs the last block's output after this norm. A host that hands out the last block's output
+    without it (ComfyUI's in-range ``clip_layer(-1)``) gets the reference's state by applying it here.
+    """
+    x = hidden.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * (1.0 + weight.to(device=x.device, dtype=torch.float32))

@@ -11,8 +11,9 @@ switches); the ``jodi_caption`` marker lets the Jodi sampler refuse conditioning
 message instead of a shape error. Samplers turn it into the DiT's inputs with ``caption_from_conditioning``.
 
 How the numbers match the reference (see ``jodi_core.text``):
-- the final hidden state after the final RMSNorm: asking ComfyUI for a layer index beyond the layer count makes it
-  return its "last" output, which is the normed one (its default for Lumina is layer -2 without the norm);
+- the final hidden state after the final RMSNorm: ComfyUI is asked for the last block's output (layer -1, an
+  in-range index every host stores and re-applies, unlike an out-of-range "last" that 0.23+ forgets on its second
+  ``set_clip_options`` call), and the final norm is applied here with the file's own ``model.norm.weight``;
 - tokens: CHI prefix + prompt tokenized as one literal string (prompt-weight syntax off, since weights would make
   ComfyUI interpolate against an empty encoding), truncated / right-padded to ``n_chi + 298`` tokens;
 - BOS + the last 299 positions, with the matching mask.
@@ -26,7 +27,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..jodi_core.text import (
-    CHI_PROMPT, MODEL_MAX_LENGTH, PAD_ID, caption_length, caption_text, layout_tokens, select_caption,
+    CHI_PROMPT, MODEL_MAX_LENGTH, PAD_ID, caption_length, caption_text, gemma2_final_norm, layout_tokens,
+    select_caption,
 )
 
 __all__ = ["JodiTextEncode", "encode_caption", "encode_null_caption", "caption_from_conditioning",
@@ -53,6 +55,16 @@ def _gemma_encoder(clip):
     return encoder
 
 
+def _final_norm_weight(clip) -> torch.Tensor:
+    """The Gemma file's ``model.norm.weight``, read through the CLIP's public state dict."""
+    suffix = "model.norm.weight"
+    weights = [v for k, v in clip.get_sd().items() if k.startswith(_TOKENIZER_KEY + ".") and k.endswith(suffix)]
+    if len(weights) != 1:
+        raise ValueError(f"the Gemma text encoder has {len(weights)} '{suffix}' tensors, expected one. "
+                         + _GEMMA_IT_NOTE)
+    return weights[0]
+
+
 def _token_ids(clip, text: str) -> list[int]:
     # disable_weights keeps "(word:1.2)" literal and tokenizes the whole string at once, like the reference.
     pairs = clip.tokenize(text, disable_weights=True)[_TOKENIZER_KEY]
@@ -70,9 +82,9 @@ def encode_caption(clip, text: str, chi: bool = True) -> tuple[torch.Tensor, tor
     """Encode one prompt: (1, 300, C) float32 embedding and (1, 300) int64 mask, as the reference computes them."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
-    encoder = _gemma_encoder(clip)
+    _gemma_encoder(clip)  # refuses a CLIP that is not Gemma before any work
     clip = clip.clone()  # the layer choice below must not leak into the user's CLIP
-    clip.clip_layer(-(encoder.num_layers + 1))  # out of range -> ComfyUI's "last": after the final norm
+    clip.clip_layer(-1)  # the last block's output, before the final norm (applied below)
 
     num_chi = len(_token_ids(clip, CHI_PROMPT)) if chi else None
     tokens = layout_tokens(_token_ids(clip, caption_text(text, chi)), caption_length(num_chi), PAD_ID)
@@ -80,6 +92,7 @@ def encode_caption(clip, text: str, chi: bool = True) -> tuple[torch.Tensor, tor
     hidden = out["cond"]  # (1, L, C)
     if hidden.shape[1] != len(tokens.ids):
         raise RuntimeError(f"the text encoder returned {hidden.shape[1]} positions for {len(tokens.ids)} tokens")
+    hidden = gemma2_final_norm(hidden, _final_norm_weight(clip))
     mask = torch.tensor([tokens.mask], dtype=torch.long, device=hidden.device)
     emb, mask = select_caption(hidden, mask)  # (1, 1, 300, C), (1, 300)
     return emb[:, 0], mask

@@ -136,3 +136,22 @@ def test_eager_softcap_differs_only_for_large_logits(gemma_folder):
                 layer.self_attn.q_proj.weight.mul_(40.0)
     big_gap = (run(eager_cap) - run(sdpa)).abs().max().item()
     assert big_gap > 10 * small_gap and big_gap > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_final_norm_is_hf_gemma2s(gemma_folder, dtype):
+    """The last block's output through gemma2_final_norm is HF Gemma2Model's last_hidden_state (what Jodi Text
+    Encode applies to the pre-norm layer -1 state a ComfyUI host returns)."""
+    tokenizer, encoder = load_hf_reference(gemma_folder, attn="sdpa")
+    encoder = encoder.to(dtype)
+    captured = {}
+    encoder.layers[-1].register_forward_hook(
+        lambda _m, _i, out: captured.update(pre=out[0] if isinstance(out, tuple) else out))
+    ids = torch.tensor([tokenizer.encode("a red cat sleeping on a sofa")])
+    with torch.no_grad():
+        ref = encoder(ids).last_hidden_state
+    ours = text.gemma2_final_norm(captured["pre"], encoder.norm.weight)
+    assert ours.dtype == torch.float32
+    # HF rounds its float32 result to the model dtype; ours stays float32 (the host's embeddings are float32).
+    torch.testing.assert_close(ours.to(dtype), ref, rtol=0, atol=0)
+    assert not torch.allclose(captured["pre"].float(), ref.float(), atol=1e-3)  # the norm does change the state

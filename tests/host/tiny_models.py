@@ -137,12 +137,13 @@ def round_like_comfy_bf16_(encoder: torch.nn.Module) -> None:
 
     ComfyUI computes in float32 from bf16 weights, with one exception: its Gemma RMSNorm forms ``1 + w`` in the
     weight dtype, so the norm scales are rounded to bf16. HF forms ``1 + w`` in float32. Rounding the weights,
-    then storing ``bf16(1 + w) - 1`` as the norm weights, reproduces ComfyUI's numbers exactly in HF.
+    then storing ``bf16(1 + w) - 1`` as the norm weights, reproduces ComfyUI's numbers exactly in HF. The final
+    norm is the exception: Jodi Text Encode applies it itself, in float32 as HF does (jodi_core.text).
     """
     with torch.no_grad():
         for name, p in encoder.named_parameters():
             w = p.to(torch.bfloat16)
-            if "norm" in name:
+            if "norm" in name and name != "norm.weight":
                 p.copy_((1.0 + w).to(torch.bfloat16).float() - 1.0)
             else:
                 p.copy_(w.float())
