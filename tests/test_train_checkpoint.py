@@ -12,10 +12,7 @@ import torch
 from jodi_core.checkpoint import CheckpointError
 from jodi_core.train import DataConfig, Trainer, TrainConfig
 
-MICRO_DCAE = dict(latent_channels=32, width_list=[8, 16, 32], encoder_depth_list=[1, 1, 1],
-                  decoder_depth_list=[1, 1, 1], encoder_block_types=["ResBlock"] * 3,
-                  decoder_block_types=["ResBlock"] * 3)
-MICRO_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=16, model_max_length=4, base_size=8)
+from test_train import MICRO_DCAE, MICRO_DIT  # the same micro models as the training tests
 
 
 def _trainer(tmp_path, **kw) -> Trainer:
