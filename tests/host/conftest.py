@@ -1,8 +1,9 @@
-"""Fixtures for the host tests: ONE real ComfyUI 0.3.75 server per test session, with this pack installed.
+"""Fixtures for the host tests: ONE real ComfyUI server per test session, with this pack installed.
 
-The server runs from a cached copy of ComfyUI (see comfy_server.py), with ``--cpu``, an in-memory database and a
-temporary base directory. Its model folders point (through an extra_model_paths.yaml) at a temporary directory
-holding tiny random-weight models in the official file formats:
+The server runs from the ComfyUI folder named by JODI_COMFYUI (``.ci/host-suite``), else from a cached copy of
+ComfyUI 0.3.75 (comfy_server.py), with ``--cpu``, an in-memory database and a temporary base directory. Its model
+folders point (through an extra_model_paths.yaml) at a temporary directory holding tiny random-weight models in the
+official file formats:
 
 - ``diffusion_models/jodi-tiny.safetensors`` and ``jodi/jodi-tiny.pth``: a tiny Jodi DiT (official keys; the
   golden-fixture weights, or built with jodi_core's modules where the fixtures are absent);
@@ -31,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .comfy_server import ComfyServer, ComfyUnavailable, cache_dir, ensure_comfyui, missing_startup_modules, \
-    write_extra_model_paths
+from .comfy_server import ComfyServer, ComfyUnavailable, cache_dir, ensure_comfyui, host_version, \
+    missing_startup_modules, write_extra_model_paths
 from .tiny_models import comfy_gemma_overrides, write_tiny_gemma_folder
 
 HERE = Path(__file__).resolve().parent
@@ -150,9 +151,10 @@ def comfy_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def comfy(comfy_dir, host_models, tmp_path_factory) -> ComfyServer:
-    missing = missing_startup_modules()
+    missing = missing_startup_modules(comfy_dir)
     if missing:
-        pytest.fail("the test environment lacks modules ComfyUI needs at start-up: " + ", ".join(missing))
+        pytest.fail(f"the test environment lacks what ComfyUI {host_version(comfy_dir)} needs at start-up: "
+                    + ", ".join(missing))
     base = tmp_path_factory.mktemp("comfy_base")
     write_extra_model_paths(base / "extra_model_paths.yaml", host_models.root, {
         "diffusion_models": "diffusion_models", "jodi": "jodi", "vae": "vae", "text_encoders": "text_encoders",

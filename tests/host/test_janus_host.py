@@ -1,4 +1,4 @@
-"""The Janus nodes in the real host (ComfyUI 0.3.75 server of conftest.py) with the tiny random Janus folder the
+"""The Janus nodes in the real host (the server of conftest.py) with the tiny random Janus folder the
 fixture writes into models/Janus-Pro (weights, config.json, tokenizer.json built by tests/janus_tiny.py).
 
 Expected values come from the engine run here on the same folder (CPU, float32: what Janus Loader's 'auto' gives
@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from .comfy_server import assert_progress_reaches
 from .test_runtime_host import _collect
 from .test_workflows_host import REPO_ROOT, _manifest, _prepare, _saved_images, _strip_meta
 
@@ -124,8 +125,8 @@ def test_generate_images_and_progress(comfy, host_models, reference):
     messages = asyncio.run(_collect(comfy, prompt))
     assert any(m["type"] == "execution_success" for m in messages), [m["type"] for m in messages]
     n = reference.config.gen_image_tokens
-    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "2"]
-    assert [p["value"] for p in progress][-n:] == list(range(1, n + 1)) and all(p["max"] == n for p in progress)
+    assert_progress_reaches([m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == "2"],
+                            n)
     image = load_file(comfy.output_dir / "jodi_probe" / "janus_generate.safetensors")["value"]
     size = reference.config.gen_image_size
     assert image.shape == (3, size, size, 3)
