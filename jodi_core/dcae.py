@@ -96,10 +96,13 @@ class DCAEConfig:
         for t in self.encoder_block_types + self.decoder_block_types:
             if t not in BLOCK_TYPES:
                 raise ValueError(f"Unknown DC-AE block type {t!r}; expected one of {BLOCK_TYPES}.")
+        # LiteMLA has width // head_dim heads (efficientvit's arithmetic): a width need not be a multiple of the head
+        # dim, but without a whole head the reference cannot run
         for i, w in enumerate(self.width_list):
             uses_attention = "EViT" in self.encoder_block_types[i] or "EViT" in self.decoder_block_types[i]
-            if uses_attention and w % self.attention_head_dim:
-                raise ValueError(f"Stage {i} width {w} is not a multiple of the head dim {self.attention_head_dim}.")
+            if uses_attention and w < self.attention_head_dim:
+                raise ValueError(f"Stage {i} width {w} is smaller than the head dim {self.attention_head_dim}: "
+                                 f"its attention would have no head.")
         # parameter-free shortcuts regroup channels, so the widths must divide each other
         for a, b in zip(self.width_list[:-1], self.width_list[1:]):
             if (4 * a) % b or (4 * a) < b:

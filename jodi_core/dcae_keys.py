@@ -296,9 +296,25 @@ def infer_dcae_config(sd: Mapping[str, torch.Tensor]) -> "DCAEConfig":
 
 
 def _infer_head_dim(sd: Mapping[str, torch.Tensor], attention: list[tuple[str, int]]) -> int:
-    # a multi-scale branch's grouped 1x1 conv has one group of head_dim channels per q/k/v slice
-    dims = [sd[p + _BRANCH_POINTWISE].shape[1] for p, _ in attention if p + _BRANCH_POINTWISE in sd]
-    return int(dims[-1]) if dims else _DEFAULT_HEAD_DIM
+    """The LiteMLA head dim. As in efficientvit, a block of width C has ``C // head_dim`` heads and
+    ``3 * heads * head_dim`` qkv rows, so C need not be a multiple of the head dim."""
+    if not attention:
+        return _DEFAULT_HEAD_DIM
+    rows = [(width, sd[prefix + _QKV].shape[0]) for prefix, width in attention]
+    # a multi-scale branch's grouped 1x1 conv has one group of head_dim channels per q/k/v slice; without one only
+    # the qkv rows tell, and several dims can fit them (heads x dim = 1 x 32 = 2 x 16): then the reference's default
+    from_branches = {int(sd[p + _BRANCH_POINTWISE].shape[1]) for p, _ in attention if p + _BRANCH_POINTWISE in sd}
+    candidates = sorted(from_branches) or range(1, max(r for _, r in rows) + 1)
+    fits = [d for d in candidates if all(r == 3 * (w // d) * d for w, r in rows)]
+    if len(from_branches) <= 1 and _DEFAULT_HEAD_DIM in fits:
+        return _DEFAULT_HEAD_DIM
+    if len(fits) == 1:
+        return fits[0]
+    shapes = ", ".join(f"width {w}: {r} qkv rows" for w, r in rows)
+    if not fits:
+        raise ValueError(f"DC-AE attention weights fit no head dim (heads = width // head_dim, qkv rows = "
+                         f"3 * heads * head_dim; {shapes}).")
+    raise ValueError(f"DC-AE head dim cannot be told from the weights: {fits[:6]} all fit ({shapes}).")
 
 
 def stored_dcae_settings(path: "str | os.PathLike") -> dict:
