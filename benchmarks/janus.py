@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from jodi_core.janus.config import JANUS_1_3B, JANUS_PRO_7B, JanusConfig, LlamaConfig, SigLIPConfig, VQConfig  # noqa: E402
 from jodi_core.janus.generate import janus_generate_codes, janus_understand_tokens  # noqa: E402
-from jodi_core.janus.loading import original_to_hf  # noqa: E402
+from jodi_core.janus.keys import original_to_hf  # noqa: E402
 from jodi_core.janus.model import JanusModel  # noqa: E402
 from jodi_core.janus.processor import ImagePreprocessConfig, JanusProcessor, JanusTokenizer  # noqa: E402
 

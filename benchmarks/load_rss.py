@@ -58,7 +58,7 @@ def _child(path: str) -> None:
 def _write_checkpoint(path: Path, hidden: int, depth: int, fmt: str) -> int:
     import torch
 
-    from jodi_core.checkpoint import build_on_meta
+    from jodi_core.loading import build_on_meta
     from jodi_core.transformer import JodiConfig, JodiTransformer
 
     config = JodiConfig(hidden_size=hidden, depth=depth, num_heads=max(1, hidden // 72))

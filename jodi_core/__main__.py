@@ -18,8 +18,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import has_nonfinite, identify_checkpoint, read_state_dict
-    from .loading import weights_file
+    from .checkpoint import read_state_dict, weights_file
+    from .loading import has_nonfinite, identify_checkpoint
 
     path = weights_file(args.checkpoint)
     sd = read_state_dict(path)
@@ -31,13 +31,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if bad:
         print(f"warning: {len(bad)} tensors hold NaN or inf values (the loaders refuse them): {', '.join(bad[:5])}")
     if kind == "jodi":
-        from .loading import stored_jodi_settings
         from .transformer import JodiConfig
+        from .transformer_keys import stored_jodi_settings
 
         print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(path)))
     elif kind in ("dcae", "dcae-diffusers"):
         from .dcae import DCAEConfig
-        from .loading import stored_dcae_settings
+        from .dcae_keys import stored_dcae_settings
 
         print(DCAEConfig.from_state_dict(sd, **stored_dcae_settings(path)))
     return 0

@@ -1,8 +1,8 @@
-"""Reading checkpoint files and loading them strictly into modules.
+"""Reading checkpoint files: the formats (safetensors, torch pickles read with ``weights_only=True``), model folders
+with sharded weights, and the checks that a file is whole and safe to read.
 
-One place for the file formats (safetensors, torch pickles read with ``weights_only=True``), for recognising what a
-state dict holds (so a user who picks an SDXL file in the Jodi loader gets told so), and for strict, copy-free
-loading into modules built on the meta device.
+Only files are read here; what the tensors are and how they become a model is :mod:`.loading`'s (and each model's
+``*_keys`` module's) business.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ _NUMPY_DATA_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multia
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, truncated, of another model, or with wrong keys."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """A shard that a folder's index lists is not there (an interrupted download)."""
 
 
 def read_state_dict(path: "str | os.PathLike", *, device: "str | torch.device" = "cpu") -> dict[str, torch.Tensor]:
@@ -225,145 +229,82 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
     return sd
 
 
+def weights_file(path: "str | os.PathLike") -> str:
+    """``path`` itself, or for a model folder (the DC-AE's, original or diffusers) the weights file inside it."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for candidate in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+        if os.path.isfile(os.path.join(path, candidate)):
+            return os.path.join(path, candidate)
+    raise CheckpointError(f"No model.safetensors or diffusion_pytorch_model.safetensors in folder {path}.")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# What is this checkpoint?
+# Hugging Face model folders: one weights file, or shards listed in an index json
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Signature keys of model families people have in their ComfyUI folders, checked in order (most specific first: a
-# diffusers ControlNet also has a UNet's down_blocks). Single files (prefixed), UNet/DiT-only files as in
-# models/diffusion_models (bare), and diffusers files.
-_FOREIGN_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("a ControlNet", ("control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")),
-    ("Flux", ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-              "single_transformer_blocks.0.proj_mlp.weight")),
-    ("SD3", ("joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
-             "transformer_blocks.0.attn.add_q_proj.weight")),
-    ("SDXL", ("conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight",
-              "label_emb.0.0.weight", "add_embedding.linear_1.weight")),
-    ("Stable Diffusion 1.x/2.x", ("model.diffusion_model.input_blocks.0.0.weight", "input_blocks.0.0.weight",
-                                  "down_blocks.0.resnets.0.conv1.weight")),
-    ("an SD/SDXL VAE", ("encoder.down.0.block.0.conv1.weight", "first_stage_model.encoder.conv_in.weight")),
-    ("a text encoder (Gemma/T5/CLIP)", ("model.embed_tokens.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
-                                        "text_model.embeddings.token_embedding.weight", "shared.weight")),
-)
+SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _foreign_family(sd: Mapping[str, torch.Tensor]) -> str | None:
-    for family, keys in _FOREIGN_FAMILIES:
-        if any(k in sd for k in keys):
-            return family
-    if "x_embedder.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
-        return "Sana (single-domain, not Jodi)"
-    if any(k.startswith(("language_model.", "gen_vision_model.", "model.vqmodel.")) for k in sd):
-        return "Janus"
+def _shard_index(folder: Path) -> Optional[tuple[str, dict[str, str]]]:
+    """The first index json of ``folder`` as (its name, its tensor -> shard map); None without one."""
+    for index_name in SHARD_INDEX_FILES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e}).") from e
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} is not a valid shard index (its weight_map is empty).")
+            return index_name, weight_map
     return None
 
 
-def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """Name what a state dict holds: ``"jodi"``, ``"dcae"``, ``"dcae-diffusers"``, a foreign family, or None."""
-    if "role_embedder.weight" in sd and "x_embedders.0.proj.weight" in sd:
-        return "jodi"
-    if "encoder.project_in.conv.weight" in sd and "decoder.project_in.main.conv.weight" in sd:
-        return "dcae"
-    if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and any(".attn.to_q" in k for k in sd):
-        return "dcae-diffusers"
-    return _foreign_family(sd)
+def find_weight_files(folder: "str | os.PathLike", *, any_name: bool = False) -> list[Path]:
+    """The weight files of a model folder: the shards its index lists (all of them must be there), else
+    ``model.safetensors`` / ``pytorch_model.bin``, else with ``any_name`` every ``*.safetensors`` (or ``*.bin``).
+    Empty when there are none."""
+    folder = Path(folder)
+    index = _shard_index(folder)
+    if index is not None:
+        index_name, weight_map = index
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise MissingShardError(
+                f"{folder.name}: shard(s) listed in {index_name} are missing: {', '.join(missing)}.")
+        return [folder / s for s in shards]
+    for name in SINGLE_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    if any_name:
+        return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return []
 
 
-_KIND_LABELS = {
-    "jodi": "a Jodi DiT (load it with Load Jodi Model / load_jodi)",
-    "dcae": "a DC-AE autoencoder (load it with Load Jodi DC-AE / load_dcae)",
-    "dcae-diffusers": "a DC-AE autoencoder in diffusers format (load it with Load Jodi DC-AE / load_dcae)",
-}
-
-
-def _kind_label(kind: str) -> str:
-    if kind in _KIND_LABELS:
-        return _KIND_LABELS[kind]
-    return kind if kind.startswith(("a ", "an ")) else f"a {kind} checkpoint"
-
-
-def expect_checkpoint(sd: Mapping[str, torch.Tensor], expected: tuple[str, ...], *, name: str, what: str) -> str:
-    """Check that ``sd`` is one of the ``expected`` kinds; otherwise say what it looks like instead."""
-    kind = identify_checkpoint(sd)
-    if kind in expected:
-        return kind
-    if kind is not None:
-        raise CheckpointError(f"{name} looks like {_kind_label(kind)}, not {what}.")
-    sample = ", ".join(sorted(sd)[:5])
-    raise CheckpointError(f"{name} is not {what}: its keys are not recognised (first keys: {sample}).")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Building and strict loading
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Construct a module without allocating or initialising its weights."""
-    with torch.device("meta"):
-        return factory()
-
-
-def load_state_dict_strict(
-    module: nn.Module,
-    sd: Mapping[str, torch.Tensor],
-    *,
-    what: str,
-    dtype: torch.dtype | None = None,
-    device: "str | torch.device | None" = None,
-) -> nn.Module:
-    """Load ``sd`` into ``module`` with every key and shape checked, then report all problems at once.
-
-    Tensors are assigned (``assign=True``), so a module built on the meta device takes the checkpoint's storage with
-    no intermediate copy. Floating tensors are cast to ``dtype`` when given; buffers that the module does not persist
-    are left as they are.
-    """
-    expected = module.state_dict()
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected)
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        lines = [f"The checkpoint does not match the {what} model:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
-                lines.append(f"  {len(items)} {label}: {shown}")
-        raise CheckpointError("\n".join(lines))
-
-    converted = {}
-    for k, v in sd.items():
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        if device is not None:
-            v = v.to(device)
-        converted[k] = v
-    module.load_state_dict(converted, strict=True, assign=True)
-    # Non-persistent buffers (none today) would still sit on meta: materialise them so the module is usable.
-    for name, buf in list(module.named_buffers()):
-        if buf.is_meta:
-            raise CheckpointError(f"The {what} model has a buffer {name!r} that the checkpoint cannot provide.")
-    return module
-
-
-LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def check_finite(sd: Mapping[str, torch.Tensor], *, name: str) -> None:
-    """Fail on quantised weights (fp8, int8: not a format these models load) and on NaN/inf weights (a sign of a
-    broken conversion or a bad fp16 export)."""
-    for k, v in sd.items():
-        if (v.is_floating_point() and v.dtype not in LOADABLE_DTYPES) or v.dtype in (torch.int8, torch.uint8):
-            raise CheckpointError(f"{name}: tensor {k!r} is stored as {v.dtype}; quantised weights are not supported "
-                                  f"(use an fp32, fp16 or bf16 file).")
-        if has_nonfinite(v):
-            raise CheckpointError(f"{name}: tensor {k!r} contains NaN or infinite values.")
-
-
-def has_nonfinite(t: torch.Tensor) -> bool:
-    """Whether a weight tensor of a loadable float dtype holds NaN or inf (other dtypes: False; fp8 has no isfinite)."""
-    return t.dtype in LOADABLE_DTYPES and not bool(torch.isfinite(t).all())
+def iter_shards(folder: "str | os.PathLike", files: Sequence[Path]) -> Iterator[dict[str, torch.Tensor]]:
+    """Read ``files`` (from :func:`find_weight_files`) one at a time, so a caller can convert each shard before the
+    next is read. A tensor in two shards is an error, and so, after the last shard, is one the index lists that no
+    shard held (a truncated download)."""
+    folder = Path(folder)
+    seen: set[str] = set()
+    for path in files:
+        shard = read_state_dict(path)
+        twice = seen.intersection(shard)
+        if twice:
+            raise CheckpointError(f"{path}: key {min(twice)} appears in more than one shard.")
+        seen.update(shard)
+        yield shard
+        del shard  # one shard in memory at a time, for callers that convert each before the next
+    index = _shard_index(folder)
+    if index is not None:
+        index_name, weight_map = index
+        absent = [k for k in weight_map if k not in seen]
+        if absent:
+            raise CheckpointError(
+                f"{folder.name}: {len(absent)} tensor(s) listed in {index_name} are not in the shards "
+                f"(truncated download?), e.g. {absent[0]!r}."
+            )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -31,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import check_backend, dispatch_linear_attention, resolve_backend
-from .dcae_keys import detect_key_format, diffusers_to_original
+from .dcae_keys import infer_dcae_config, original_keys
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,13 @@ class DCAEConfig:
         for t in self.encoder_block_types + self.decoder_block_types:
             if t not in BLOCK_TYPES:
                 raise ValueError(f"Unknown DC-AE block type {t!r}; expected one of {BLOCK_TYPES}.")
+        # LiteMLA has width // head_dim heads (efficientvit's arithmetic): a width need not be a multiple of the head
+        # dim, but without a whole head the reference cannot run
         for i, w in enumerate(self.width_list):
             uses_attention = "EViT" in self.encoder_block_types[i] or "EViT" in self.decoder_block_types[i]
-            if uses_attention and w % self.attention_head_dim:
-                raise ValueError(f"Stage {i} width {w} is not a multiple of the head dim {self.attention_head_dim}.")
+            if uses_attention and w < self.attention_head_dim:
+                raise ValueError(f"Stage {i} width {w} is smaller than the head dim {self.attention_head_dim}: "
+                                 f"its attention would have no head.")
         # parameter-free shortcuts regroup channels, so the widths must divide each other
         for a, b in zip(self.width_list[:-1], self.width_list[1:]):
             if (4 * a) % b or (4 * a) < b:
@@ -121,105 +123,10 @@ class DCAEConfig:
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "DCAEConfig":
         """Infer the config from key names and shapes (either key format). ``overrides`` set non-inferable fields."""
-        fmt = detect_key_format(sd)
-        if fmt is None:
-            raise ValueError("Not a DC-AE state dict: neither efficientvit nor diffusers AutoencoderDC keys found.")
-        if fmt == "diffusers":
-            sd = diffusers_to_original(sd)
-        return replace(_infer_config(sd), **overrides)
+        return replace(infer_dcae_config(original_keys(sd)), **overrides)
 
 
 DC_AE_F32C32_SANA_1_0 = DCAEConfig()
-
-_STAGE_KEY = re.compile(r"(encoder|decoder)\.stages\.(\d+)\.op_list\.(\d+)\.(.+)\Z")
-
-
-def _require(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in sd:
-        raise ValueError(f"DC-AE state dict is missing {key!r}; cannot infer the model shape.")
-    return sd[key]
-
-
-def _op_kind(suffixes: set[str]) -> str:
-    if "main.conv1.conv.weight" in suffixes:
-        return "ResBlock"
-    if "context_module.main.qkv.conv.weight" in suffixes:
-        return "EViTS5_GLU" if "context_module.main.aggreg.0.0.weight" in suffixes else "EViT_GLU"
-    if "main.conv.weight" in suffixes:
-        return "down"
-    if "main.conv.conv.weight" in suffixes:
-        return "up"
-    raise ValueError(f"Unrecognised DC-AE op with keys {sorted(suffixes)[:4]}.")
-
-
-def _infer_config(sd: Mapping[str, torch.Tensor]) -> DCAEConfig:
-    """Read the config from efficientvit keys: stage/op indices give depths, op keys give types, shapes give widths."""
-    ops: dict[str, dict[int, dict[int, set[str]]]] = {"encoder": {}, "decoder": {}}
-    for key in sd:
-        m = _STAGE_KEY.match(key)
-        if m:
-            side, s, i, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-            ops[side].setdefault(s, {}).setdefault(i, set()).add(suffix)
-    n = len(ops["encoder"])
-    if n == 0 or sorted(ops["encoder"]) != list(range(n)) or sorted(ops["decoder"]) != list(range(n)):
-        raise ValueError(
-            f"DC-AE state dict has encoder stages {sorted(ops['encoder'])} and decoder stages "
-            f"{sorted(ops['decoder'])};"
-            " expected the same contiguous stages in both."
-        )
-    widths: list[int] = []
-    depths: dict[str, list[int]] = {"encoder": [], "decoder": []}
-    types: dict[str, list[str]] = {"encoder": [], "decoder": []}
-    head_dim, expand = None, None
-    for side in ("encoder", "decoder"):
-        for s in range(n):
-            stage = ops[side][s]
-            kinds = [_op_kind(stage[i]) for i in sorted(stage)]
-            if sorted(stage) != list(range(len(stage))):
-                raise ValueError(f"{side} stage {s} has non-contiguous op indices {sorted(stage)}.")
-            resample = "down" if side == "encoder" else "up"
-            expected_resample = s < n - 1
-            if side == "encoder":
-                blocks, extra = kinds[:-1] if expected_resample else kinds, kinds[-1:] if expected_resample else []
-            else:
-                blocks, extra = kinds[1:] if expected_resample else kinds, kinds[:1] if expected_resample else []
-            if extra != ([resample] if expected_resample else []) or resample in blocks or not blocks:
-                raise ValueError(f"{side} stage {s} has an unexpected op layout {kinds}.")
-            if len(set(blocks)) != 1:
-                raise ValueError(f"{side} stage {s} mixes block types {blocks}; one type per stage is supported.")
-            depths[side].append(len(blocks))
-            types[side].append(blocks[0])
-            first = 0 if side == "encoder" or not expected_resample else 1
-            prefix = f"{side}.stages.{s}.op_list.{first}."
-            if blocks[0] == "ResBlock":
-                width = _require(sd, prefix + "main.conv1.conv.weight").shape[0]
-            else:
-                width = _require(sd, prefix + "context_module.main.qkv.conv.weight").shape[1]
-                inverted = _require(sd, prefix + "local_module.main.inverted_conv.conv.weight").shape[0]
-                expand = inverted / (2 * width)
-                aggreg = sd.get(prefix + "context_module.main.aggreg.0.1.weight")
-                if aggreg is not None:
-                    head_dim = aggreg.shape[1]  # grouped 1x1 conv: one group of head_dim channels per q/k/v slice
-                    kernel = sd[prefix + "context_module.main.aggreg.0.0.weight"].shape[-1]
-                    if kernel != 5:
-                        raise ValueError(f"{side} stage {s}: multi-scale kernel {kernel} (only 5 is supported).")
-            if side == "encoder":
-                widths.append(int(width))
-            elif width != widths[s]:
-                raise ValueError(f"Stage {s} width differs between encoder ({widths[s]}) and decoder ({width}).")
-    latent = _require(sd, "encoder.project_out.main.op_list.0.conv.weight").shape[0]
-    in_ch = _require(sd, "encoder.project_in.conv.weight").shape[1]
-    return DCAEConfig(
-        in_channels=int(in_ch),
-        latent_channels=int(latent),
-        width_list=tuple(widths),
-        encoder_depth_list=tuple(depths["encoder"]),
-        decoder_depth_list=tuple(depths["decoder"]),
-        encoder_block_types=tuple(types["encoder"]),
-        decoder_block_types=tuple(types["decoder"]),
-        attention_head_dim=int(head_dim or 32),
-        expand_ratio=float(expand or 4.0),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -746,12 +653,11 @@ class DCAE(nn.Module):
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None, device=None,
                         *, name: str = "DC-AE checkpoint", operations=None) -> "DCAE":
         """Build a DC-AE for ``sd`` (efficientvit or diffusers keys) without a random init and load it strictly."""
-        from .checkpoint import build_on_meta, expect_checkpoint, load_state_dict_strict
+        from .loading import build_on_meta, expect_checkpoint, load_state_dict_strict
 
-        kind = expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE (dc-ae-f32c32)")
-        if kind == "dcae-diffusers" or detect_key_format(sd) == "diffusers":
-            sd = diffusers_to_original(sd)
-        config = _infer_config(sd)
+        expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE (dc-ae-f32c32)")
+        sd = original_keys(sd)
+        config = infer_dcae_config(sd)
         model = build_on_meta(lambda: cls(config, dtype=dtype, operations=operations))
         load_state_dict_strict(model, sd, what="DC-AE", dtype=dtype, device=device)
         return model.eval()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, find_weight_files, iter_shards
 
 log = logging.getLogger(__name__)
 
@@ -33,40 +33,21 @@ _GEMMA3_MARKER = "model.layers.0.self_attn.q_norm.weight"
 _DROPPED_PREFIXES = ("lm_head.",)  # tied to the embedding; the encoder never uses it
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index} has no weight_map")
-            files = sorted({folder / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{folder}: shards listed in {index_name} are missing: {', '.join(missing)}")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
-    raise FileNotFoundError(
-        f"{folder} holds no Hugging Face weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json]);"
-        " download google/gemma-2-2b-it and pass its folder")
-
-
 def load_hf_gemma_state_dict(
     folder: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.Tensor]:
     """Merge the shards of a Hugging Face Gemma-2 folder into one state dict, floating tensors cast to ``dtype``."""
     folder = Path(folder)
+    files = find_weight_files(folder)
+    if not files:
+        raise FileNotFoundError(
+            f"{folder} holds no Hugging Face weights (model.safetensors[.index.json] or "
+            "pytorch_model.bin[.index.json]); download google/gemma-2-2b-it and pass its folder")
     merged: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
-        shard = read_state_dict(path)
+    for shard in iter_shards(folder, files):
         for key, tensor in shard.items():
-            if key.startswith(_DROPPED_PREFIXES):
-                continue
-            if key in merged:
-                raise CheckpointError(f"{path}: key {key} appears in more than one shard")
-            merged[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if not key.startswith(_DROPPED_PREFIXES):
+                merged[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         del shard  # keep at most one shard in float32 at a time
     return merged
 

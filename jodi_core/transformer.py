@@ -22,7 +22,6 @@ Deliberate differences from the reference (each tested):
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -41,13 +40,10 @@ from .layers import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
+from .transformer_keys import infer_jodi_config
 
 NUM_ROLES = 3  # 0 generate, 1 condition, 2 ignore
 _GENERATE, _CONDITION, _IGNORE = 0, 1, 2
-
-# Cross-attention heads are invisible in the weights' shapes; known hidden sizes map to their head count
-# (Sana/Jodi 1.6B and Sana 4.8B: 2240 -> 20 heads of 112; Sana 0.6B: 1152 -> 16 heads of 72).
-KNOWN_CROSS_ATTENTION_HEADS = {2240: 20, 1152: 16}
 
 
 @dataclass
@@ -109,61 +105,8 @@ class JodiConfig:
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "JodiConfig":
-        """Infer the architecture from a state dict with the reference key names.
-
-        Read from shapes: hidden_size, depth, num_domains, caption_channels, model_max_length, in_channels,
-        patch_size and the MLP width. Not visible in shapes, so taken from ``overrides`` or defaults:
-        ``num_heads`` (cross-attention; ``KNOWN_CROSS_ATTENTION_HEADS`` for known widths, otherwise
-        ``hidden_size // linear_head_dim``), ``linear_head_dim`` (32), ``base_size`` (32), ``pe_interpolation``,
-        ``use_pe`` and ``y_norm_scale_factor`` (the last only matters for initialisation).
-        """
-
-        def shape(key: str) -> tuple[int, ...]:
-            if key not in sd:
-                raise ValueError(f"Not a Jodi DiT state dict: the key {key!r} is missing.")
-            return tuple(sd[key].shape)
-
-        hidden = shape("domain_embedding")[1]
-        num_domains = shape("domain_embedding")[0]
-        embedders = {int(m.group(1)) for k in sd if (m := re.match(r"x_embedders\.(\d+)\.proj\.weight$", k))}
-        if embedders != set(range(num_domains)):
-            raise ValueError(
-                f"domain_embedding has {num_domains} domains but x_embedders cover {sorted(embedders)}."
-            )
-        out_c, in_channels, patch, patch_w = shape("x_embedders.0.proj.weight")
-        if out_c != hidden or patch != patch_w:
-            raise ValueError(f"x_embedders.0.proj.weight has shape {(out_c, in_channels, patch, patch_w)}; "
-                             f"expected ({hidden}, C, p, p).")
-        depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.scale_shift_table$", k))})
-        if depth == 0:
-            raise ValueError("Not a Jodi DiT state dict: no blocks.{i}.scale_shift_table keys.")
-        mlp_hidden = shape("blocks.0.mlp.point_conv.conv.weight")[1]
-        ratio = mlp_hidden / hidden
-        if int(hidden * ratio) != mlp_hidden:  # keep int(hidden * ratio) == mlp_hidden despite float rounding
-            ratio = (mlp_hidden + 0.5) / hidden
-        fields = dict(
-            hidden_size=hidden,
-            depth=depth,
-            caption_channels=shape("y_embedder.y_proj.fc1.weight")[1],
-            model_max_length=shape("y_embedder.y_embedding")[0],
-            in_channels=in_channels,
-            patch_size=patch,
-            mlp_ratio=ratio,
-            num_domains=num_domains,
-        )
-        final_out = shape("final_layers.0.linear.weight")[0]
-        if final_out != patch * patch * in_channels:
-            raise ValueError(
-                f"final_layers.0.linear.weight outputs {final_out} channels; expected patch^2 * in_channels = "
-                f"{patch * patch * in_channels}."
-            )
-        head_dim = overrides.get("linear_head_dim", cls.linear_head_dim)
-        fields["num_heads"] = KNOWN_CROSS_ATTENTION_HEADS.get(hidden, max(1, hidden // head_dim))
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Unknown JodiConfig fields in overrides: {sorted(unknown)}.")
-        fields.update(overrides)
-        return cls(**fields).validate()
+        """The architecture of a state dict with the reference keys (:func:`.transformer_keys.infer_jodi_config`)."""
+        return infer_jodi_config(sd, **overrides)
 
 
 # Jodi_1600M_P1_D20: the released model (configs/inference.yaml), 1024 px base resolution.

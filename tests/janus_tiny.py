@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from jodi_core.janus.config import JanusConfig, LlamaConfig, SigLIPConfig, VQConfig
-from jodi_core.janus.loading import original_to_hf
+from jodi_core.janus.keys import original_to_hf
 from jodi_core.janus.model import JanusModel
 from jodi_core.janus.processor import BEGIN_OF_IMAGE, BOS, END_OF_IMAGE, EOS, IMAGE, PAD, SYSTEM_PROMPT
 

@@ -105,6 +105,28 @@ def test_real_model_layout_on_meta(weights_meta):
     assert model.spatial_compression == 32 and model.latent_channels == 32
 
 
+@pytest.mark.parametrize("widths, head_dim, heads", [((12, 24, 48), 32, 1), ((10, 20, 40), 24, 1)])
+def test_head_dim_from_qkv_shapes_without_multiscale_branch(widths, head_dim, heads):
+    """Without a multi-scale branch only the qkv rows (3 * (width // head_dim) * head_dim, as efficientvit) tell the
+    head dim; the width need not be a multiple of it."""
+    config = DCAEConfig(width_list=widths, latent_channels=8, encoder_depth_list=(1, 1, 1),
+                        decoder_depth_list=(1, 1, 1), encoder_block_types=("ResBlock", "ResBlock", "EViT_GLU"),
+                        decoder_block_types=("ResBlock", "ResBlock", "EViT_GLU"), attention_head_dim=head_dim)
+    sd = DCAE(config, device="meta").state_dict()
+    assert sd["encoder.stages.2.op_list.0.context_module.main.qkv.conv.weight"].shape[0] == 3 * heads * head_dim
+    assert DCAEConfig.from_state_dict(sd) == config
+    assert DCAEConfig.from_state_dict(original_to_diffusers(sd)) == config
+
+
+def test_head_dim_that_the_weights_cannot_tell_is_an_error():
+    # 40 channels as 5 heads of 8 or 8 heads of 5 (and more) give the same qkv rows; 32 does not fit
+    config = DCAEConfig(width_list=(10, 20, 40), latent_channels=8, encoder_depth_list=(1, 1, 1),
+                        decoder_depth_list=(1, 1, 1), encoder_block_types=("ResBlock", "ResBlock", "EViT_GLU"),
+                        decoder_block_types=("ResBlock", "ResBlock", "EViT_GLU"), attention_head_dim=8)
+    with pytest.raises(ValueError, match="head dim cannot be told"):
+        DCAEConfig.from_state_dict(DCAE(config, device="meta").state_dict())
+
+
 def _record_attention_forms(model: torch.nn.Module, monkeypatch) -> list[str]:
     names = {m: n for n, m in model.named_modules() if isinstance(m, LiteMLA)}
     seen: list[str] = []
@@ -303,8 +325,8 @@ def test_bad_inputs(tiny_model):
         tiny_model.decode(torch.zeros(1, 32, 2, 2), tile_size=100)
     with pytest.raises(ValueError, match="overlap 128"):
         tiny_model.encode(torch.zeros(1, 3, 64, 64), tile_size=128, overlap=128)
-    with pytest.raises(ValueError, match="not a multiple of the head dim"):
-        DCAEConfig(width_list=(8, 16, 32, 32, 48, 64), decoder_block_types=("ResBlock",) * 6,
+    with pytest.raises(ValueError, match="width 16 is smaller than the head dim 32"):
+        DCAEConfig(width_list=(8, 16, 32, 32, 16, 64), decoder_block_types=("ResBlock",) * 6,
                    encoder_block_types=("ResBlock",) * 4 + ("EViTS5_GLU",) * 2)
     with pytest.raises(ValueError, match="6 stages"):
         DCAEConfig(encoder_depth_list=(1, 1))

@@ -9,17 +9,25 @@ from jodi_core.dcae_keys import detect_key_format, diffusers_to_original, origin
 
 diffusers = pytest.importorskip("diffusers")
 
-# (widths, encoder depths, decoder depths, head dim, multiscale per EViT stage): the sana layout
-# [ResBlock x3, EViT x3] with tiny widths; the second config also varies depths, head dim and width ratios.
-CONFIGS = {
-    "sana_layout": ((8, 16, 32, 32, 32, 64), (1, 1, 1, 1, 1, 1), (1, 1, 1, 1, 1, 1), 32),
-    "deeper_heads16": ((8, 16, 16, 32, 32, 64), (2, 1, 1, 2, 1, 2), (1, 2, 1, 1, 2, 1), 16),
-}
 BLOCKS = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
 MULTISCALES = ((), (), (), (5,), (5,), (5,))
+# (widths, encoder depths, decoder depths, head dim, multiscale per stage): the sana layout [ResBlock x3, EViT x3]
+# with tiny widths; the second config also varies depths, head dim and width ratios; the third has attention stages
+# of width 48 with head dim 32 (efficientvit: 48 // 32 = 1 head, a total dim of 32), with and without a multi-scale
+# branch, so the head dim must be read from the branch and the qkv shapes, not from the width.
+CONFIGS = {
+    "sana_layout": ((8, 16, 32, 32, 32, 64), (1, 1, 1, 1, 1, 1), (1, 1, 1, 1, 1, 1), 32, MULTISCALES),
+    "deeper_heads16": ((8, 16, 16, 32, 32, 64), (2, 1, 1, 2, 1, 2), (1, 2, 1, 1, 2, 1), 16, MULTISCALES),
+    "width48_heads32": ((6, 12, 24, 48, 48, 96), (1, 1, 1, 1, 1, 1), (1, 1, 1, 1, 1, 1), 32,
+                        ((), (), (), (), (5,), (5,))),
+}
 
 
-def _tiny_diffusers(widths, enc_depths, dec_depths, head_dim, seed=0):
+def _block_types(multiscales):
+    return ("ResBlock",) * 3 + tuple("EViTS5_GLU" if m else "EViT_GLU" for m in multiscales[3:])
+
+
+def _tiny_diffusers(widths, enc_depths, dec_depths, head_dim, multiscales, seed=0):
     model = diffusers.AutoencoderDC(
         in_channels=3,
         latent_channels=32,
@@ -30,8 +38,8 @@ def _tiny_diffusers(widths, enc_depths, dec_depths, head_dim, seed=0):
         decoder_block_out_channels=widths,
         encoder_layers_per_block=enc_depths,
         decoder_layers_per_block=dec_depths,
-        encoder_qkv_multiscales=MULTISCALES,
-        decoder_qkv_multiscales=MULTISCALES,
+        encoder_qkv_multiscales=multiscales,
+        decoder_qkv_multiscales=multiscales,
         upsample_block_type="interpolate",
         downsample_block_type="conv",
         decoder_norm_types="rms_norm",
@@ -61,8 +69,8 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_parity_with_autoencoder_dc_both_formats(name):
-    widths, enc_depths, dec_depths, head_dim = CONFIGS[name]
-    ref = _tiny_diffusers(widths, enc_depths, dec_depths, head_dim)
+    widths, enc_depths, dec_depths, head_dim, multiscales = CONFIGS[name]
+    ref = _tiny_diffusers(widths, enc_depths, dec_depths, head_dim, multiscales)
     diff_sd = ref.state_dict()
     assert detect_key_format(diff_sd) == "diffusers"
 
@@ -72,8 +80,8 @@ def test_parity_with_autoencoder_dc_both_formats(name):
         width_list=widths,
         encoder_depth_list=enc_depths,
         decoder_depth_list=dec_depths,
-        encoder_block_types=("ResBlock",) * 3 + ("EViTS5_GLU",) * 3,
-        decoder_block_types=("ResBlock",) * 3 + ("EViTS5_GLU",) * 3,
+        encoder_block_types=_block_types(multiscales),
+        decoder_block_types=_block_types(multiscales),
         attention_head_dim=head_dim,
     )
     assert DCAEConfig.from_state_dict(orig_sd) == expected_cfg

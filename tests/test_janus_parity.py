@@ -16,7 +16,7 @@ from transformers import GenerationConfig, JanusConfig, JanusForConditionalGener
 
 from janus_tiny import write_tiny_janus  # noqa: E402
 from jodi_core.janus import janus_generate_codes, janus_understand_tokens, load_janus  # noqa: E402
-from jodi_core.janus.loading import hf_to_original, original_to_hf  # noqa: E402
+from jodi_core.janus.keys import hf_to_original, original_to_hf  # noqa: E402
 from jodi_core.janus.model import positions_from_mask  # noqa: E402
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jodi_core.checkpoint import CheckpointError, identify_checkpoint, read_state_dict
-from jodi_core.loading import load_dcae, load_jodi
+from jodi_core.checkpoint import CheckpointError, read_state_dict
+from jodi_core.loading import identify_checkpoint, load_dcae, load_jodi
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,8 @@ def test_finetune_on_example_data_reduces_both_losses(tmp_path, example_data):
     assert cfg_out.parent.joinpath("last.pt").is_file()
 
     # The outputs load with the package's own loaders, as the official key layouts.
-    from jodi_core.checkpoint import identify_checkpoint, read_state_dict
+    from jodi_core.checkpoint import read_state_dict
+    from jodi_core.loading import identify_checkpoint
     from jodi_core.dcae import DCAE
     from jodi_core.loading import jodi_from_state_dict
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from jodi_core import attention as attention_mod
-from jodi_core.checkpoint import build_on_meta
+from jodi_core.loading import build_on_meta
 from jodi_core.transformer import JODI_1600M_P1_D20, JodiConfig, JodiTransformer
 
 from conftest import fixture_config_overrides
