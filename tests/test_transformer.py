@@ -199,6 +199,22 @@ def test_prepare_twice_and_cfg_batch(fixture_model):
 
 
 @torch.no_grad()
+def test_prepare_takes_the_pipelines_role_plan(fixture_model):
+    """The plan of a CFG run (R rows, a 2R-row caption) prepares the same context as its role tensor tiled."""
+    from jodi_core.domains import plan_roles
+
+    model = fixture_model
+    role = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 2], [1, 0, 0, 2, 0, 0, 0, 0]])
+    _, _, y, mask, _ = _inputs(model, N=4, valid=(25, 60, 25, 60))
+    ctx = model.prepare(plan_roles(role, has_prompt=True, cfg_scale=4.5), y, mask)
+    ref = model.prepare(role.repeat(2, 1), y, mask)
+    assert (ctx.active, ctx.generated) == (ref.active, ref.generated)
+    for got, want in ((ctx.role, ref.role), (ctx.r0, ref.r0), (ctx.y_tokens, ref.y_tokens),
+                      (ctx.caption_bias, ref.caption_bias), (ctx.caption_kv[0][0], ref.caption_kv[0][0])):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@torch.no_grad()
 def test_prepare_trims_caption_padding_shared_by_all_rows(fixture_model):
     model = fixture_model
     role = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 2], [0] * 8])
