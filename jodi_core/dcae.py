@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import check_backend, dispatch_linear_attention, resolve_backend
+from .attention import TORCH, AttentionBackend, resolve_backend
 from .dcae_keys import detect_key_format, diffusers_to_original
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ __all__ = [
 SCALING_FACTOR = 0.41407  # sana-1.0 latent scale: Jodi latent = encode(img) * SCALING_FACTOR
 _RMS_EPS = 1e-5
 _ATTN_EPS = 1e-15
+# What ``attention_backend="auto"`` means for the DC-AE: the reference's channel-major matmuls, whose 16-bit products
+# are rounded as the reference rounds them; the Triton kernel has not been measured faster on the DC-AE's shapes
+# (benchmarks/bench_dit.py), so it runs only when asked for by name.
+AUTO_ATTENTION = "torch"
 BLOCK_TYPES = ("ResBlock", "EViT_GLU", "EViTS5_GLU")  # EViT_GLU: no multi-scale branch; EViTS5_GLU: one 5x5 branch
 
 # Tiling defaults, in image pixels. LiteMLA attention is global: a tile attends only within itself, so its output
@@ -355,13 +359,13 @@ class LiteMLA(nn.Module):
     multi-scale branch (depthwise kxk, then a grouped 1x1 with one group per q/k/v slice) adds as many heads again.
     Attention per head: ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)`` with ReLU on q and k.
 
-    ``backend`` (set through ``DCAE.attention_backend``) picks the linear form's implementation: ``torch`` and
-    ``auto`` run the reference's channel-major matmuls (16-bit products rounded as it rounds them); ``triton`` runs
-    ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can. ``auto`` stays on the matmuls
-    until ``benchmarks/bench_dit.py`` has measured the kernel faster for the DC-AE's shapes on a GPU.
+    ``attention`` (resolved by ``DCAE.attention_backend``) picks the linear form's implementation: without kernels
+    (``torch``, and ``auto``: see :data:`AUTO_ATTENTION`) the reference's channel-major matmuls; with kernels
+    (``triton``) ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can run, the matmuls
+    elsewhere.
     """
 
-    backend = "auto"
+    attention: AttentionBackend = TORCH
 
     def __init__(self, channels: int, dim: int = 32, scales: tuple[int, ...] = (5,), dtype=None, device=None,
                  operations=None):
@@ -389,7 +393,7 @@ class LiteMLA(nn.Module):
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
         with _autocast_off(qkv.device.type):
-            if H * W > self.dim and self._takes_kernel(qkv):
+            if H * W > self.dim and self.attention.takes_kernels(qkv):
                 out = self._linear_token_major(qkv)
             elif H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
@@ -413,22 +417,12 @@ class LiteMLA(nn.Module):
         out = out.float()
         return out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, h, dim, N)
 
-    def _takes_kernel(self, qkv: torch.Tensor) -> bool:
-        if self.backend == "auto":
-            return False
-        name, _ = resolve_backend(self.backend, qkv.device)
-        if name != "triton":
-            return name != "torch"  # a backend registered in jodi_core.attention
-        from .kernels import tensors_supported  # not at import: Triton stays unloaded unless asked for
-
-        return tensors_supported(qkv)  # CUDA (or the interpreter); elsewhere the reference matmuls, not a fallback
-
     def _linear_token_major(self, qkv: torch.Tensor) -> torch.Tensor:
         B, _, H, W = qkv.shape
         # One copy to (B, N, heads', [q|k|v], dim): the kernel reads the three as strided views.
         qkv = qkv.reshape(B, -1, 3, self.dim, H * W).permute(0, 4, 1, 2, 3).contiguous()
         q, k, v = qkv.unbind(3)
-        out = dispatch_linear_attention(q, k, v, None, self.eps, backend=self.backend)  # (B, N, heads', dim)
+        out = self.attention.linear_attention(q, k, v, None, self.eps)  # (B, N, heads', dim)
         return out.permute(0, 2, 3, 1)  # (B, heads', dim, N)
 
     def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -618,15 +612,15 @@ class DCAE(nn.Module):
 
     @property
     def attention_backend(self) -> str:
-        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = the reference's matmuls)."""
-        return self._attention_backend
+        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = :data:`AUTO_ATTENTION`)."""
+        return self.attention.name
 
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
-        self._attention_backend = check_backend(name)
+        self.attention: AttentionBackend = resolve_backend(name, auto=AUTO_ATTENTION)
         for module in self.modules():
             if isinstance(module, LiteMLA):
-                module.backend = name
+                module.attention = self.attention  # resolved once here: the blocks only call it
 
     # ---- properties used by the pipeline ----------------------------------------------------------------------------
 

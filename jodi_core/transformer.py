@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .attention import check_backend
+from .attention import AttentionBackend, resolve_backend
 from .domains import Role, RolePlan
 from .layers import (
     CAPTION_MASK_BIAS,
@@ -42,6 +42,10 @@ from .layers import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
+
+# What ``attention_backend="auto"`` means for the DiT: the Triton kernels (linear attention and the fused ops) on CUDA
+# tensors, where they are faster and accumulate in float32; the torch code elsewhere.
+AUTO_ATTENTION = "triton"
 
 # Cross-attention heads are invisible in the weights' shapes; known hidden sizes map to their head count
 # (Sana/Jodi 1.6B and Sana 4.8B: 2240 -> 20 heads of 112; Sana 0.6B: 1152 -> 16 heads of 72).
@@ -195,9 +199,10 @@ class JodiTransformer(nn.Module):
     Args:
         config: the architecture (default: the released ``JODI_1600M_P1_D20``).
         attention_backend: ``"auto" | "triton" | "torch"`` (or a name registered in ``jodi_core.attention``); also
-            an attribute that may be changed at any time. ``auto``/``triton`` use the Triton kernels on CUDA (linear
-            attention, LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where
-            they cannot run; ``torch`` never uses them.
+            a property that may be set at any time, resolved then into ``self.attention``, which the blocks run.
+            ``auto`` (:data:`AUTO_ATTENTION`) and ``triton`` use the Triton kernels on CUDA (linear attention,
+            LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where they cannot
+            run; ``torch`` never uses them.
         dtype, device, operations: as in ComfyUI's ``comfy/ldm`` models; ``operations`` supplies Linear/Conv2d
             (default ``torch.nn``). On the meta device no weights are initialised.
 
@@ -217,7 +222,7 @@ class JodiTransformer(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or JODI_1600M_P1_D20).validate()
         self.config = config
-        self.attention_backend = check_backend(attention_backend)
+        self.attention_backend = attention_backend
         self.check_inputs = True  # value checks (NaN, role range) cost one host sync per call
         operations = operations or nn
         kw = dict(dtype=dtype, device=device, operations=operations)
@@ -259,6 +264,14 @@ class JodiTransformer(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Helpers
     # -----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def attention_backend(self) -> str:
+        return self.attention.name
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        self.attention: AttentionBackend = resolve_backend(name, auto=AUTO_ATTENTION)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -497,9 +510,8 @@ class JodiTransformer(nn.Module):
         t0 = self.t_block(t).unflatten(-1, (6, C))  # (N, 6, C)
         cond = t0[:, None] + ctx.r0  # (N, La, 6, C)
 
-        backend = self.attention_backend
         for block, kv in zip(self.blocks, ctx.caption_kv):
-            tokens = block(tokens, cond, (h, w), key_mask, kv, ctx.caption_bias, backend)
+            tokens = block(tokens, cond, (h, w), key_mask, kv, ctx.caption_bias, self.attention)
 
         out = x.new_zeros((N, L, cfg.out_channels, H, W), dtype=dtype, device=device)
         final_cond = t[:, None] + ctx.r  # (N, La, C): raw t + r, not the projections
