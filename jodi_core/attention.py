@@ -181,14 +181,8 @@ class AttentionBackend:
             return False
         return self.kernels.runs_on(t)
 
-    def linear_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: Optional[torch.Tensor] = None,
-        eps: float = 1e-8,
-    ) -> torch.Tensor:
+    def linear_attention(self, q, k, v, key_mask: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
+        """:func:`linear_attention`, on this backend's kernel where it runs."""
         if not self.takes_kernels(q):
             return linear_attention(q, k, v, key_mask, eps)
         op = f"{self.kernel_name} linear_attention"
@@ -216,3 +210,21 @@ def resolve_backend(name: str, *, auto: str) -> AttentionBackend:
     if _REGISTRY[chosen] is None or (name == AUTO and not torch.cuda.is_available()):
         return AttentionBackend(name)
     return AttentionBackend(name, _load(chosen), chosen, cuda_only=name == AUTO)
+
+
+class AttentionSetting:
+    """A model's ``attention_backend`` property: it reads as the name given, and setting it resolves the name once
+    (``auto`` meaning the model's ``auto``) into the :class:`AttentionBackend` at ``model.attention``, also handed to
+    the layers that hold one (the DC-AE's attention blocks); the DiT passes it to its blocks on each forward."""
+
+    def __init__(self, auto: str):
+        self.auto = check_backend(auto)
+
+    def __get__(self, model, owner=None):
+        return self if model is None else model.attention.name
+
+    def __set__(self, model, name: str) -> None:
+        attention = resolve_backend(name, auto=self.auto)
+        for module in model.modules():
+            if module is model or isinstance(getattr(module, "attention", None), AttentionBackend):
+                module.attention = attention

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import TORCH, AttentionBackend, resolve_backend
+from .attention import TORCH, AttentionBackend, AttentionSetting
 from .dcae_keys import detect_key_format, diffusers_to_original
 
 log = logging.getLogger(__name__)
@@ -597,6 +597,9 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
 class DCAE(nn.Module):
     """DC-AE with the efficientvit state-dict layout. ``encode``/``decode`` work on raw (unscaled) latents."""
 
+    # ``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = :data:`AUTO_ATTENTION`).
+    attention_backend = AttentionSetting(auto=AUTO_ATTENTION)
+
     def __init__(self, config: DCAEConfig = DC_AE_F32C32_SANA_1_0, dtype=None, device=None, operations=None,
                  attention_backend: str = "auto"):
         super().__init__()
@@ -609,18 +612,6 @@ class DCAE(nn.Module):
         self.decoder = Decoder(config, **kw)
         self.attention_backend = attention_backend
         self.check_inputs = True  # the NaN/inf check costs one host sync per encode/decode
-
-    @property
-    def attention_backend(self) -> str:
-        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = :data:`AUTO_ATTENTION`)."""
-        return self.attention.name
-
-    @attention_backend.setter
-    def attention_backend(self, name: str) -> None:
-        self.attention: AttentionBackend = resolve_backend(name, auto=AUTO_ATTENTION)
-        for module in self.modules():
-            if isinstance(module, LiteMLA):
-                module.attention = self.attention  # resolved once here: the blocks only call it
 
     # ---- properties used by the pipeline ----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .attention import AttentionBackend, resolve_backend
+from .attention import AttentionSetting
 from .domains import Role, RolePlan
 from .layers import (
     CAPTION_MASK_BIAS,
@@ -210,6 +210,8 @@ class JodiTransformer(nn.Module):
     synchronisation per call.
     """
 
+    attention_backend = AttentionSetting(auto=AUTO_ATTENTION)
+
     def __init__(
         self,
         config: Optional[JodiConfig] = None,
@@ -264,14 +266,6 @@ class JodiTransformer(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Helpers
     # -----------------------------------------------------------------------------------------------------------------
-
-    @property
-    def attention_backend(self) -> str:
-        return self.attention.name
-
-    @attention_backend.setter
-    def attention_backend(self, name: str) -> None:
-        self.attention: AttentionBackend = resolve_backend(name, auto=AUTO_ATTENTION)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -249,3 +249,30 @@ def test_one_fallback_policy_for_every_kernel(registry, caplog):
 def test_a_kernel_set_gives_all_fused_ops_or_none():
     with pytest.raises(ValueError, match="or none of them"):
         KernelSet(linear_attention=linear_attention, dwconv_glu=lambda *a: a[0])
+
+
+def test_models_resolve_their_backend_once_when_it_is_set(monkeypatch):
+    """The choice is resolved when ``attention_backend`` is set, never per forward; the DC-AE's blocks share it."""
+    from jodi_core.dcae import LiteMLA
+    from jodi_core.demo import tiny_random_models
+
+    dit, vae = tiny_random_models()
+    calls = []
+    real = attn.resolve_backend
+    monkeypatch.setattr(attn, "resolve_backend", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dit.attention_backend, vae.attention_backend = "torch", "auto"
+    assert calls == [("torch",), ("auto",)] and (dit.attention_backend, vae.attention_backend) == ("torch", "auto")
+    blocks = [m for m in vae.modules() if isinstance(m, LiteMLA)]
+    assert blocks and all(m.attention is vae.attention for m in blocks)
+    C = dit.config.in_channels
+    with torch.no_grad():
+        dit(torch.randn(1, 8, C, 2, 2), torch.tensor([500.0]), None, torch.zeros(1, 8, dtype=torch.long))
+        vae.decode(torch.randn(1, C, 2, 2))
+    assert len(calls) == 2
+
+
+def test_each_model_states_its_auto():
+    from jodi_core import dcae, transformer
+
+    assert transformer.JodiTransformer.attention_backend.auto == transformer.AUTO_ATTENTION == "triton"
+    assert dcae.DCAE.attention_backend.auto == dcae.AUTO_ATTENTION == "torch"  # the reference's matmuls
