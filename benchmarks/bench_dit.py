@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jodi_core import layers  # noqa: E402
-from jodi_core.attention import linear_attention  # noqa: E402
+from jodi_core.attention import AttentionBackend, linear_attention  # noqa: E402
 from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer  # noqa: E402
 
 # Dense bf16 tensor-core peaks (datasheets) by a part of torch.cuda.get_device_name(); the first match wins.
@@ -89,7 +89,7 @@ def reference_litela_core(qkv: torch.Tensor, heads: int, dim: int, ignore: torch
     return out.reshape(B, C, N).permute(0, 2, 1).contiguous()
 
 
-def _reference_attn_forward(self, x, key_mask, backend="auto"):
+def _reference_attn_forward(self, x, key_mask, attention=None):
     ignore = None if key_mask is None else ~key_mask
     return self.proj(reference_litela_core(self.qkv(x), self.heads, self.head_dim, ignore, self.eps))
 
@@ -97,15 +97,15 @@ def _reference_attn_forward(self, x, key_mask, backend="auto"):
 @contextlib.contextmanager
 def patched(mode: str):
     """mode: 'ref' (reference LiteLA), 'nofused' (Triton attention but the fused glue ops off), else the model as is."""
-    saved = (layers.LinearSelfAttention.forward, layers.fused_ops_backend)
+    saved = (layers.LinearSelfAttention.forward, AttentionBackend.fused_ops)
     try:
         if mode == "ref":
             layers.LinearSelfAttention.forward = _reference_attn_forward
         elif mode == "nofused":
-            layers.fused_ops_backend = lambda backend, x: None
+            AttentionBackend.fused_ops = lambda self, x: None
         yield
     finally:
-        layers.LinearSelfAttention.forward, layers.fused_ops_backend = saved
+        layers.LinearSelfAttention.forward, AttentionBackend.fused_ops = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------------

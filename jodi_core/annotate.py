@@ -58,7 +58,7 @@ import torch
 from . import imaging
 from .atomic import copy_atomic, write_atomic
 from .data.joint_dataset import RootGuard, is_inside
-from .domains import DOMAINS, LABEL_NAMES, Role, get_domain
+from .domains import DOMAINS, LABEL_NAMES, get_domain, perception_roles
 from .sampling import Interrupted
 
 log = logging.getLogger(__name__)
@@ -703,7 +703,7 @@ class Annotator:
             if not group:
                 raise Stopped()
         work_h, work_w = bucket
-        roles = [Role.CONDITION] + [Role.GENERATE if d.name in domains else Role.IGNORE for d in DOMAINS[1:]]
+        roles = perception_roles(domains)
         cond = torch.stack([imaging.fit_condition(img[None], work_h, work_w, self.cfg.fit)[0] for _, img in group])
         try:
             result = self.pipe(

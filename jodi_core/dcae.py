@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import check_backend, dispatch_linear_attention, resolve_backend
+from .attention import TORCH, AttentionBackend, AttentionSetting
 from .dcae_keys import infer_dcae_config, original_keys
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ __all__ = [
 SCALING_FACTOR = 0.41407  # sana-1.0 latent scale: Jodi latent = encode(img) * SCALING_FACTOR
 _RMS_EPS = 1e-5
 _ATTN_EPS = 1e-15
+# What ``attention_backend="auto"`` means for the DC-AE: the reference's channel-major matmuls, whose 16-bit products
+# are rounded as the reference rounds them; the Triton kernel has not been measured faster on the DC-AE's shapes
+# (benchmarks/bench_dit.py), so it runs only when asked for by name.
+AUTO_ATTENTION = "torch"
 BLOCK_TYPES = ("ResBlock", "EViT_GLU", "EViTS5_GLU")  # EViT_GLU: no multi-scale branch; EViTS5_GLU: one 5x5 branch
 
 # Tiling defaults, in image pixels. LiteMLA attention is global: a tile attends only within itself, so its output
@@ -262,13 +266,13 @@ class LiteMLA(nn.Module):
     multi-scale branch (depthwise kxk, then a grouped 1x1 with one group per q/k/v slice) adds as many heads again.
     Attention per head: ``out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps)`` with ReLU on q and k.
 
-    ``backend`` (set through ``DCAE.attention_backend``) picks the linear form's implementation: ``torch`` and
-    ``auto`` run the reference's channel-major matmuls (16-bit products rounded as it rounds them); ``triton`` runs
-    ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can. ``auto`` stays on the matmuls
-    until ``benchmarks/bench_dit.py`` has measured the kernel faster for the DC-AE's shapes on a GPU.
+    ``attention`` (resolved by ``DCAE.attention_backend``) picks the linear form's implementation: without kernels
+    (``torch``, and ``auto``: see :data:`AUTO_ATTENTION`) the reference's channel-major matmuls; with kernels
+    (``triton``) ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can run, the matmuls
+    elsewhere.
     """
 
-    backend = "auto"
+    attention: AttentionBackend = TORCH
 
     def __init__(self, channels: int, dim: int = 32, scales: tuple[int, ...] = (5,), dtype=None, device=None,
                  operations=None):
@@ -296,7 +300,7 @@ class LiteMLA(nn.Module):
         # The reference runs the attention with autocast off and switches on the token count: linear form when
         # H*W > dim (always at useful sizes), quadratic otherwise; the two differ only in where eps enters.
         with _autocast_off(qkv.device.type):
-            if H * W > self.dim and self._takes_kernel(qkv):
+            if H * W > self.dim and self.attention.takes_kernels(qkv):
                 out = self._linear_token_major(qkv)
             elif H * W > self.dim:
                 out = self._linear(qkv).to(qkv.dtype)
@@ -320,22 +324,12 @@ class LiteMLA(nn.Module):
         out = out.float()
         return out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, h, dim, N)
 
-    def _takes_kernel(self, qkv: torch.Tensor) -> bool:
-        if self.backend == "auto":
-            return False
-        name, _ = resolve_backend(self.backend, qkv.device)
-        if name != "triton":
-            return name != "torch"  # a backend registered in jodi_core.attention
-        from .kernels import tensors_supported  # not at import: Triton stays unloaded unless asked for
-
-        return tensors_supported(qkv)  # CUDA (or the interpreter); elsewhere the reference matmuls, not a fallback
-
     def _linear_token_major(self, qkv: torch.Tensor) -> torch.Tensor:
         B, _, H, W = qkv.shape
         # One copy to (B, N, heads', [q|k|v], dim): the kernel reads the three as strided views.
         qkv = qkv.reshape(B, -1, 3, self.dim, H * W).permute(0, 4, 1, 2, 3).contiguous()
         q, k, v = qkv.unbind(3)
-        out = dispatch_linear_attention(q, k, v, None, self.eps, backend=self.backend)  # (B, N, heads', dim)
+        out = self.attention.linear_attention(q, k, v, None, self.eps)  # (B, N, heads', dim)
         return out.permute(0, 2, 3, 1)  # (B, heads', dim, N)
 
     def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -510,6 +504,9 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
 class DCAE(nn.Module):
     """DC-AE with the efficientvit state-dict layout. ``encode``/``decode`` work on raw (unscaled) latents."""
 
+    # ``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = :data:`AUTO_ATTENTION`).
+    attention_backend = AttentionSetting(auto=AUTO_ATTENTION)
+
     def __init__(self, config: DCAEConfig = DC_AE_F32C32_SANA_1_0, dtype=None, device=None, operations=None,
                  attention_backend: str = "auto"):
         super().__init__()
@@ -522,18 +519,6 @@ class DCAE(nn.Module):
         self.decoder = Decoder(config, **kw)
         self.attention_backend = attention_backend
         self.check_inputs = True  # the NaN/inf check costs one host sync per encode/decode
-
-    @property
-    def attention_backend(self) -> str:
-        """``auto | triton | torch`` for every LiteMLA block (see ``LiteMLA``; ``auto`` = the reference's matmuls)."""
-        return self._attention_backend
-
-    @attention_backend.setter
-    def attention_backend(self, name: str) -> None:
-        self._attention_backend = check_backend(name)
-        for module in self.modules():
-            if isinstance(module, LiteMLA):
-                module.backend = name
 
     # ---- properties used by the pipeline ----------------------------------------------------------------------------
 

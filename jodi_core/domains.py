@@ -218,6 +218,15 @@ def get_domain(key: "str | int") -> Domain:
     raise ValueError(f"Unknown domain {key!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
 
 
+def _rows_for_batch(table: torch.Tensor, batch: Optional[int]) -> torch.Tensor:
+    """``table`` as ``batch`` rows: one row is repeated, any other count must match."""
+    if batch is None or table.shape[0] == batch:
+        return table
+    if table.shape[0] != 1:
+        raise ValueError(f"Got {table.shape[0]} rows of roles for a batch of {batch}.")
+    return table.repeat(batch, 1)
+
+
 def parse_roles(roles: "Sequence | torch.Tensor", batch: int | None = None) -> torch.Tensor:
     """Validate roles and return them as a ``(B, 8)`` int64 tensor.
 
@@ -246,15 +255,97 @@ def parse_roles(roles: "Sequence | torch.Tensor", batch: int | None = None) -> t
                     f"Expected {NUM_DOMAINS} roles (one per domain: {', '.join(DOMAIN_NAMES)}), got {len(row)}."
                 )
         table = torch.tensor([[int(Role.parse(r)) for r in row] for row in rows], dtype=torch.long)
-    if batch is not None and table.shape[0] != batch:
-        if table.shape[0] != 1:
-            raise ValueError(f"Got {table.shape[0]} rows of roles for a batch of {batch}.")
-        table = table.repeat(batch, 1)
+    table = _rows_for_batch(table, batch)
     if (table == Role.IGNORE).all(dim=1).any():
         raise ValueError("Every domain is ignored; at least one domain must be generated or given as a condition.")
     if not (table == Role.GENERATE).any(dim=1).all():
         raise ValueError("No domain is set to generate; at least one domain per sample must have the role 'generate'.")
     return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The role plan of a run, and the standard role rows of the three jobs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RolePlan:
+    """Everything a run derives from its roles, derived once (by :meth:`from_table`).
+
+    ``roles`` is the ``(B, 8)`` int64 table on the CPU; the domain tuples are ascending indices over all rows.
+    """
+
+    roles: torch.Tensor
+    active: tuple[int, ...]  # not ignored in some row: these domains take part in the token sequence
+    generated: tuple[int, ...]  # generated in some row: their outputs are computed
+    conditioned: tuple[int, ...]  # given as a condition in some row: their images are encoded
+    drops_caption: torch.Tensor  # (B,) bool: rows that take the null caption (their image is a condition)
+    caption_dropped: bool  # every row drops the caption, so a prompt has no effect (perception)
+    use_cfg: bool  # sampling runs a second, unconditional branch
+
+    @property
+    def batch(self) -> int:
+        return self.roles.shape[0]
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, *, has_prompt: bool = False, cfg_scale: float = 1.0) -> "RolePlan":
+        """The plan of a ``(B, 8)`` integer role table, taken as it is (:func:`plan_roles` validates user roles).
+
+        The reference drops the caption of every row whose image is a condition (perception), so CFG runs only with a
+        prompt, a scale other than 1, and some row that keeps its caption.
+        """
+        table = table.detach().to("cpu").long()
+        drops_caption = table[:, 0] == Role.CONDITION  # domain 0 is the image
+        caption_dropped = bool(drops_caption.all())
+        return cls(
+            roles=table,
+            active=_in_some_row(table != Role.IGNORE),
+            generated=_in_some_row(table == Role.GENERATE),
+            conditioned=_in_some_row(table == Role.CONDITION),
+            drops_caption=drops_caption,
+            caption_dropped=caption_dropped,
+            use_cfg=has_prompt and cfg_scale != 1.0 and not caption_dropped,
+        )
+
+
+def _in_some_row(hits: torch.Tensor) -> tuple[int, ...]:
+    """Indices of the columns of a ``(B, L)`` bool table that hold in at least one row."""
+    return tuple(int(d) for d in hits.any(dim=0).nonzero().flatten())
+
+
+def plan_roles(
+    roles: "RolePlan | Sequence | torch.Tensor",
+    batch: Optional[int] = None,
+    *,
+    has_prompt: bool = False,
+    cfg_scale: float = 1.0,
+) -> RolePlan:
+    """The :class:`RolePlan` of a run: user roles are validated by :func:`parse_roles` (a plan is taken as it is),
+    one row is repeated to ``batch`` rows, and the guidance decides :attr:`RolePlan.use_cfg`."""
+    if isinstance(roles, RolePlan):
+        table = _rows_for_batch(roles.roles, batch)
+    else:
+        table = parse_roles(roles, batch)
+    return RolePlan.from_table(table, has_prompt=has_prompt, cfg_scale=cfg_scale)
+
+
+def joint_roles() -> tuple[Role, ...]:
+    """Joint generation: every domain generated."""
+    return (Role.GENERATE,) * NUM_DOMAINS
+
+
+def perception_roles(labels: "Sequence[str]" = LABEL_NAMES) -> tuple[Role, ...]:
+    """Perception: the image given as a condition, the named label maps generated, the other labels ignored."""
+    wanted = {get_domain(name).index for name in labels}
+    return (Role.CONDITION,) + tuple(Role.GENERATE if d.index in wanted else Role.IGNORE for d in DOMAINS[1:])
+
+
+def controllable_roles(conditions: "Sequence[str]", others: "Role | str" = Role.IGNORE) -> tuple[Role, ...]:
+    """Controllable generation: the image generated from the named label maps given as conditions; the other labels
+    take the role ``others`` (ignore, or generate along with the image)."""
+    given = {get_domain(name).index for name in conditions}
+    others = Role.parse(others)
+    return (Role.GENERATE,) + tuple(Role.CONDITION if d.index in given else others for d in DOMAINS[1:])
 
 
 def postprocess(domain: "str | int", x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import dispatch_linear_attention
+from .attention import TORCH, AttentionBackend
 
 _LN_EPS = 1e-6  # adaLN LayerNorms (no affine)
 _RMS_EPS = 1e-5  # caption RMSNorm
@@ -25,35 +25,23 @@ CAPTION_MASK_BIAS = -10000.0  # additive bias of padded caption tokens, as the r
 TIMESTEP_FREQ_DIM = 256
 
 
-def fused_ops_backend(backend: str, x: torch.Tensor) -> Optional[str]:
-    """The backend for the fused Triton ops (``jodi_core.kernels``), or None to run the plain torch code here.
-
-    They follow the model's ``attention_backend``: never under ``torch``, and only for CUDA tensors otherwise, so
-    the CPU path (and its parity with the reference) never depends on Triton. The kernels fall back to torch by
-    themselves when Triton cannot run or a kernel fails.
-    """
-    if backend == "torch" or not x.is_cuda:
-        return None
-    return backend if backend in ("auto", "triton") else "auto"
+# The fused ops come from the model's attention backend (``AttentionBackend.fused_ops``): kernels on CUDA tensors,
+# else the plain torch code below; a kernel that cannot run falls back to its own torch definition.
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, attention: AttentionBackend = TORCH):
     """adaLN: LayerNorm without affine, then ``x * (1 + scale) + shift`` (broadcast over tokens)."""
-    fused = fused_ops_backend(backend, x)
+    fused = attention.fused_ops(x)
     if fused is not None:
-        from .kernels.layernorm_modulate import layernorm_modulate
-
-        return layernorm_modulate(x, shift, scale, eps=_LN_EPS, backend=fused)
+        return fused.layernorm_modulate(x, shift, scale, _LN_EPS)
     return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS), 1 + scale)  # one pass, not two
 
 
-def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, attention: AttentionBackend = TORCH):
     """``x + gate * y`` with ``gate`` broadcast over tokens."""
-    fused = fused_ops_backend(backend, x)
+    fused = attention.fused_ops(x)
     if fused is not None:
-        from .kernels.gate_residual import gate_residual as fused_gate_residual
-
-        return fused_gate_residual(x, gate, y, backend=fused)
+        return fused.gate_residual(x, gate, y)
     return torch.addcmul(x, gate, y)  # one pass, not two
 
 
@@ -178,11 +166,11 @@ class LinearSelfAttention(nn.Module):
         self.qkv = operations.Linear(hidden_size, 3 * hidden_size, bias=False, dtype=dtype, device=device)
         self.proj = operations.Linear(hidden_size, hidden_size, bias=True, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], attention: AttentionBackend = TORCH):
         N, T, C = x.shape
         # qkv output is contiguous [q | k | v]; channel c of each belongs to head c // head_dim.
         q, k, v = self.qkv(x).view(N, T, 3, self.heads, self.head_dim).unbind(2)  # 3 x (N, T, H, D) views
-        out = dispatch_linear_attention(q, k, v, key_mask, self.eps, backend=backend)
+        out = attention.linear_attention(q, k, v, key_mask, self.eps)
         return self.proj(out.reshape(N, T, C))
 
 
@@ -250,7 +238,7 @@ class GLUMBConv(nn.Module):
         self.depth_conv = ConvLayer(2 * mlp_hidden, 2 * mlp_hidden, 3, groups=2 * mlp_hidden, **kw)
         self.point_conv = ConvLayer(mlp_hidden, hidden_size, 1, bias=False, **kw)
 
-    def forward(self, x: torch.Tensor, h: int, w: int, backend: str = "torch") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, attention: AttentionBackend = TORCH) -> torch.Tensor:
         """``x (B, h*w, C)`` with one image per row (a row is one domain of one sample) -> ``(B, h*w, C)``.
 
         The 1x1 convs run token-major and the 3x3 conv sees a channels-last view, so no layout copy is made; the 3x3
@@ -259,11 +247,9 @@ class GLUMBConv(nn.Module):
         B, T, C = x.shape
         z = self.inverted_conv.pointwise(x)  # (B, T, 2H)
         z = z.view(B, h, w, -1).permute(0, 3, 1, 2)  # (B, 2H, h, w), channels-last memory: no copy
-        fused = fused_ops_backend(backend, z)
+        fused = attention.fused_ops(z)
         if fused is not None:  # SiLU -> depthwise 3x3 -> GLU in one pass over the 2H-channel tensor
-            from .kernels.dwconv_glu import dwconv_glu
-
-            z = dwconv_glu(z, self.depth_conv.conv.weight, self.depth_conv.conv.bias, backend=fused)
+            z = fused.dwconv_glu(z, self.depth_conv.conv.weight, self.depth_conv.conv.bias)
         else:
             value, gate = self.depth_conv(F.silu(z, inplace=True)).chunk(2, dim=1)
             z = F.silu(gate).mul_(value)
@@ -291,20 +277,21 @@ class JodiBlock(nn.Module):
         key_mask: Optional[torch.Tensor],
         caption_kv: tuple[torch.Tensor, torch.Tensor],
         caption_bias: Optional[torch.Tensor],
-        backend: str = "auto",
+        attention: AttentionBackend = TORCH,
     ) -> torch.Tensor:
-        """``x (N, L, T, C)``; ``cond (N, L, 6, C)`` = t0 + r0 per domain; ``key_mask (N, L*T)`` or None."""
+        """``x (N, L, T, C)``; ``cond (N, L, 6, C)`` = t0 + r0 per domain; ``key_mask (N, L*T)`` or None;
+        ``attention``: the model's resolved backend."""
         N, L, T, C = x.shape
         mod = self.scale_shift_table.to(cond.dtype) + cond  # (N, L, 6, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(3).unbind(2)  # 6 x (N, L, 1, C)
 
-        z = modulate(x, shift1, scale1, backend).view(N, L * T, C)
-        x = gate_residual(x, gate1, self.attn(z, key_mask, backend).view(N, L, T, C), backend)
+        z = modulate(x, shift1, scale1, attention).view(N, L * T, C)
+        x = gate_residual(x, gate1, self.attn(z, key_mask, attention).view(N, L, T, C), attention)
 
         x = x + self.cross_attn(x.view(N, L * T, C), caption_kv, caption_bias).view(N, L, T, C)
 
-        z = modulate(x, shift2, scale2, backend).view(N * L, T, C)
-        return gate_residual(x, gate2, self.mlp(z, *hw, backend=backend).view(N, L, T, C), backend)
+        z = modulate(x, shift2, scale2, attention).view(N * L, T, C)
+        return gate_residual(x, gate2, self.mlp(z, *hw, attention=attention).view(N, L, T, C), attention)
 
 
 class FinalLayer(nn.Module):

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import imaging
+from .attention import backend_names
 from .domains import (
     DOMAIN_NAMES, LABEL_NAMES, NUM_DOMAINS, SEG12_CLASSES, Role, ade150_to_seg12, get_domain, parse_roles, seg_palette,
     seg_to_index,
@@ -28,7 +29,7 @@ ROLE_AUTO = "auto"
 ROLE_CHOICES: tuple[str, ...] = (ROLE_AUTO, "generate", "condition", "ignore")
 SAMPLERS: dict[str, str] = {"dpm++2m-flow": "dpmpp_2m", "euler-flow": "euler"}  # node label -> jodi_core name
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_CHOICES: tuple[str, ...] = ("auto", "triton", "torch")
+ATTENTION_CHOICES: tuple[str, ...] = backend_names()  # the registry of jodi_core.attention
 ASPECT_AUTO = "auto (condition image, else width x height)"
 ASPECT_CUSTOM = "width x height"
 ASPECT_CHOICES: tuple[str, ...] = (ASPECT_AUTO, ASPECT_CUSTOM, *imaging.ASPECT_PRESETS)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from . import imaging, memory
-from .domains import DOMAINS, NUM_DOMAINS, Role, get_domain, parse_roles, postprocess_with_index
+from .domains import DOMAINS, NUM_DOMAINS, Role, RolePlan, get_domain, plan_roles, postprocess_with_index
 from .memory import InsufficientMemoryError
 from .sampling import Interrupted, StepCallback, cfg_velocity, flow_timesteps, get_sampler
 
@@ -104,8 +104,9 @@ class JodiPipeline:
 
     def working_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool) -> int:
         """Rough bytes of activations for one DiT step (hosts reserve this before loading the models): float32,
-        about 12 live (rows, tokens, hidden) tensors in a block, for the domains that are not ignored."""
-        roles = parse_roles(roles)
+        about 12 live (rows, tokens, hidden) tensors in a block, for the domains that are not ignored in the first
+        row. ``roles``: user roles or a :class:`RolePlan`."""
+        roles = plan_roles(roles).roles
         work_h, work_w = self.working_size(height, width)
         active = int((roles[0] != Role.IGNORE).sum())
         tokens = active * (work_h // self.compression) * (work_w // self.compression) + 300
@@ -158,14 +159,16 @@ class JodiPipeline:
         """Estimated peak bytes per device of a whole run to a ``height x width`` output: encoding the conditions,
         sampling, then decoding and post-processing every map at the output size (all maps stay in RAM).
 
+        ``roles``: user roles or a :class:`RolePlan`, or a latent's role tensor (taken as it is, for decoding).
+
         ``decode_rows``: samples decoded at once (default: the batch); ``decoded``: domain indices decoded (default:
         every domain that is not ignored); devices default to the modules' own; ``extra_host_bytes``: what the caller
         adds in RAM at the end (copies of the maps, say). Rough by design: it is there to refuse runs that cannot
         fit, before they allocate anything."""
         if isinstance(roles, torch.Tensor):  # a latent's roles, which decoding takes as they are
-            table = roles.detach().cpu().long().reshape(-1, NUM_DOMAINS)
+            plan = RolePlan.from_table(roles.reshape(-1, NUM_DOMAINS))
         else:
-            table = parse_roles(roles, batch=batch)
+            plan = plan_roles(roles, batch=batch)
         work_h, work_w = self.working_size(height, width, snap)
         f = self.compression
         host = torch.device("cpu")
@@ -180,13 +183,13 @@ class JodiPipeline:
                 need[device] = need.get(device, 0) + int(n)
             phases.append(need)
 
-        if (table == Role.CONDITION).any():  # encoding a condition image at the working size
+        if plan.conditioned:  # encoding a condition image at the working size
             phase((vae_dev, self._dcae_activations(batch, work_h, work_w, False)), (host, latents))
         if self.transformer is not None:  # noise, the sampler's history and the model's output: a few latents
-            phase((dit_dev, self.working_memory(batch, table[:1], height, width, use_cfg) + 6 * latents),
+            phase((dit_dev, self.working_memory(batch, plan, height, width, use_cfg) + 6 * latents),
                   (host, latents))
         if decoded is None:
-            decoded = [d for d in range(NUM_DOMAINS) if (table[:, d] != Role.IGNORE).any()]
+            decoded = plan.active
         if decode and decoded:
             rows = min(batch, decode_rows or batch)
             out_px = height * width
@@ -209,17 +212,14 @@ class JodiPipeline:
     def check_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool, **kwargs) -> None:
         """Raise :class:`InsufficientMemoryError` before a run whose :meth:`memory_needs` exceed the free memory of
         one of its devices (RAM, or CUDA memory after what the loaded models take)."""
-        table = parse_roles(roles, batch=batch)
-        maps = int((table != Role.IGNORE).any(dim=0).sum())
-        needs = self.memory_needs(batch, table, height, width, use_cfg, **kwargs)
-        memory.check_fits(needs, f"{width}x{height} output, {maps} maps, batch {batch}")
+        plan = plan_roles(roles, batch=batch)
+        needs = self.memory_needs(batch, plan, height, width, use_cfg, **kwargs)
+        memory.check_fits(needs, f"{width}x{height} output, {len(plan.active)} maps, batch {batch}")
 
     @staticmethod
     def uses_cfg(roles, has_prompt: bool, cfg_scale: float) -> bool:
-        """Whether sampling runs a second, unconditional branch: only with a prompt and a scale other than 1, and
-        never when the image is a condition (perception drops the caption, as the reference does)."""
-        roles = parse_roles(roles)
-        return has_prompt and cfg_scale != 1.0 and not bool((roles[:, 0] == Role.CONDITION).all())
+        """Whether sampling runs a second, unconditional branch (:attr:`RolePlan.use_cfg`)."""
+        return plan_roles(roles, has_prompt=has_prompt, cfg_scale=cfg_scale).use_cfg
 
     # ---- VAE -------------------------------------------------------------------------------------------------------
 
@@ -243,10 +243,8 @@ class JodiPipeline:
         domains: Optional[list[int]] = None,
     ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Decode every non-ignored domain, resize to ``height x width``, clamp and post-process."""
-        B, L = latents.shape[:2]
-        roles = roles.to("cpu")
         if domains is None:
-            domains = [d for d in range(L) if (roles[:, d] != Role.IGNORE).any()]
+            domains = RolePlan.from_table(roles).active
         device, dtype = _module_device_dtype(self.vae)
         images: dict[str, torch.Tensor] = {}
         seg_index = None
@@ -361,14 +359,13 @@ class JodiPipeline:
         callback: Optional[StepCallback] = None,
         should_stop: Optional[Callable[[], bool]] = None,
     ) -> torch.Tensor:
-        """Denoise ``noise (B, 8, C, h, w)``; returns the final latents with role-1 slots replaced by ``clean_x``."""
+        """Denoise ``noise (B, 8, C, h, w)``; returns the final latents with role-1 slots replaced by ``clean_x``.
+        ``roles``: user roles or the run's :class:`RolePlan`."""
         B = noise.shape[0]
-        roles = parse_roles(roles, batch=B)
+        plan = plan_roles(roles, batch=B, has_prompt=prompt_embeds is not None, cfg_scale=cfg_scale)
         device, dtype = _module_device_dtype(self.transformer)
         model = self.transformer
-
-        caption_dropped = bool((roles[:, 0] == Role.CONDITION).all())
-        use_cfg = self.uses_cfg(roles, prompt_embeds is not None, cfg_scale)
+        use_cfg = plan.use_cfg
         if prompt_embeds is not None:
             prompt_embeds = self._caption_rows("prompt_embeds", prompt_embeds, B)
             if prompt_mask is None:
@@ -382,14 +379,11 @@ class JodiPipeline:
                 negative_embeds = self._caption_rows("negative_embeds", negative_embeds, B)
             # [uncond, cond]; the unconditional half uses the prompt's mask, as the reference does.
             y = torch.cat([negative_embeds.to(device, dtype), prompt_embeds.to(device, dtype)])
-            mask = torch.cat([prompt_mask, prompt_mask]).to(device)
-            model_roles = torch.cat([roles, roles])
+            mask = torch.cat([prompt_mask, prompt_mask]).to(device)  # prepare tiles the roles the same way
         else:
-            y = None if prompt_embeds is None or caption_dropped else prompt_embeds.to(device, dtype)
+            y = None if prompt_embeds is None or plan.caption_dropped else prompt_embeds.to(device, dtype)
             mask = None if y is None else prompt_mask.to(device)
-            model_roles = roles
-        model_roles = model_roles.to(device)
-        ctx = model.prepare(model_roles, y, mask)
+        ctx = model.prepare(plan, y, mask)
         clean = clean_x.to(device=device, dtype=torch.float32)
         clean_model = torch.cat([clean, clean]) if use_cfg else clean
 
@@ -406,7 +400,7 @@ class JodiPipeline:
         x = get_sampler(sampler)(
             velocity, noise.to(device=device, dtype=torch.float32), timesteps, callback=callback, should_stop=should_stop
         )
-        is_condition = (roles == Role.CONDITION).to(device)[:, :, None, None, None]
+        is_condition = (plan.roles == Role.CONDITION).to(device)[:, :, None, None, None]
         return torch.where(is_condition, clean, x)
 
     @torch.no_grad()
@@ -452,24 +446,23 @@ class JodiPipeline:
         if not (cfg_scale >= 0 and cfg_scale == cfg_scale):
             raise ValueError(f"cfg_scale must be a non-negative number, got {cfg_scale!r}.")
         height, width = imaging.check_positive_size(height, width, "output")
-        role_table = parse_roles(roles)
-        if role_table.shape[0] == 1:
-            role_table = role_table.repeat(batch_size, 1)
-        elif batch_size not in (1, role_table.shape[0]):
-            raise ValueError(f"Got {role_table.shape[0]} rows of roles but batch_size {batch_size}.")
-        B = role_table.shape[0]
+        plan = plan_roles(roles)
+        if plan.batch != 1 and batch_size not in (1, plan.batch):
+            raise ValueError(f"Got {plan.batch} rows of roles but batch_size {batch_size}.")
+        plan = plan_roles(plan, batch=batch_size if plan.batch == 1 else plan.batch,
+                          has_prompt=prompt_embeds is not None, cfg_scale=cfg_scale)
+        B = plan.batch
         work_h, work_w = self.working_size(height, width, snap_to_bucket)
         if check_memory:
-            use_cfg = self.uses_cfg(role_table, prompt_embeds is not None, cfg_scale)
-            self.check_memory(B, role_table, height, width, use_cfg, decode=decode, tiled_decode=tiled_decode,
+            self.check_memory(B, plan, height, width, plan.use_cfg, decode=decode, tiled_decode=tiled_decode,
                               snap=snap_to_bucket)
-        clean_x = self.prepare_conditions(role_table, conditions, work_h, work_w, fit=condition_fit)
+        clean_x = self.prepare_conditions(plan.roles, conditions, work_h, work_w, fit=condition_fit)
         if seeds is not None and len(seeds) != B:
             raise ValueError(f"Got {len(seeds)} seeds for {B} rows of roles.")
         shape = tuple(clean_x.shape[1:])
         noise = self.make_noise(B, shape, seed) if seeds is None else self.noise_from_seeds(seeds, shape)
         latents = self.sample(
-            role_table,
+            plan,
             clean_x,
             noise,
             prompt_embeds=prompt_embeds,
@@ -482,9 +475,9 @@ class JodiPipeline:
             callback=callback,
             should_stop=should_stop,
         ).float()
-        result = JodiResult(latents=latents.cpu(), roles=role_table, height=height, width=width)
+        result = JodiResult(latents=latents.cpu(), roles=plan.roles, height=height, width=width)
         if decode:
             result.images, result.seg_index = self.decode_latents(
-                latents, role_table, height, width, tiled=tiled_decode
+                latents, plan.roles, height, width, tiled=tiled_decode
             )
         return result

@@ -41,11 +41,11 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path, atomic_writer, write_atomic
-from .domains import NUM_DOMAINS
+from .domains import NUM_DOMAINS, Role
 
 logger = logging.getLogger(__name__)
 
-GENERATE, CONDITION, IGNORE = 0, 1, 2
+GENERATE, CONDITION, IGNORE = int(Role.GENERATE), int(Role.CONDITION), int(Role.IGNORE)  # plain ints for torch.where
 TASKS = ("joint", "controllable", "perception")
 
 # ---------------------------------------------------------------------------------------------------------------------

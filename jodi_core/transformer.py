@@ -28,7 +28,8 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .attention import check_backend
+from .attention import AttentionSetting
+from .domains import Role, RolePlan
 from .layers import (
     CAPTION_MASK_BIAS,
     CaptionEmbedder,
@@ -42,8 +43,9 @@ from .layers import (
 )
 from .transformer_keys import infer_jodi_config
 
-NUM_ROLES = 3  # 0 generate, 1 condition, 2 ignore
-_GENERATE, _CONDITION, _IGNORE = 0, 1, 2
+# What ``attention_backend="auto"`` means for the DiT: the Triton kernels (linear attention and the fused ops) on CUDA
+# tensors, where they are faster and accumulate in float32; the torch code elsewhere.
+AUTO_ATTENTION = "triton"
 
 
 @dataclass
@@ -140,15 +142,18 @@ class JodiTransformer(nn.Module):
     Args:
         config: the architecture (default: the released ``JODI_1600M_P1_D20``).
         attention_backend: ``"auto" | "triton" | "torch"`` (or a name registered in ``jodi_core.attention``); also
-            an attribute that may be changed at any time. ``auto``/``triton`` use the Triton kernels on CUDA (linear
-            attention, LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where
-            they cannot run; ``torch`` never uses them.
+            a property that may be set at any time, resolved then into ``self.attention``, which the blocks run.
+            ``auto`` (:data:`AUTO_ATTENTION`) and ``triton`` use the Triton kernels on CUDA (linear attention,
+            LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where they cannot
+            run; ``torch`` never uses them.
         dtype, device, operations: as in ComfyUI's ``comfy/ldm`` models; ``operations`` supplies Linear/Conv2d
             (default ``torch.nn``). On the meta device no weights are initialised.
 
     ``check_inputs`` (attribute, default True) enables the value checks (NaN/inf, role range), which cost one host
     synchronisation per call.
     """
+
+    attention_backend = AttentionSetting(auto=AUTO_ATTENTION)
 
     def __init__(
         self,
@@ -162,7 +167,7 @@ class JodiTransformer(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or JODI_1600M_P1_D20).validate()
         self.config = config
-        self.attention_backend = check_backend(attention_backend)
+        self.attention_backend = attention_backend
         self.check_inputs = True  # value checks (NaN, role range) cost one host sync per call
         operations = operations or nn
         kw = dict(dtype=dtype, device=device, operations=operations)
@@ -175,7 +180,7 @@ class JodiTransformer(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), operations.Linear(C, 6 * C, bias=True, dtype=dtype, device=device))
         self.y_embedder = CaptionEmbedder(config.caption_channels, C, config.model_max_length, **kw)
         self.attention_y_norm = RMSNorm(C, scale_factor=config.y_norm_scale_factor, dtype=dtype, device=device)
-        self.role_embedder = RoleEmbedding(NUM_ROLES, C, dtype=dtype, device=device)
+        self.role_embedder = RoleEmbedding(len(Role), C, dtype=dtype, device=device)
         self.role_block = nn.Sequential(nn.SiLU(), operations.Linear(C, 6 * C, bias=True, dtype=dtype, device=device))
         self.domain_embedding = nn.Parameter(torch.empty(L, C, dtype=dtype, device=device))
         self.blocks = nn.ModuleList(
@@ -285,7 +290,7 @@ class JodiTransformer(nn.Module):
 
     def prepare(
         self,
-        role: torch.Tensor,
+        role: "RolePlan | torch.Tensor",
         y: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         *,
@@ -293,49 +298,47 @@ class JodiTransformer(nn.Module):
     ) -> JodiContext:
         """Compute everything that does not depend on x or the timestep.
 
-        ``role (N, 8)``; ``y (N, 1, S, Cc)`` (or ``(N, S, Cc)``, or ``None`` for the stored null caption with every
-        token valid); ``mask (N, S)`` or ``(N, 1, 1, S)``, ``None`` = all valid. If ``y`` has twice the rows of
-        ``role`` (a CFG batch), role and mask are tiled ``[r0..rR-1, r0..rR-1]`` as the reference does.
+        ``role``: the run's :class:`RolePlan`, or a ``(N, 8)`` role tensor (planned here); ``y (N, 1, S, Cc)`` (or
+        ``(N, S, Cc)``, or ``None`` for the stored null caption with every token valid); ``mask (N, S)`` or
+        ``(N, 1, 1, S)``, ``None`` = all valid. If ``y`` has twice the rows of the roles (a CFG batch), roles and mask
+        are tiled ``[r0..rR-1, r0..rR-1]`` as the reference does.
         With ``prune`` the domains ignored in every row are dropped from the sequence, and caption tokens padded in
         every row are dropped from the end (their softmax weight is exactly 0 in the reference too).
         """
-        role = self._check_role(role)
+        plan = role if isinstance(role, RolePlan) else RolePlan.from_table(self._check_role(role))
+        role, drop = plan.roles, plan.drops_caption
         rows = role.shape[0] if y is None else y.shape[0]
         if rows != role.shape[0]:
             if rows != 2 * role.shape[0]:
                 raise ValueError(f"y has {rows} rows but role has {role.shape[0]} (expected equal, or twice for CFG).")
-            role = role.repeat(2, 1)
+            role, drop = role.repeat(2, 1), drop.repeat(2)
         y = self._check_caption(y, rows)
         mask = self._check_mask(mask, rows, role.shape[0])
         device, dtype = self.device, self.dtype
         role = role.to(device)
         L = self.config.num_domains
 
-        role_cpu = role.cpu()
-        if prune:
-            active = tuple(d for d in range(L) if bool((role_cpu[:, d] != _IGNORE).any()))
-        else:
-            active = tuple(range(L))
+        active = plan.active if prune else tuple(range(L))
         if not active:
             raise ValueError("Every domain is ignored in every row; at least one domain must take part.")
-        generated = tuple(d for d in active if bool((role_cpu[:, d] == _GENERATE).any())) if prune else active
+        generated = plan.generated if prune else active
         idx = torch.tensor(active, device=device)
         role_a = role.index_select(1, idx)  # (N, La)
 
         r = self.role_embedder(role_a) + self.domain_embedding.index_select(0, idx)[None]  # (N, La, C)
         r0 = self.role_block(r).unflatten(-1, (6, -1))  # (N, La, 6, C)
-        condition = role_a == _CONDITION
-        ignore = role_a == _IGNORE
+        condition = role_a == Role.CONDITION
+        ignore = role_a == Role.IGNORE
         condition = condition if bool(condition.any()) else None
         ignore = ignore if bool(ignore.any()) else None
 
-        # Caption: rows whose image is a condition (perception) take the null caption with every token valid.
-        drop = role[:, 0] == _CONDITION
+        # Caption: the plan's caption-dropping rows take the null caption with every token valid.
         if y is None:
             y = self.y_embedder.y_embedding.to(dtype)[None].expand(rows, -1, -1)
             drop, mask = None, None
         else:
             y = y.to(device=device, dtype=dtype)
+            drop = drop.to(device)
             if mask is not None:
                 mask = mask.to(device) | drop[:, None]
         y_tokens = self.attention_y_norm(self.y_embedder(y, drop))  # (N, S, C)
@@ -444,9 +447,8 @@ class JodiTransformer(nn.Module):
         t0 = self.t_block(t).unflatten(-1, (6, C))  # (N, 6, C)
         cond = t0[:, None] + ctx.r0  # (N, La, 6, C)
 
-        backend = self.attention_backend
         for block, kv in zip(self.blocks, ctx.caption_kv):
-            tokens = block(tokens, cond, (h, w), key_mask, kv, ctx.caption_bias, backend)
+            tokens = block(tokens, cond, (h, w), key_mask, kv, ctx.caption_bias, self.attention)
 
         out = x.new_zeros((N, L, cfg.out_channels, H, W), dtype=dtype, device=device)
         final_cond = t[:, None] + ctx.r  # (N, La, C): raw t + r, not the projections

@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from ..jodi_core import nodekit
 from ..jodi_core.annotate import ROOTS_ENV, extra_roots, resolve_inside
-from ..jodi_core.domains import LABEL_NAMES, get_domain
+from ..jodi_core.domains import LABEL_NAMES, get_domain, perception_roles
 from . import common
 
 MAX_STEPS = 1000
@@ -104,9 +104,9 @@ class JodiAnnotateFolder(io.ComfyNode):
             seed=nodekit.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
         )
         pipe = JodiPipeline(common.unwrap(model), common.unwrap(vae))
-        perceive = ["condition"] + ["generate" if name in cfg.domains else "ignore" for name in LABEL_NAMES]
         size = pipe.base_size  # the resolution annotate buckets to
-        common.load_for_run(model, vae, pipe.working_memory(cfg.batch_size, perceive, size, size, use_cfg=False))
+        need = pipe.working_memory(cfg.batch_size, perception_roles(cfg.domains), size, size, use_cfg=False)
+        common.load_for_run(model, vae, need)
         bar = {}
 
         def on_progress(finished: int, total: int) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..jodi_core import imaging, nodekit
-from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES
+from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES, plan_roles
 from . import common
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,15 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     transformer, vae = common.unwrap(model_patcher), common.unwrap(vae_patcher)
     emb, mask, neg = _captions(transformer, positive, negative)
     batch = roles.batch_size(settings.batch_size)
+    plan = plan_roles(roles.roles, batch, has_prompt=emb is not None, cfg_scale=settings.cfg)
     conditions = roles.condition_tensors()
     pipe = JodiPipeline(transformer, vae)
     height, width = nodekit.resolve_size(settings.aspect, settings.width, settings.height,
                                          roles.first_condition_size(), pipe.base_size, pipe.compression)
-    use_cfg = pipe.uses_cfg(list(roles.roles), emb is not None, settings.cfg)
     # Only what the run made is decoded: condition slots would be the VAE round trip of the user's own input.
-    wanted = [i for i, r in enumerate(roles.roles) if r == "generate"]
+    wanted = list(plan.generated)
     needs = pipe.memory_needs(
-        batch, list(roles.roles), height, width, use_cfg, decode=decode, tiled_decode=tiled, decode_rows=1,
+        batch, plan, height, width, plan.use_cfg, decode=decode, tiled_decode=tiled, decode_rows=1,
         decoded=wanted, dit_device=model_patcher.load_device, vae_device=vae_patcher.load_device,
         extra_host_bytes=node_copies(batch, height, width, len(wanted), len(conditions)) if decode else 0)
     what = f"{width}x{height} output, {len(wanted)} maps, batch {batch}"
@@ -119,10 +119,9 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     common.load_for_run(model_patcher, vae_patcher, common.device_need(needs, model_patcher, vae_patcher))
     common.check_memory(needs, what)  # the GPU's free memory is known once the models are in place
 
-    role_row = torch.tensor([["generate", "condition", "ignore"].index(r) for r in roles.roles])
-    reporter = common.StepReporter(settings.steps, pipe, role_row)
+    reporter = common.StepReporter(settings.steps, pipe, plan.roles[0])
     result = pipe(
-        list(roles.roles), height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
+        plan, height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
         sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
         decode=False, condition_fit=settings.condition_fit, check_memory=False,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..jodi_core import imaging, nodekit
-from ..jodi_core.domains import DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES
+from ..jodi_core.domains import (
+    DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, controllable_roles, joint_roles, perception_roles,
+)
 from . import common, run
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class JodiJointGeneration(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive=None, negative=None, **kwargs) -> io.NodeOutput:
-        roles = nodekit.JodiRoles(("generate",) * len(DOMAIN_NAMES))
+        roles = nodekit.JodiRoles(joint_roles())
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, positive, negative))
 
 
@@ -254,9 +256,8 @@ class JodiControllableGeneration(io.ComfyNode):
         if all(img is None for img in images.values()):
             raise ValueError("Jodi Controllable Generation needs at least one connected label map; use Jodi Joint "
                              "Generation to generate without conditions.")
-        choices = {"image": "generate"}
-        choices.update({n: ("condition" if img is not None else unconnected_labels) for n, img in images.items()})
-        roles = nodekit.JodiRoles.from_choices(choices, images)
+        given = {name: img for name, img in images.items() if img is not None}
+        roles = nodekit.JodiRoles(controllable_roles(list(given), unconnected_labels), given)
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, positive, negative))
 
 
@@ -291,8 +292,7 @@ class JodiPerception(io.ComfyNode):
         wanted = {name: bool(kwargs.pop(name, True)) for name in LABEL_NAMES}
         if not any(wanted.values()):
             raise ValueError("Jodi Perception: turn on at least one label map.")
-        roles = nodekit.JodiRoles(("condition", *("generate" if wanted[n] else "ignore" for n in LABEL_NAMES)),
-                                  {"image": image})
+        roles = nodekit.JodiRoles(perception_roles([n for n in LABEL_NAMES if wanted[n]]), {"image": image})
         kwargs.update(aspect=nodekit.ASPECT_AUTO, cfg=1.0)
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, domains=LABEL_NAMES))
 

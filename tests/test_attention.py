@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jodi_core import attention as attn
-from jodi_core.attention import dispatch_linear_attention, linear_attention, resolve_backend
+from jodi_core.attention import KernelSet, linear_attention, resolve_backend
 
 
 def _qkv(B=2, T=37, H=3, D=32, dtype=torch.float32, seed=0):
@@ -76,38 +76,57 @@ def test_eps_guards_all_zero_denominator():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the backend registry and of the fallback state, so tests may register and break backends."""
+    monkeypatch.setattr(attn, "_REGISTRY", dict(attn._REGISTRY))
+    monkeypatch.setattr(attn, "_loaded", {})
+    monkeypatch.setattr(attn, "_disabled", set())
+    monkeypatch.setattr(attn, "_warned", set())
+    return attn
+
+
 def test_auto_on_cpu_is_torch():
-    name, fn = resolve_backend("auto", torch.device("cpu"))
-    assert name == "torch" and fn is linear_attention
+    backend = resolve_backend("auto", auto="triton")
+    q, k, v = _qkv(T=3)
+    assert backend.name == "auto" and not backend.takes_kernels(q)
+    assert torch.equal(backend.linear_attention(q, k, v), linear_attention(q, k, v))
+    assert resolve_backend("torch", auto="triton").kernels is None
 
 
 def test_unknown_backend_is_a_value_error():
-    q, k, v = _qkv(T=3)
     with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
-        dispatch_linear_attention(q, k, v, backend="flash")
+        resolve_backend("flash", auto="torch")
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
+        resolve_backend("auto", auto="flash")
 
 
-def test_failing_backend_warns_once_and_falls_back(monkeypatch, caplog):
+def test_one_list_of_names_for_models_and_loaders():
+    from jodi_core import nodekit
+
+    assert attn.backend_names() == ("auto", "triton", "torch") == nodekit.ATTENTION_CHOICES
+
+
+def test_failing_backend_warns_once_and_falls_back(registry, caplog):
     calls = []
 
     def broken(q, k, v, key_mask=None, eps=1e-8):
         calls.append(1)
         raise RuntimeError("kernel compile failed")
 
-    monkeypatch.setitem(attn._BACKENDS, "triton", lambda: broken)
-    monkeypatch.setattr(attn, "_resolved", {})
-    monkeypatch.setattr(attn, "_warned", set())
+    registry.register_backend("broken", lambda: KernelSet(linear_attention=broken))
+    backend = resolve_backend("broken", auto="torch")
     q, k, v = _qkv(T=5)
     with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
-        a = dispatch_linear_attention(q, k, v, backend="triton")
-        b = dispatch_linear_attention(q, k, v, backend="triton")
+        a = backend.linear_attention(q, k, v)
+        b = backend.linear_attention(q, k, v)
     torch.testing.assert_close(a, linear_attention(q, k, v), atol=0, rtol=0)
     torch.testing.assert_close(b, a, atol=0, rtol=0)
     assert len(calls) == 1  # disabled after the first failure
     assert sum("kernel compile failed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_unimportable_triton_falls_back(monkeypatch, caplog):
+def test_unimportable_triton_falls_back(registry, monkeypatch, caplog):
     import builtins
 
     real_import = builtins.__import__
@@ -118,22 +137,31 @@ def test_unimportable_triton_falls_back(monkeypatch, caplog):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_kernels)
-    monkeypatch.setattr(attn, "_resolved", {})
-    monkeypatch.setattr(attn, "_warned", set())
     q, k, v = _qkv(T=5)
     with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
-        out = dispatch_linear_attention(q, k, v, backend="triton")
-        dispatch_linear_attention(q, k, v, backend="triton")
+        backend = resolve_backend("triton", auto="torch")
+        out = backend.linear_attention(q, k, v)
+        resolve_backend("triton", auto="torch").linear_attention(q, k, v)
+    assert backend.name == "triton" and backend.kernels is None
     torch.testing.assert_close(out, linear_attention(q, k, v), atol=0, rtol=0)
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_auto_on_cuda_picks_triton_when_it_imports(monkeypatch):
+def test_auto_takes_the_models_choice_on_cuda_only(registry, monkeypatch):
+    import types
+
     sentinel = lambda q, k, v, key_mask=None, eps=1e-8: q  # noqa: E731
-    monkeypatch.setitem(attn._BACKENDS, "triton", lambda: sentinel)
-    monkeypatch.setattr(attn, "_resolved", {})
-    assert resolve_backend("auto", torch.device("cuda")) == ("triton", sentinel)
-    assert resolve_backend("auto", torch.device("cpu"))[0] == "torch"
+    kernels = KernelSet(linear_attention=sentinel)
+    registry.register_backend("fast", lambda: kernels)
+    cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto = resolve_backend("auto", auto="fast")
+    assert auto.kernels is kernels and auto.takes_kernels(cuda) and not auto.takes_kernels(cpu)
+    assert resolve_backend("fast", auto="torch").takes_kernels(cpu)  # named: wherever its kernels run
+    assert resolve_backend("auto", auto="torch").kernels is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(attn, "_REGISTRY", {**attn._REGISTRY, "fast": lambda: pytest.fail("loaded without CUDA")})
+    assert resolve_backend("auto", auto="fast").kernels is None  # no CUDA device: nothing to load
 
 
 def test_compiles_without_graph_breaks():
@@ -145,8 +173,8 @@ def test_compiles_without_graph_breaks():
     ref = linear_attention(q, k, v, mask)
     compiled = torch.compile(linear_attention, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-6, rtol=0)
-    compiled = torch.compile(lambda a, b, c, m: dispatch_linear_attention(a, b, c, m, backend="auto"),
-                             fullgraph=True, backend="eager")
+    auto = resolve_backend("auto", auto="triton")
+    compiled = torch.compile(lambda a, b, c, m: auto.linear_attention(a, b, c, m), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-6, rtol=0)
 
 
@@ -166,17 +194,13 @@ def test_dit_block_compiles_as_one_graph():
     bias = torch.zeros(N, 1, 1, 7)
     bias[0, ..., 4:] = -10000.0
     with torch.no_grad():
-        ref = block(x, cond, (h, w), key_mask, kv, bias, "torch")
+        ref = block(x, cond, (h, w), key_mask, kv, bias, resolve_backend("torch", auto="torch"))
         compiled = torch.compile(block, fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(x, cond, (h, w), key_mask, kv, bias, "auto"), ref, atol=1e-5, rtol=0)
+        auto = resolve_backend("auto", auto="triton")
+        torch.testing.assert_close(compiled(x, cond, (h, w), key_mask, kv, bias, auto), ref, atol=1e-5, rtol=0)
 
 
-def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off(monkeypatch):
-    from jodi_core import attention
-
-    monkeypatch.setattr(attention, "_BACKENDS", dict(attention._BACKENDS))
-    monkeypatch.setattr(attention, "_resolved", {})
-
+def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off(registry):
     calls = []
 
     def picky(q, k, v, key_mask=None, eps=1e-8):
@@ -185,30 +209,70 @@ def test_rejected_inputs_fall_back_per_call_but_broken_backends_turn_off(monkeyp
             raise ValueError("head dim must be 32")
         raise RuntimeError("compile failed")
 
-    attention.register_backend("picky", lambda: picky)
+    registry.register_backend("picky", lambda: KernelSet(linear_attention=picky))
+    backend = resolve_backend("picky", auto="torch")
     q, k, v = (torch.randn(1, 5, 2, 16) for _ in range(3))
-    out = attention.dispatch_linear_attention(q, k, v, backend="picky")
-    torch.testing.assert_close(out, attention.linear_attention(q, k, v))
-    assert attention.resolve_backend("picky", q.device)[0] == "picky"  # still enabled after a rejected input
+    torch.testing.assert_close(backend.linear_attention(q, k, v), linear_attention(q, k, v))
+    assert "picky linear_attention" not in registry._disabled  # still enabled after a rejected input
 
     q, k, v = (torch.randn(1, 5, 2, 32) for _ in range(3))
-    out = attention.dispatch_linear_attention(q, k, v, backend="picky")
-    torch.testing.assert_close(out, attention.linear_attention(q, k, v))
-    assert attention.resolve_backend("picky", q.device)[0] == "torch"  # a real failure turns it off
+    torch.testing.assert_close(backend.linear_attention(q, k, v), linear_attention(q, k, v))
+    assert "picky linear_attention" in registry._disabled  # a real failure turns it off
+    backend.linear_attention(q, k, v)
     assert calls == [16, 32]
 
 
-def test_out_of_memory_propagates_and_keeps_the_backend(monkeypatch):
-    from jodi_core import attention
-
-    monkeypatch.setattr(attention, "_BACKENDS", dict(attention._BACKENDS))
-    monkeypatch.setattr(attention, "_resolved", {})
-
+def test_out_of_memory_propagates_and_keeps_the_backend(registry):
     def hungry(q, k, v, key_mask=None, eps=1e-8):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    attention.register_backend("hungry", lambda: hungry)
+    registry.register_backend("hungry", lambda: KernelSet(linear_attention=hungry))
     q, k, v = (torch.randn(1, 5, 2, 32) for _ in range(3))
     with pytest.raises(torch.OutOfMemoryError):
-        attention.dispatch_linear_attention(q, k, v, backend="hungry")
-    assert attention.resolve_backend("hungry", q.device)[0] == "hungry"
+        resolve_backend("hungry", auto="torch").linear_attention(q, k, v)
+    assert not registry._disabled
+
+
+def test_one_fallback_policy_for_every_kernel(registry, caplog):
+    """run_kernel is the fallback of the attention and of the fused ops alike: one warning per broken kernel."""
+    def failing(*args):
+        raise RuntimeError("launch failed")
+
+    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+        for _ in range(3):
+            assert attn.run_kernel("triton some_op", failing, lambda x: x + 1, 1) == 2
+            assert attn.run_kernel("triton other_op", failing, lambda x: x + 2, 1) == 3
+    assert registry._disabled == {"triton some_op", "triton other_op"}
+    assert [r.getMessage().count("launch failed") for r in caplog.records] == [1, 1]
+
+
+def test_a_kernel_set_gives_all_fused_ops_or_none():
+    with pytest.raises(ValueError, match="or none of them"):
+        KernelSet(linear_attention=linear_attention, dwconv_glu=lambda *a: a[0])
+
+
+def test_models_resolve_their_backend_once_when_it_is_set(monkeypatch):
+    """The choice is resolved when ``attention_backend`` is set, never per forward; the DC-AE's blocks share it."""
+    from jodi_core.dcae import LiteMLA
+    from jodi_core.demo import tiny_random_models
+
+    dit, vae = tiny_random_models()
+    calls = []
+    real = attn.resolve_backend
+    monkeypatch.setattr(attn, "resolve_backend", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dit.attention_backend, vae.attention_backend = "torch", "auto"
+    assert calls == [("torch",), ("auto",)] and (dit.attention_backend, vae.attention_backend) == ("torch", "auto")
+    blocks = [m for m in vae.modules() if isinstance(m, LiteMLA)]
+    assert blocks and all(m.attention is vae.attention for m in blocks)
+    C = dit.config.in_channels
+    with torch.no_grad():
+        dit(torch.randn(1, 8, C, 2, 2), torch.tensor([500.0]), None, torch.zeros(1, 8, dtype=torch.long))
+        vae.decode(torch.randn(1, C, 2, 2))
+    assert len(calls) == 2
+
+
+def test_each_model_states_its_auto():
+    from jodi_core import dcae, transformer
+
+    assert transformer.JodiTransformer.attention_backend.auto == transformer.AUTO_ATTENTION == "triton"
+    assert dcae.DCAE.attention_backend.auto == dcae.AUTO_ATTENTION == "torch"  # the reference's matmuls

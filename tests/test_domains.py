@@ -10,10 +10,15 @@ from jodi_core.domains import (
     DOMAIN_NAMES,
     DOMAINS,
     Role,
+    RolePlan,
     ade150_to_seg12,
+    controllable_roles,
     get_domain,
     index_to_seg,
+    joint_roles,
     parse_roles,
+    perception_roles,
+    plan_roles,
     postprocess_depth,
     seg_palette,
     seg_to_index,
@@ -120,3 +125,62 @@ def test_parse_roles_errors(roles, match):
 def test_parse_roles_batch_mismatch():
     with pytest.raises(ValueError, match="rows of roles for a batch of 3"):
         parse_roles(torch.zeros(2, 8, dtype=torch.long), batch=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The role plan and the standard rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+G, C, I = Role.GENERATE, Role.CONDITION, Role.IGNORE
+
+
+def test_standard_rows():
+    assert joint_roles() == (G,) * 8
+    assert perception_roles() == (C,) + (G,) * 7
+    assert perception_roles(["depth", "seg"]) == (C, I, I, G, I, I, G, I)
+    assert controllable_roles(["edge", "depth"]) == (G, I, C, C, I, I, I, I)
+    assert controllable_roles(["openpose"], "generate") == (G,) * 7 + (C,)
+    with pytest.raises(ValueError, match="Unknown domain"):
+        perception_roles(["height"])
+
+
+def test_perception_plan_drops_the_caption_and_never_runs_cfg():
+    plan = plan_roles(perception_roles(["depth", "normal"]), batch=2, has_prompt=True, cfg_scale=4.5)
+    assert plan.batch == 2 and plan.roles.tolist() == [[1, 2, 2, 0, 0, 2, 2, 2]] * 2
+    assert plan.active == (0, 3, 4) and plan.generated == (3, 4) and plan.conditioned == (0,)
+    assert plan.drops_caption.tolist() == [True, True] and plan.caption_dropped
+    assert not plan.use_cfg  # the prompt would only reach a caption that is dropped
+
+
+def test_joint_plan_runs_cfg_only_with_a_prompt_and_a_scale_other_than_one():
+    assert plan_roles(joint_roles(), has_prompt=True, cfg_scale=4.5).use_cfg
+    assert not plan_roles(joint_roles(), has_prompt=False, cfg_scale=4.5).use_cfg
+    assert not plan_roles(joint_roles(), has_prompt=True, cfg_scale=1.0).use_cfg
+    plan = plan_roles(joint_roles())
+    assert plan.active == plan.generated == tuple(range(8)) and plan.conditioned == ()
+    assert not plan.caption_dropped and not plan.drops_caption.any()
+
+
+def test_mixed_rows_drop_the_caption_per_row_and_keep_cfg():
+    plan = plan_roles([list(perception_roles(["depth"])), list(controllable_roles(["edge"]))], has_prompt=True,
+                      cfg_scale=2.0)
+    assert plan.drops_caption.tolist() == [True, False] and not plan.caption_dropped and plan.use_cfg
+    assert plan.active == (0, 2, 3) and plan.generated == (0, 3) and plan.conditioned == (0, 2)
+
+
+def test_a_plan_is_taken_as_it_is_and_repeated_to_the_batch(monkeypatch):
+    from jodi_core import domains
+
+    plan = plan_roles(controllable_roles(["depth"]), has_prompt=True, cfg_scale=4.5)
+    monkeypatch.setattr(domains, "parse_roles", lambda *a, **k: pytest.fail("a plan is parsed again"))
+    three = plan_roles(plan, batch=3, has_prompt=True, cfg_scale=4.5)
+    assert three.batch == 3 and torch.equal(three.roles, plan.roles.repeat(3, 1)) and three.use_cfg
+    assert not plan_roles(three, has_prompt=False).use_cfg  # the guidance is the caller's
+    with pytest.raises(ValueError, match="rows of roles for a batch of 2"):
+        plan_roles(three, batch=2)
+
+
+def test_plan_from_a_table_takes_it_as_it_is():
+    """The transformer plans the raw role tensors of the reference call, which need not name a generated domain."""
+    plan = RolePlan.from_table(torch.tensor([[1, 1, 2, 2, 2, 2, 2, 2]]))
+    assert plan.generated == () and plan.active == (0, 1) and plan.conditioned == (0, 1)

@@ -199,14 +199,16 @@ def check_gate_residual(device, big, dtype_name):
 
 
 def check_fused_dispatch(device, big):
-    """``backend='auto'`` takes the kernel where it runs; ``'torch'`` gives the torch function bit for bit."""
-    from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_torch, dwconv_glu_triton
+    """The fused ops of the ``triton`` backend take the kernel where it runs."""
+    from jodi_core import attention
+    from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_triton
     from jodi_core.kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_triton
 
+    kernels = attention.resolve_backend("triton", auto="torch").kernels
+    assert (kernels.dwconv_glu, kernels.layernorm_modulate) == (dwconv_glu, layernorm_modulate)
     x = torch.randn(2, 8, 4, 5, device=device)
     w, b = torch.randn(8, 1, 3, 3, device=device), torch.randn(8, device=device)
     assert torch.equal(dwconv_glu(x, w, b), dwconv_glu_triton(x, w, b))
-    assert torch.equal(dwconv_glu(x, w, b, backend="torch"), dwconv_glu_torch(x, w, b))
     y = torch.randn(2, 5, 16, device=device)
     s = torch.randn(2, 1, 16, device=device)
     assert torch.equal(layernorm_modulate(y, s, s * 2), layernorm_modulate_triton(y, s, s * 2))
@@ -220,24 +222,27 @@ class _CountKernelCalls:
     """Counts the Triton attention calls that returned, so a silent fallback to torch cannot pass a comparison."""
 
     def __enter__(self):
+        import dataclasses
+
         from jodi_core import attention
 
-        name, self.kernel = attention.resolve_backend("triton", torch.device("cpu"))
-        assert name == "triton", "the Triton linear attention cannot run here"
+        self.kernels = attention.resolve_backend("triton", auto="torch").kernels
+        assert self.kernels is not None, "the Triton linear attention cannot run here"
         self.calls = 0
 
         def counted(*args, **kwargs):
-            out = self.kernel(*args, **kwargs)
+            out = self.kernels.linear_attention(*args, **kwargs)
             self.calls += 1
             return out
 
-        attention._resolved["triton"] = counted
+        # Models resolving "triton" inside the block get the counting kernel.
+        attention._loaded["triton"] = dataclasses.replace(self.kernels, linear_attention=counted)
         return self
 
     def __exit__(self, *exc):
         from jodi_core import attention
 
-        attention._resolved["triton"] = self.kernel
+        attention._loaded["triton"] = self.kernels
 
 
 def check_dit_backends(device, big, dtype_name):
@@ -454,6 +459,7 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     import importlib
 
     import jodi_core.kernels as kernels
+    from jodi_core import attention
 
     module = importlib.import_module(f"jodi_core.kernels.{op}")
     args = _fused_op_cases()[op]
@@ -461,8 +467,9 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     expected = reference(*args)
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     monkeypatch.setattr(kernels, "tensors_supported", lambda *t: True)
-    monkeypatch.setattr(kernels, "_failed", set())
-    monkeypatch.setattr(kernels, "_warned_inputs", set())
+    monkeypatch.setattr(attention, "_disabled", set())
+    monkeypatch.setattr(attention, "_warned", set())
+    key = f"triton {op}"
     calls = []
 
     def raising(error):
@@ -477,17 +484,17 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     monkeypatch.setattr(module, f"{op}_triton", raising(RuntimeError("Triton Error [CUDA]: out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):
         wrapper(*args)
-    assert op not in kernels._failed
+    assert key not in attention._disabled
 
     monkeypatch.setattr(module, f"{op}_triton", raising(ValueError("rows too long")))
     assert torch.equal(wrapper(*args), expected)
-    assert op not in kernels._failed and calls[-1] == "ValueError"
+    assert key not in attention._disabled and calls[-1] == "ValueError"
 
     monkeypatch.setattr(module, f"{op}_triton", raising(RuntimeError("PTX compile failed")))
-    with caplog.at_level(logging.WARNING, logger="jodi_core.kernels"):
+    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
         assert torch.equal(wrapper(*args), expected)
         assert torch.equal(wrapper(*args), expected)  # no second attempt, no second warning
-    assert op in kernels._failed
+    assert key in attention._disabled
     assert calls == ["OutOfMemoryError", "RuntimeError", "ValueError", "RuntimeError"]
     assert sum("PTX compile failed" in r.getMessage() for r in caplog.records) == 1
 
@@ -495,7 +502,6 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
 def test_bad_inputs_raise_clear_errors():
     pytest.importorskip("triton")
     from jodi_core.kernels.dwconv_glu import dwconv_glu
-    from jodi_core.kernels.layernorm_modulate import layernorm_modulate
     from jodi_core.kernels.linear_attention import linear_attention_triton, supports
 
     q = torch.randn(1, 4, 2, 32)
@@ -518,8 +524,6 @@ def test_bad_inputs_raise_clear_errors():
         dwconv_glu(torch.randn(1, 8, 3, 3), torch.randn(8, 1, 5, 5), None)
     with pytest.raises(ValueError, match="even channel"):
         dwconv_glu(torch.randn(1, 7, 3, 3), torch.randn(7, 1, 3, 3), None)
-    with pytest.raises(ValueError, match="Unknown backend"):
-        layernorm_modulate(torch.randn(2, 3, 4), torch.randn(2, 1, 4), torch.randn(2, 1, 4), backend="cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -551,15 +555,16 @@ def test_kernel_gpu(gpu_results, name):
 def test_attention_dispatcher_uses_triton_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from jodi_core.attention import dispatch_linear_attention, resolve_backend
+    from jodi_core.attention import resolve_backend
+    from jodi_core.transformer import AUTO_ATTENTION
 
-    name, _ = resolve_backend("auto", torch.device("cuda"))
-    assert name == "triton"
+    backend = resolve_backend("auto", auto=AUTO_ATTENTION)  # the DiT's auto
+    assert backend.kernel_name == "triton"
     q, k, v = _qkv(2, 1000, 4, 32, torch.bfloat16, "cuda")
     mask = _make_mask("domains", 2, 1000, "cuda")
     from jodi_core.kernels.linear_attention import linear_attention_triton
 
-    assert torch.equal(dispatch_linear_attention(q, k, v, mask), linear_attention_triton(q, k, v, mask))
+    assert torch.equal(backend.linear_attention(q, k, v, mask), linear_attention_triton(q, k, v, mask))
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -66,7 +66,7 @@ def test_dcae_attention_backend_reaches_every_attention_block(tmp_path, dcae_sd)
         load_dcae(tmp_path / "missing.safetensors", attention_backend="flash")  # refused before any file is read
     model = load_dcae(tmp_path / "ae.safetensors", attention_backend="torch")
     blocks = [m for m in model.modules() if isinstance(m, LiteMLA)]
-    assert blocks and model.attention_backend == "torch" and {m.backend for m in blocks} == {"torch"}
+    assert blocks and model.attention_backend == "torch" and all(m.attention is model.attention for m in blocks)
     assert load_dcae(tmp_path / "ae.safetensors").attention_backend == "auto"
 
 

@@ -199,6 +199,22 @@ def test_prepare_twice_and_cfg_batch(fixture_model):
 
 
 @torch.no_grad()
+def test_prepare_takes_the_pipelines_role_plan(fixture_model):
+    """The plan of a CFG run (R rows, a 2R-row caption) prepares the same context as its role tensor tiled."""
+    from jodi_core.domains import plan_roles
+
+    model = fixture_model
+    role = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 2], [1, 0, 0, 2, 0, 0, 0, 0]])
+    _, _, y, mask, _ = _inputs(model, N=4, valid=(25, 60, 25, 60))
+    ctx = model.prepare(plan_roles(role, has_prompt=True, cfg_scale=4.5), y, mask)
+    ref = model.prepare(role.repeat(2, 1), y, mask)
+    assert (ctx.active, ctx.generated) == (ref.active, ref.generated)
+    for got, want in ((ctx.role, ref.role), (ctx.r0, ref.r0), (ctx.y_tokens, ref.y_tokens),
+                      (ctx.caption_bias, ref.caption_bias), (ctx.caption_kv[0][0], ref.caption_kv[0][0])):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@torch.no_grad()
 def test_prepare_trims_caption_padding_shared_by_all_rows(fixture_model):
     model = fixture_model
     role = torch.tensor([[0, 1, 2, 1, 0, 2, 1, 2], [0] * 8])
@@ -393,12 +409,14 @@ def test_model_uses_configured_attention_backend(fixture_model, monkeypatch):
         calls.append(q.shape)
         return attention_mod.linear_attention(q, k, v, key_mask, eps)
 
-    attention_mod.register_backend("spy", lambda: spy)
+    monkeypatch.setattr(attention_mod, "_REGISTRY", dict(attention_mod._REGISTRY))
+    attention_mod.register_backend("spy", lambda: attention_mod.KernelSet(linear_attention=spy))
     model = fixture_model
     x, t, y, mask, clean = _inputs(model, N=1)
     role = torch.zeros(1, 8, dtype=torch.long)
     ref = model(x, t, y, role, mask, clean)
-    monkeypatch.setattr(model, "attention_backend", "spy")
+    monkeypatch.setattr(model, "attention_backend", "spy")  # resolved once, here
+    assert model.attention_backend == "spy" and model.attention.kernel_name == "spy"
     out = model(x, t, y, role, mask, clean)
     assert len(calls) == model.config.depth and calls[0] == (1, 8 * 6 * 4, 2, 32)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
@@ -417,24 +435,31 @@ def test_importing_the_model_is_cheap():
 def test_fused_op_call_sites(fixture_model, cases, monkeypatch):
     """The blocks' calls into jodi_core.kernels (made on CUDA) pass the right tensors: forced on here, the kernels'
     own torch definitions run and the official numbers still come out."""
-    from jodi_core import layers
+    from jodi_core.attention import AttentionBackend, KernelSet
+    from jodi_core.kernels.dwconv_glu import dwconv_glu
+    from jodi_core.kernels.gate_residual import gate_residual
+    from jodi_core.kernels.layernorm_modulate import layernorm_modulate
 
-    original = layers.fused_ops_backend
-    assert original("auto", torch.zeros(1)) is None  # CPU tensors never take the kernels
-    assert original("torch", torch.zeros(1)) is None
     used = []
 
-    def force(backend, x):
-        used.append(backend)
-        return "torch"  # the kernels' dispatchers then take their torch definitions (no Triton on CPU)
+    def counted(op):
+        def call(*args):
+            used.append(op.__name__)
+            return op(*args)  # the kernels' dispatchers take their torch definitions (CPU tensors, no Triton)
+        return call
 
-    monkeypatch.setattr(layers, "fused_ops_backend", force)
+    fused = KernelSet(linear_attention=attention_mod.linear_attention, layernorm_modulate=counted(layernorm_modulate),
+                      gate_residual=counted(gate_residual), dwconv_glu=counted(dwconv_glu))
+    assert AttentionBackend("triton", fused).fused_ops(torch.zeros(1)) is None  # CPU tensors never take the kernels
+    assert fixture_model.attention.fused_ops(torch.zeros(1)) is None
+    monkeypatch.setattr(fixture_model, "attention", AttentionBackend("forced", fused))
+    monkeypatch.setattr(AttentionBackend, "fused_ops", lambda self, x: self.kernels)
     n = "c_controllable"
     x, t, y, mask, role, clean = (cases[f"{n}.{k}"] for k in ("x", "timestep", "y", "mask", "role", "clean_x"))
     out = fixture_model(x, t, y, role, mask, clean)
     torch.testing.assert_close(out, cases[f"{n}.out"], atol=ATOL, rtol=0)
-    # per block 2 modulate + 2 gate_residual + 1 GLUMBConv; one modulate per final layer
-    assert len(used) == 5 * fixture_model.config.depth + fixture_model.config.num_domains
+    # per block 2 modulate + 2 gate_residual + 1 GLUMBConv; the final layers' small modulate stays on torch
+    assert len(used) == 5 * fixture_model.config.depth
 
 
 @torch.no_grad()

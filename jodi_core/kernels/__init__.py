@@ -1,9 +1,9 @@
-"""Optional Triton kernels for the Jodi DiT.
+"""Optional Triton kernels for the Jodi DiT, the ``triton`` backend of ``jodi_core.attention``.
 
-Nothing here imports Triton at module import time: each kernel module imports it when it is itself imported, and the
-callers (``jodi_core.attention``'s dispatcher, the fused-op wrappers) import those modules lazily. Every fused op has a
-PyTorch function of the same signature that computes the same thing, used on CPU, without Triton, or after a kernel
-fails to compile.
+Nothing here imports Triton at module import time: each kernel module imports it when it is itself imported, and
+``jodi_core.attention`` calls :func:`triton_kernels` only when a model resolves the ``triton`` backend. Every fused
+op has a PyTorch function of the same signature that computes the same thing, used on CPU, without Triton, or after a
+kernel fails (``jodi_core.attention.run_kernel``, the one fallback policy).
 
 Modules:
 - ``linear_attention``: ReLU linear attention (LiteLA) in two deterministic kernels (state, then apply).
@@ -67,49 +67,20 @@ def tensors_supported(*tensors) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-FUSED_BACKENDS = ("auto", "triton", "torch")
-_failed: set[str] = set()
-
-
-def use_triton(name: str, backend: str, *tensors) -> bool:
-    """Whether fused op ``name`` should take its Triton path for these tensors under ``backend``.
-
-    ``auto`` and ``triton`` both take Triton only where it can run (CUDA or the interpreter) and only until a
-    kernel of that op has failed once; ``torch`` never does.
-    """
-    if backend not in FUSED_BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(FUSED_BACKENDS)}.")
-    if backend == "torch" or name in _failed:
-        return False
+def runs_here(*tensors) -> bool:
+    """Whether the kernels can run on these tensors: Triton imports, and they are CUDA tensors (or the interpreter is
+    on)."""
     return triton_available() and tensors_supported(*tensors)
 
 
-def must_propagate(exc: BaseException) -> bool:
-    """Errors a fallback must not swallow: out of memory (the caller, e.g. ComfyUI, frees models and retries) and
-    torch.compile's tracing errors (raised while compiling the caller, not by the kernel)."""
-    import torch
+def triton_kernels():
+    """The Triton implementations as ``jodi_core.attention``'s ``triton`` backend; raises where Triton does not
+    import."""
+    from ..attention import KernelSet
+    from .dwconv_glu import dwconv_glu
+    from .gate_residual import gate_residual
+    from .layernorm_modulate import layernorm_modulate
+    from .linear_attention import linear_attention_triton  # imports Triton
 
-    if isinstance(exc, torch.OutOfMemoryError) or type(exc).__module__.startswith("torch._dynamo"):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()  # Triton's launcher says it so
-
-
-_warned_inputs: set[tuple[str, str]] = set()
-
-
-def kernel_failed(name: str, exc: Exception) -> None:
-    """Handle an exception from fused op ``name``'s Triton path; the caller then runs the torch path.
-
-    Out of memory and tracing errors are re-raised; inputs the kernel rejects (ValueError/TypeError) go to torch for
-    this call only; anything else is a compile or launch failure: warn once, use torch from now on.
-    """
-    if must_propagate(exc):
-        raise exc
-    if isinstance(exc, (ValueError, TypeError)):
-        if (name, str(exc)) not in _warned_inputs:
-            _warned_inputs.add((name, str(exc)))
-            logger.warning("Triton kernel %s does not take these inputs (%s); using PyTorch for them.", name, exc)
-        return
-    if name not in _failed:
-        _failed.add(name)
-        logger.warning("Triton kernel %s failed (%r); using the PyTorch path from now on.", name, exc)
+    return KernelSet(linear_attention=linear_attention_triton, layernorm_modulate=layernorm_modulate,
+                     gate_residual=gate_residual, dwconv_glu=dwconv_glu, runs_on=runs_here)

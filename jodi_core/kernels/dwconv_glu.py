@@ -2,7 +2,7 @@
 
 API (both functions take and return the same things)::
 
-    dwconv_glu(x, weight, bias, backend="auto") -> out      # dispatcher
+    dwconv_glu(x, weight, bias) -> out                      # dispatcher
     dwconv_glu_torch(x, weight, bias) -> out                # the PyTorch definition
 
 ``x (B, 2M, h, w)``: the inverted 1x1 conv's output *before* its SiLU; ``weight (2M, 1, 3, 3)`` and ``bias (2M,)`` or
@@ -32,9 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import interpreter_enabled, kernel_failed, use_triton
+from ..attention import run_kernel
+from . import interpreter_enabled, runs_here
 
-_NAME = "dwconv_glu"
+_OP = "triton dwconv_glu"
 _BLOCK_X = 8  # tuned on an H100 at the joint-generation size (benchmarks/README.md)
 _BLOCK_C = 128
 _ROWS = 32
@@ -102,13 +103,8 @@ def dwconv_glu_triton(
     return out
 
 
-def dwconv_glu(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str = "auto"
-) -> torch.Tensor:
+def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """SiLU -> depthwise 3x3 -> GLU on Triton where it runs, else in PyTorch; a failing kernel warns once."""
-    if x.dtype in _DTYPES and use_triton(_NAME, backend, x):
-        try:
-            return dwconv_glu_triton(x, weight, bias)
-        except Exception as exc:
-            kernel_failed(_NAME, exc)
+    if x.dtype in _DTYPES and runs_here(x):
+        return run_kernel(_OP, dwconv_glu_triton, dwconv_glu_torch, x, weight, bias)
     return dwconv_glu_torch(x, weight, bias)

@@ -2,7 +2,7 @@
 
 API (same arguments for all three)::
 
-    gate_residual(x, gate, y, backend="auto") -> out    # dispatcher
+    gate_residual(x, gate, y) -> out                    # dispatcher
     gate_residual_torch(x, gate, y) -> out              # the PyTorch definition
     gate_residual_triton(x, gate, y) -> out             # the kernel
 
@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from . import kernel_failed, use_triton
+from ..attention import run_kernel
+from . import runs_here
 
-_NAME = "gate_residual"
+_OP = "triton gate_residual"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_C = 16384
 
@@ -70,7 +71,7 @@ def gate_residual_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -
     return out
 
 
-def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate * y`` on Triton where it runs and the layout fits, else in PyTorch."""
     if (
         isinstance(x, torch.Tensor)
@@ -78,10 +79,7 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend:
         and x.dtype in _DTYPES
         and x.shape[-1] <= _MAX_C
         and _grouped(x, gate, y)
-        and use_triton(_NAME, backend, x, y)
+        and runs_here(x, y)
     ):
-        try:
-            return gate_residual_triton(x, gate, y)
-        except Exception as exc:
-            kernel_failed(_NAME, exc)
+        return run_kernel(_OP, gate_residual_triton, gate_residual_torch, x, gate, y)
     return gate_residual_torch(x, gate, y)

@@ -2,7 +2,7 @@
 
 API (same arguments for all three)::
 
-    layernorm_modulate(x, shift, scale, eps=1e-6, backend="auto") -> out   # dispatcher
+    layernorm_modulate(x, shift, scale, eps=1e-6) -> out                   # dispatcher
     layernorm_modulate_torch(x, shift, scale, eps=1e-6) -> out             # the PyTorch definition
     layernorm_modulate_triton(x, shift, scale, eps=1e-6) -> out            # the kernel
 
@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernel_failed, use_triton
+from ..attention import run_kernel
+from . import runs_here
 
-_NAME = "layernorm_modulate"
+_OP = "triton layernorm_modulate"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_C = 16384
 
@@ -78,19 +79,14 @@ def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch
     return out
 
 
-def layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, backend: str = "auto"
-) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm + adaLN modulate on Triton where it runs and the layout fits, else in PyTorch."""
     if (
         isinstance(x, torch.Tensor)
         and x.dtype in _DTYPES
         and x.shape[-1] <= _MAX_C
         and _grouped(x, shift, scale)
-        and use_triton(_NAME, backend, x)
+        and runs_here(x)
     ):
-        try:
-            return layernorm_modulate_triton(x, shift, scale, eps)
-        except Exception as exc:
-            kernel_failed(_NAME, exc)
+        return run_kernel(_OP, layernorm_modulate_triton, layernorm_modulate_torch, x, shift, scale, eps)
     return layernorm_modulate_torch(x, shift, scale, eps)
