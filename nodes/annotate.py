@@ -7,10 +7,9 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.annotate import ROOTS_ENV, extra_roots, resolve_inside
 from ..jodi_core.domains import LABEL_NAMES, get_domain
-from . import common
+from . import common, vocabulary
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -99,9 +98,9 @@ class JodiAnnotateFolder(io.ComfyNode):
         out = _folder(output_folder, "output_folder", "get_output_directory")
         cfg = AnnotateConfig(
             input=str(src), output=str(out), domains=parse_domains(domains),
-            steps=nodekit.check_number("steps", steps, 1, MAX_STEPS, integer=True),
-            batch_size=nodekit.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
-            seed=nodekit.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
+            steps=vocabulary.check_number("steps", steps, 1, MAX_STEPS, integer=True),
+            batch_size=vocabulary.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
+            seed=vocabulary.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
         )
         pipe = JodiPipeline(common.unwrap(model), common.unwrap(vae))
         perceive = ["condition"] + ["generate" if name in cfg.domains else "ignore" for name in LABEL_NAMES]

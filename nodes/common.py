@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, DOMAINS
+from . import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ def dit_choices() -> list[str]:
     names: list[str] = []
     for folder in JODI_FOLDERS:
         names += [n for n in _list_folder(folder) if n not in names]
-    return [nodekit.DEMO_MODEL_CHOICE, *sorted(names)]
+    return [vocabulary.DEMO_MODEL_CHOICE, *sorted(names)]
 
 
 def vae_choices() -> list[str]:
-    return [nodekit.DEMO_MODEL_CHOICE, *sorted(_list_folder(VAE_FOLDER))]
+    return [vocabulary.DEMO_MODEL_CHOICE, *sorted(_list_folder(VAE_FOLDER))]
 
 
 def demo_paths() -> tuple[str, str]:
@@ -79,7 +79,7 @@ def demo_paths() -> tuple[str, str]:
 
 
 def resolve_dit_path(name: str) -> str:
-    if name == nodekit.DEMO_MODEL_CHOICE:
+    if name == vocabulary.DEMO_MODEL_CHOICE:
         return demo_paths()[0]
     for folder in JODI_FOLDERS:
         path = _folder_paths().get_full_path(folder, name)
@@ -92,7 +92,7 @@ def resolve_dit_path(name: str) -> str:
 
 
 def resolve_vae_path(name: str) -> str:
-    if name == nodekit.DEMO_MODEL_CHOICE:
+    if name == vocabulary.DEMO_MODEL_CHOICE:
         return demo_paths()[1]
     path = _folder_paths().get_full_path(VAE_FOLDER, name)
     if path is None:
@@ -137,7 +137,7 @@ def unwrap(patcher) -> torch.nn.Module:
 
 
 def _pick_dtype(choice: str, auto_dtype: torch.dtype) -> torch.dtype:
-    dtype = nodekit.torch_dtype(choice)
+    dtype = vocabulary.torch_dtype(choice)
     if dtype is None:
         dtype = auto_dtype
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -153,7 +153,7 @@ def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
 
     from ..jodi_core.loading import load_jodi
 
-    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+    vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
     path = resolve_dit_path(ckpt_name)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
@@ -172,7 +172,7 @@ def load_vae_patcher(vae_name: str, dtype_choice: str, attention: str = "auto"):
 
     from ..jodi_core.loading import load_dcae
 
-    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+    vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
     path = resolve_vae_path(vae_name)
     load_device = mm.vae_device()
     offload_device = mm.vae_offload_device()

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
-from . import common
+from . import common, layouts, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def load_janus_patcher(model_name: str, dtype_choice: str):
     path = resolve_janus_path(model_name)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    dtype = nodekit.torch_dtype(dtype_choice) or _auto_dtype(load_device)
+    dtype = vocabulary.torch_dtype(dtype_choice) or _auto_dtype(load_device)
     model = load_janus(path, dtype=dtype, device=offload_device)
     log.info("Janus: loaded %s (%s) for %s", path.name, dtype, load_device)
     return comfy.model_patcher.ModelPatcher(common.ManagedModule(model), load_device=load_device,
@@ -176,11 +175,11 @@ class _Progress:
 
 
 def _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed) -> None:
-    nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
-    nodekit.check_number("temperature", temperature, 0.0, 2.0)
-    nodekit.check_number("top_p", top_p, 0.01, 1.0)
-    nodekit.check_number("repetition_penalty", repetition_penalty, 1.0, 2.0)
-    nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
+    vocabulary.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    vocabulary.check_number("temperature", temperature, 0.0, 2.0)
+    vocabulary.check_number("top_p", top_p, 0.01, 1.0)
+    vocabulary.check_number("repetition_penalty", repetition_penalty, 1.0, 2.0)
+    vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True)
 
 
 def _validation(checks) -> "bool | str":
@@ -194,7 +193,7 @@ def _validation(checks) -> "bool | str":
 
 def _image_rows(image, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) -> (B, 3, H, W) in [0, 1] on the CPU (the processor resizes on the CPU)."""
-    return nodekit.image_to_bchw(image, what).cpu()
+    return layouts.image_to_bchw(image, what).cpu()
 
 
 def _one_line(text: str) -> str:
@@ -255,7 +254,7 @@ class JanusLoader(io.ComfyNode):
                     tooltip="Model folder in models/Janus-Pro (or an extra_model_paths.yaml 'Janus-Pro' folder) with "
                             "the checkpoint's weights, config.json, tokenizer.json and preprocessor_config.json, "
                             "e.g. Janus-Pro-1B downloaded from deepseek-ai/Janus-Pro-1B."),
-                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input("dtype", options=list(vocabulary.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
             ],
             outputs=[JanusModelType.Output(
                 display_name="janus_model",
@@ -272,10 +271,10 @@ class JanusLoader(io.ComfyNode):
                 roots = ", ".join(str(r) for r in janus_roots()) or "models/Janus-Pro"
                 raise ValueError(f"No Janus model folder found in {roots}: put e.g. Janus-Pro-1B there (the whole "
                                  "folder with weights, config.json and tokenizer.json) and refresh.")
-            nodekit.check_choice("model_name", model_name, choices)
+            vocabulary.check_choice("model_name", model_name, choices)
 
-        return _validation([check_model, lambda: dtype is None or nodekit.check_choice(
-            "dtype", dtype, nodekit.DTYPE_CHOICES)])
+        return _validation([check_model, lambda: dtype is None or vocabulary.check_choice(
+            "dtype", dtype, vocabulary.DTYPE_CHOICES)])
 
     @classmethod
     def fingerprint_inputs(cls, model_name, dtype="auto"):
@@ -283,7 +282,7 @@ class JanusLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, dtype="auto") -> io.NodeOutput:
-        nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+        vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES)
         return io.NodeOutput(load_janus_patcher(model_name, dtype))
 
 
@@ -318,15 +317,15 @@ class JanusCaption(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, detail=None, max_new_tokens=None):
         return _validation([
-            lambda: detail is None or nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
-            lambda: max_new_tokens is None or nodekit.check_number("max_new_tokens", max_new_tokens, 1,
-                                                                   MAX_NEW_TOKENS, integer=True),
+            lambda: detail is None or vocabulary.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
+            lambda: max_new_tokens is None or vocabulary.check_number("max_new_tokens", max_new_tokens, 1,
+                                                                      MAX_NEW_TOKENS, integer=True),
         ])
 
     @classmethod
     def execute(cls, model, image, detail="for a Jodi prompt", max_new_tokens=256) -> io.NodeOutput:
-        nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS))
-        max_new_tokens = nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+        vocabulary.check_choice("detail", detail, tuple(CAPTION_PRESETS))
+        max_new_tokens = vocabulary.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
         question, one_line = CAPTION_PRESETS[detail]
         rows = _image_rows(image)
         captions = _understand(model, list(rows), [question] * rows.shape[0], max_new_tokens=max_new_tokens,
@@ -369,7 +368,7 @@ class JanusAsk(io.ComfyNode):
                              tooltip="Upper limit on the answer length in tokens (the reference uses 512)."),
                 io.Float.Input("repetition_penalty", default=1.0, min=1.0, max=2.0, step=0.05, round=0.01,
                                tooltip="Above 1 discourages repeating tokens already in the answer (1 = off)."),
-                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=vocabulary.MAX_SEED, control_after_generate=True,
                              tooltip="Random seed for sampling (no effect with do_sample off)."),
             ],
             outputs=[io.String.Output(display_name="answer", is_output_list=True,
@@ -383,9 +382,9 @@ class JanusAsk(io.ComfyNode):
                       repetition_penalty=repetition_penalty, seed=seed)
         ranges = dict(max_new_tokens=(1, MAX_NEW_TOKENS, True), temperature=(0.0, 2.0, False),
                       top_p=(0.01, 1.0, False), repetition_penalty=(1.0, 2.0, False),
-                      seed=(0, nodekit.MAX_SEED, True))
+                      seed=(0, vocabulary.MAX_SEED, True))
         return _validation([
-            (lambda n=n, v=v: v is None or nodekit.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
+            (lambda n=n, v=v: v is None or vocabulary.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
             for n, v in values.items()
         ])
 
@@ -432,7 +431,7 @@ class JanusGenerate(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.0, max=2.0, step=0.05, round=0.01,
                                tooltip="Sampling temperature of the image tokens (reference 1). 0 = greedy: "
                                        "deterministic but usually flat images."),
-                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=vocabulary.MAX_SEED, control_after_generate=True,
                              tooltip="Random seed: the same seed, prompt and settings give the same images on the "
                                      "same device."),
                 io.Int.Input("batch_size", default=1, min=1, max=MAX_PARALLEL,
@@ -445,11 +444,11 @@ class JanusGenerate(io.ComfyNode):
     def validate_inputs(cls, prompt=None, cfg=None, temperature=None, seed=None, batch_size=None):
         return _validation([
             lambda: prompt is None or _check_prompt(prompt),
-            lambda: cfg is None or nodekit.check_number("cfg", cfg, 0.0, MAX_CFG),
-            lambda: temperature is None or nodekit.check_number("temperature", temperature, 0.0, 2.0),
-            lambda: seed is None or nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True),
-            lambda: batch_size is None or nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL,
-                                                               integer=True),
+            lambda: cfg is None or vocabulary.check_number("cfg", cfg, 0.0, MAX_CFG),
+            lambda: temperature is None or vocabulary.check_number("temperature", temperature, 0.0, 2.0),
+            lambda: seed is None or vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True),
+            lambda: batch_size is None or vocabulary.check_number("batch_size", batch_size, 1, MAX_PARALLEL,
+                                                                  integer=True),
         ])
 
     @classmethod
@@ -457,10 +456,10 @@ class JanusGenerate(io.ComfyNode):
         from ..jodi_core.janus import janus_generate_codes
 
         _check_prompt(prompt)
-        cfg = nodekit.check_number("cfg", cfg, 0.0, MAX_CFG)
-        temperature = nodekit.check_number("temperature", temperature, 0.0, 2.0)
-        seed = nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
-        batch_size = nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
+        cfg = vocabulary.check_number("cfg", cfg, 0.0, MAX_CFG)
+        temperature = vocabulary.check_number("temperature", temperature, 0.0, 2.0)
+        seed = vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True)
+        batch_size = vocabulary.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
         common.interrupt_check()
         # Conditional and unconditional rows: prompt plus the image tokens.
         janus = _ready(model, lambda m: m.kv_cache_bytes(
@@ -470,7 +469,7 @@ class JanusGenerate(io.ComfyNode):
                                      parallel_size=batch_size, seed=seed, callback=progress)
         common.interrupt_check()
         images = janus.decode_image_codes(codes)  # (B, 3, S, S) in [0, 1]
-        return io.NodeOutput(nodekit.bchw_to_image(images).to(common.intermediate_device()))
+        return io.NodeOutput(layouts.bchw_to_image(images).to(common.intermediate_device()))
 
 
 def _check_prompt(prompt) -> None:
