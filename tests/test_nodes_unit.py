@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from jodi_core import imaging
+from jodi_core import imaging, sampling
 from jodi_core import loading as real_loading
 from jodi_core.domains import DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, ade150_to_seg12, seg_palette
 from pack_modules import pack_module
@@ -162,6 +162,10 @@ def test_check_number_and_choice():
         with pytest.raises(ValueError, match="steps"):
             vocabulary.check_number("steps", bad, 1, 100, integer=True)
     assert vocabulary.torch_dtype("bf16") is torch.bfloat16 and vocabulary.torch_dtype("auto") is None
+
+
+def test_sampler_labels_name_jodi_core_samplers():
+    assert set(vocabulary.SAMPLERS.values()) == set(sampling.SAMPLERS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
