@@ -62,19 +62,10 @@ def vae_choices() -> list[str]:
 
 
 def demo_paths() -> tuple[str, str]:
-    """(dit, vae) files of the built-in demo model, or a clear error while it is not installed."""
-    try:
-        from ..jodi_core import demo
-    except ImportError as e:
-        raise FileNotFoundError(
-            "The built-in Jodi demo model is not part of this installation yet (jodi_core.demo is missing). Pick a "
-            "Jodi checkpoint from models/diffusion_models or models/jodi instead."
-        ) from e
-    finder = getattr(demo, "demo_model_paths", None)
-    if finder is not None:
-        dit, vae = finder()
-    else:
-        dit, vae = getattr(demo, "DEMO_MODEL_PATHS")
+    """(dit, vae) files of the built-in demo model; FileNotFoundError where this checkout has none."""
+    from ..jodi_core import demo
+
+    dit, vae = demo.demo_model_paths()
     return str(dit), str(vae)
 
 
