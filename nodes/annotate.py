@@ -85,8 +85,6 @@ class JodiAnnotateFolder(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,
                 seed=0) -> io.NodeOutput:
-        import comfy.utils
-
         from ..jodi_core.annotate import AnnotateConfig, annotate
         from ..jodi_core.pipeline import JodiPipeline
 
@@ -106,19 +104,13 @@ class JodiAnnotateFolder(io.ComfyNode):
         perceive = ["condition"] + ["generate" if name in cfg.domains else "ignore" for name in LABEL_NAMES]
         size = pipe.base_size  # the resolution annotate buckets to
         common.load_for_run(model, vae, pipe.working_memory(cfg.batch_size, perceive, size, size, use_cfg=False))
-        bar = {}
-
-        def on_progress(finished: int, total: int) -> None:
-            if "pbar" not in bar:
-                bar["pbar"] = comfy.utils.ProgressBar(total)
-            bar["pbar"].update_absolute(finished, total)
 
         def should_stop() -> bool:
             common.interrupt_check()  # raises ComfyUI's interrupt; finished images stay recorded
             return False
 
         summary = annotate(cfg, models=(common.unwrap(model), common.unwrap(vae)), should_stop=should_stop,
-                           on_progress=on_progress)
+                           on_progress=common.Progress(interruptible=False))
         return io.NodeOutput(f"{summary} -> {out}")
 
 

@@ -9,7 +9,6 @@ is offloaded when ComfyUI needs the room and is dropped by 'Free model and node 
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -18,18 +17,15 @@ from comfy_api.v0_0_2 import io
 
 from . import common, layouts, vocabulary
 
-log = logging.getLogger(__name__)
-
 JanusModelType = io.Custom("JANUS_MODEL")
 
 JANUS_FOLDER = "Janus-Pro"  # registered by the pack's __init__ (models/Janus-Pro plus extra_model_paths.yaml)
 _MODEL_MARKERS = ("config.json", "tokenizer.json")  # what makes a folder a model folder
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json")  # a change to one of these reloads the model
 
 MAX_NEW_TOKENS = 4096
 MAX_PARALLEL = 16  # the reference's parallel_size
 MAX_CFG = 50.0
-UNDERSTAND_CHUNK = 4  # images captioned per batch: bounds the KV cache (about 0.2 GB per row for Janus-Pro-1B)
 
 # Caption presets: (question, whether the answer is folded into one line). The "Jodi prompt" wording asks for what
 # a text-to-image caption holds (subjects, setting, light, style) and nothing else, so it can go to Jodi Text Encode.
@@ -57,9 +53,7 @@ _MODEL_TIP = "A Janus / Janus-Pro model from Janus Loader."
 
 def janus_roots() -> list[Path]:
     """The folders Janus models are listed from, in lookup order."""
-    fp = common._folder_paths()
-    entry = fp.folder_names_and_paths.get(JANUS_FOLDER)
-    return [Path(p) for p in (entry[0] if entry else [])]
+    return common.folder_roots(JANUS_FOLDER)
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -99,17 +93,6 @@ def resolve_janus_path(name: str) -> Path:
     )
 
 
-def _folder_fingerprint(name: str):
-    """Changes when a file of the model folder changes, so a replaced or completed download is reloaded."""
-    try:
-        path = resolve_janus_path(name)
-        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                       if p.suffix in _WEIGHT_SUFFIXES)
-        return f"{path}:{stats}"
-    except (OSError, ValueError):
-        return name  # validation/execution reports the problem
-
-
 def _auto_dtype(load_device) -> torch.dtype:
     """bf16 (Janus's training precision) where ComfyUI would use it; fp16 on GPUs without bf16, where fp32 would
     not fit a 7B model; fp32 on the CPU. ComfyUI's --force-fp32/--force-fp16 flags act through its checks."""
@@ -126,18 +109,12 @@ def _auto_dtype(load_device) -> torch.dtype:
 
 def load_janus_patcher(model_name: str, dtype_choice: str):
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     from ..jodi_core.janus import load_janus
 
     path = resolve_janus_path(model_name)
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    dtype = vocabulary.torch_dtype(dtype_choice) or _auto_dtype(load_device)
-    model = load_janus(path, dtype=dtype, device=offload_device)
-    log.info("Janus: loaded %s (%s) for %s", path.name, dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(common.ManagedModule(model), load_device=load_device,
-                                            offload_device=offload_device)
+    return common.load_patcher(load_janus, path, dtype_choice, (mm.get_torch_device(), mm.unet_offload_device()),
+                               _auto_dtype, "Janus")
 
 
 def _ready(model_patcher, working_memory=None):
@@ -152,21 +129,6 @@ def _ready(model_patcher, working_memory=None):
     need = int(working_memory(model)) if working_memory is not None else 0
     common.load_fully([model_patcher], need)
     return model
-
-
-class _Progress:
-    """Engine callback: progress bar and ComfyUI's interrupt (raised from inside the token loop)."""
-
-    def __init__(self, total: int):
-        import comfy.utils
-
-        self.pbar = comfy.utils.ProgressBar(total)
-        self.total = total
-        self.offset = 0
-
-    def __call__(self, step: int, steps: int) -> None:
-        common.interrupt_check()
-        self.pbar.update_absolute(min(self.offset + step, self.total), self.total)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,31 +163,15 @@ def _one_line(text: str) -> str:
 
 
 def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:
-    """Answers row by row in chunks: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
-    from ..jodi_core.janus import janus_understand
+    """One answer per row: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
+    from ..jodi_core.janus import janus_understand_in_chunks, understanding_cache_bytes
 
     common.interrupt_check()
-    rows = len(questions)
-    counts = [0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images]  # images per row
-    # The longest prompt (images expanded) plus the answer, for the rows of one chunk.
-    model = _ready(model_patcher, lambda m: m.kv_cache_bytes(
-        min(rows, UNDERSTAND_CHUNK), max(map(m.prompt_length, questions, counts)) + max_new_tokens))
-    chunks = [range(i, min(i + UNDERSTAND_CHUNK, rows)) for i in range(0, rows, UNDERSTAND_CHUNK)]
-    seed = int(sampling.pop("seed", 0))
-    progress = _Progress(max_new_tokens * len(chunks))
-    answers: list[str] = []
-    for n, chunk in enumerate(chunks):
-        progress.offset = n * max_new_tokens
-        rows_images = [images[i] for i in chunk]
-        rows_questions = [questions[i] for i in chunk]
-        limit = model.answer_room(rows_questions, [counts[i] for i in chunk])
-        if limit < max_new_tokens:
-            log.warning("Janus: max_new_tokens %d does not fit the model's context after the prompt; using %d.",
-                        max_new_tokens, limit)
-        # Each chunk its own seed: otherwise rows i and i + UNDERSTAND_CHUNK would draw the same random numbers.
-        answers += janus_understand(model, rows_images, rows_questions, max_new_tokens=min(max_new_tokens, limit),
-                                    callback=progress, seed=seed + n, **sampling)
-    progress.pbar.update_absolute(progress.total, progress.total)
+    model = _ready(model_patcher, lambda m: understanding_cache_bytes(m, images, questions, max_new_tokens))
+    progress = common.Progress()
+    answers = janus_understand_in_chunks(model, images, questions, max_new_tokens=max_new_tokens, callback=progress,
+                                         **sampling)
+    progress.finish()
     return [a.strip() for a in answers]
 
 
@@ -278,7 +224,7 @@ class JanusLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, dtype="auto"):
-        return (_folder_fingerprint(model_name), dtype)
+        return (common.file_fingerprint(resolve_janus_path, model_name, _MODEL_FILE_SUFFIXES), dtype)
 
     @classmethod
     def execute(cls, model_name, dtype="auto") -> io.NodeOutput:
@@ -464,9 +410,8 @@ class JanusGenerate(io.ComfyNode):
         # Conditional and unconditional rows: prompt plus the image tokens.
         janus = _ready(model, lambda m: m.kv_cache_bytes(
             2 * batch_size, len(m.processor.generation_ids(prompt)) + m.config.gen_image_tokens))
-        progress = _Progress(janus.config.gen_image_tokens)
         codes = janus_generate_codes(janus, prompt, cfg_weight=cfg, temperature=temperature,
-                                     parallel_size=batch_size, seed=seed, callback=progress)
+                                     parallel_size=batch_size, seed=seed, callback=common.Progress())
         common.interrupt_check()
         images = janus.decode_image_codes(codes)  # (B, 3, S, S) in [0, 1]
         return io.NodeOutput(layouts.bchw_to_image(images).to(common.intermediate_device()))

@@ -162,8 +162,6 @@ def decode_samples(vae_patcher, latent: payloads.LatentPayload, tiled: bool = Fa
     """The decode loop of Jodi Decode and the shortcuts: one sample at a time (bounds the decoder's memory), with a
     progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one).
     ``checked``: the caller has already checked that the decode fits in memory."""
-    import comfy.utils
-
     from ..jodi_core.pipeline import JodiPipeline
 
     pipe = JodiPipeline(None, common.unwrap(vae_patcher))
@@ -179,13 +177,13 @@ def decode_samples(vae_patcher, latent: payloads.LatentPayload, tiled: bool = Fa
         common.check_memory(needs, what, host_only=True)
         common.load_fully([vae_patcher], common.device_need(needs, vae_patcher))
         common.check_memory(needs, what)
-    pbar = comfy.utils.ProgressBar(latent.batch)
+    progress = common.Progress(interruptible=False)  # checked before each sample instead
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
     for b in range(latent.batch):
         common.interrupt_check()
         parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
                                          tiled=tiled, domains=domains))
-        pbar.update_absolute(b + 1, latent.batch)
+        progress(b + 1, latent.batch)
     if len(parts) == 1:  # torch.cat would copy every map
         return parts[0]
     images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
