@@ -71,7 +71,8 @@ def seg_index_from_image(seg: torch.Tensor) -> torch.Tensor:
     (the ``seg_classes`` output: grey = id / 255), the ids themselves."""
     x = image_to_bchw(seg, "segmentation")
     ids = x[:, 0] * 255
-    is_index_image = (x[:, :1] == x).all() and (ids - ids.round()).abs().max() < 1e-3 and ids.max() < len(SEG12_CLASSES)
+    grey = (x[:, :1] == x).all()
+    is_index_image = grey and (ids - ids.round()).abs().max() < 1e-3 and ids.max() < len(SEG12_CLASSES)
     if is_index_image and ids.max() > 0:  # an all-black map is the palette's "unlabeled" either way
         return ids.round().long()
     return seg_to_index(imaging.to_model_range(x))
