@@ -144,15 +144,6 @@ def _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed
     vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True)
 
 
-def _validation(checks) -> "bool | str":
-    try:
-        for check in checks:
-            check()
-    except ValueError as e:
-        return str(e)
-    return True
-
-
 def _image_rows(image, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) -> (B, 3, H, W) in [0, 1] on the CPU (the processor resizes on the CPU)."""
     return layouts.image_to_bchw(image, what).cpu()
@@ -219,7 +210,7 @@ class JanusLoader(io.ComfyNode):
                                  "folder with weights, config.json and tokenizer.json) and refresh.")
             vocabulary.check_choice("model_name", model_name, choices)
 
-        return _validation([check_model, lambda: dtype is None or vocabulary.check_choice(
+        return vocabulary.validation([check_model, lambda: dtype is None or vocabulary.check_choice(
             "dtype", dtype, vocabulary.DTYPE_CHOICES)])
 
     @classmethod
@@ -262,7 +253,7 @@ class JanusCaption(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, detail=None, max_new_tokens=None):
-        return _validation([
+        return vocabulary.validation([
             lambda: detail is None or vocabulary.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
             lambda: max_new_tokens is None or vocabulary.check_number("max_new_tokens", max_new_tokens, 1,
                                                                       MAX_NEW_TOKENS, integer=True),
@@ -329,7 +320,7 @@ class JanusAsk(io.ComfyNode):
         ranges = dict(max_new_tokens=(1, MAX_NEW_TOKENS, True), temperature=(0.0, 2.0, False),
                       top_p=(0.01, 1.0, False), repetition_penalty=(1.0, 2.0, False),
                       seed=(0, vocabulary.MAX_SEED, True))
-        return _validation([
+        return vocabulary.validation([
             (lambda n=n, v=v: v is None or vocabulary.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
             for n, v in values.items()
         ])
@@ -388,7 +379,7 @@ class JanusGenerate(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompt=None, cfg=None, temperature=None, seed=None, batch_size=None):
-        return _validation([
+        return vocabulary.validation([
             lambda: prompt is None or _check_prompt(prompt),
             lambda: cfg is None or vocabulary.check_number("cfg", cfg, 0.0, MAX_CFG),
             lambda: temperature is None or vocabulary.check_number("temperature", temperature, 0.0, 2.0),

@@ -13,6 +13,15 @@ _DTYPE_TIP = (
 )
 
 
+def _validate(name: str, value, choices, dtype, attention) -> "bool | str":
+    """validate_inputs of both loaders; None is a linked input, checked when the node runs."""
+    return vocabulary.validation([
+        lambda: value is None or vocabulary.check_choice(name, value, choices()),
+        lambda: dtype is None or vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES),
+        lambda: attention is None or vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES),
+    ])
+
+
 class JodiModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -43,16 +52,7 @@ class JodiModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ckpt_name=None, dtype=None, attention=None):
-        try:
-            if ckpt_name is not None:
-                vocabulary.check_choice("ckpt_name", ckpt_name, common.dit_choices())
-            if dtype is not None:
-                vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES)
-            if attention is not None:
-                vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _validate("ckpt_name", ckpt_name, common.dit_choices, dtype, attention)
 
     @classmethod
     def fingerprint_inputs(cls, ckpt_name, dtype="auto", attention="auto"):
@@ -92,16 +92,7 @@ class JodiVAELoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name=None, dtype=None, attention=None):
-        try:
-            if vae_name is not None:
-                vocabulary.check_choice("vae_name", vae_name, common.vae_choices())
-            if dtype is not None:
-                vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES)
-            if attention is not None:
-                vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _validate("vae_name", vae_name, common.vae_choices, dtype, attention)
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, dtype="auto", attention="auto"):

@@ -6,7 +6,7 @@ its min/max checks for inputs that validate_inputs names, so the nodes check the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -39,6 +39,16 @@ def check_number(name: str, value, lo: float, hi: float, integer: bool = False):
     if integer and int(value) != value:
         raise ValueError(f"{name} must be an integer, got {value!r}.")
     return int(value) if integer else float(value)
+
+
+def validation(checks: Iterable[Callable[[], object]]) -> "bool | str":
+    """What validate_inputs returns: True, or the message of the first check that raises ValueError."""
+    try:
+        for check in checks:
+            check()
+    except ValueError as e:
+        return str(e)
+    return True
 
 
 def torch_dtype(choice: str) -> Optional[torch.dtype]:

@@ -162,6 +162,9 @@ def test_check_number_and_choice():
         with pytest.raises(ValueError, match="steps"):
             vocabulary.check_number("steps", bad, 1, 100, integer=True)
     assert vocabulary.torch_dtype("bf16") is torch.bfloat16 and vocabulary.torch_dtype("auto") is None
+    assert vocabulary.validation([lambda: vocabulary.check_choice("dtype", "bf16", vocabulary.DTYPE_CHOICES)]) is True
+    assert vocabulary.validation([lambda: None, lambda: vocabulary.check_number("cfg", -1, 0, 10),
+                                  lambda: vocabulary.check_number("steps", 0, 1, 10)]).startswith("cfg must be")
 
 
 def test_sampler_labels_name_jodi_core_samplers():
