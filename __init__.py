@@ -28,6 +28,6 @@ def _register_model_folders() -> None:
 
 if importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spec("folder_paths") is not None:
     _register_model_folders()
-    from .nodes import comfy_entrypoint  # noqa: F401
+    from .nodes.extension import comfy_entrypoint  # noqa: F401
 
     __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

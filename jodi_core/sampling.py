@@ -106,15 +106,12 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
 }
-# Names the ComfyUI nodes show.
-SAMPLER_ALIASES = {"dpm++2m-flow": "dpmpp_2m", "euler-flow": "euler", "dpmpp_2m_flow": "dpmpp_2m"}
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    key = SAMPLER_ALIASES.get(name, name)
-    if key not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS) + sorted(SAMPLER_ALIASES))}.")
-    return SAMPLERS[key]
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}.")
+    return SAMPLERS[name]
 
 
 def cfg_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.annotate import ROOTS_ENV, extra_roots, resolve_inside
 from ..jodi_core.domains import LABEL_NAMES, get_domain, perception_roles
-from . import common
+from . import common, vocabulary
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -86,8 +85,6 @@ class JodiAnnotateFolder(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,
                 seed=0) -> io.NodeOutput:
-        import comfy.utils
-
         from ..jodi_core.annotate import AnnotateConfig, annotate
         from ..jodi_core.pipeline import JodiPipeline
 
@@ -99,27 +96,21 @@ class JodiAnnotateFolder(io.ComfyNode):
         out = _folder(output_folder, "output_folder", "get_output_directory")
         cfg = AnnotateConfig(
             input=str(src), output=str(out), domains=parse_domains(domains),
-            steps=nodekit.check_number("steps", steps, 1, MAX_STEPS, integer=True),
-            batch_size=nodekit.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
-            seed=nodekit.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
+            steps=vocabulary.check_number("steps", steps, 1, MAX_STEPS, integer=True),
+            batch_size=vocabulary.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
+            seed=vocabulary.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
         )
         pipe = JodiPipeline(common.unwrap(model), common.unwrap(vae))
         size = pipe.base_size  # the resolution annotate buckets to
         need = pipe.working_memory(cfg.batch_size, perception_roles(cfg.domains), size, size, use_cfg=False)
         common.load_for_run(model, vae, need)
-        bar = {}
-
-        def on_progress(finished: int, total: int) -> None:
-            if "pbar" not in bar:
-                bar["pbar"] = comfy.utils.ProgressBar(total)
-            bar["pbar"].update_absolute(finished, total)
 
         def should_stop() -> bool:
             common.interrupt_check()  # raises ComfyUI's interrupt; finished images stay recorded
             return False
 
         summary = annotate(cfg, models=(common.unwrap(model), common.unwrap(vae)), should_stop=should_stop,
-                           on_progress=on_progress)
+                           on_progress=common.Progress(interruptible=False))
         return io.NodeOutput(f"{summary} -> {out}")
 
 

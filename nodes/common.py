@@ -1,4 +1,5 @@
-"""Glue shared by the Jodi nodes: socket types, model files, ComfyUI memory management, progress and previews.
+"""Glue shared by the Jodi and Janus nodes: socket types, model files, model loading into ComfyUI ModelPatchers,
+ComfyUI memory management, progress and previews.
 
 Only ComfyUI plumbing lives here; everything model-related is in jodi_core. Heavy jodi_core modules (model code,
 Triton kernels) are imported inside functions, so importing the pack stays cheap.
@@ -6,16 +7,18 @@ Triton kernels) are imported inside functions, so importing the pack stays cheap
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, DOMAINS
+from . import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,13 @@ def _folder_paths():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def folder_roots(name: str) -> list[Path]:
+    """The folders a ComfyUI model folder name stands for (models/<name> plus extra_model_paths.yaml), in lookup
+    order; none while the name is not registered."""
+    entry = _folder_paths().folder_names_and_paths.get(name)
+    return [Path(p) for p in (entry[0] if entry else [])]
+
+
 def _list_folder(name: str) -> list[str]:
     try:
         return list(_folder_paths().get_filename_list(name))
@@ -54,32 +64,23 @@ def dit_choices() -> list[str]:
     names: list[str] = []
     for folder in JODI_FOLDERS:
         names += [n for n in _list_folder(folder) if n not in names]
-    return [nodekit.DEMO_MODEL_CHOICE, *sorted(names)]
+    return [vocabulary.DEMO_MODEL_CHOICE, *sorted(names)]
 
 
 def vae_choices() -> list[str]:
-    return [nodekit.DEMO_MODEL_CHOICE, *sorted(_list_folder(VAE_FOLDER))]
+    return [vocabulary.DEMO_MODEL_CHOICE, *sorted(_list_folder(VAE_FOLDER))]
 
 
 def demo_paths() -> tuple[str, str]:
-    """(dit, vae) files of the built-in demo model, or a clear error while it is not installed."""
-    try:
-        from ..jodi_core import demo
-    except ImportError as e:
-        raise FileNotFoundError(
-            "The built-in Jodi demo model is not part of this installation yet (jodi_core.demo is missing). Pick a "
-            "Jodi checkpoint from models/diffusion_models or models/jodi instead."
-        ) from e
-    finder = getattr(demo, "demo_model_paths", None)
-    if finder is not None:
-        dit, vae = finder()
-    else:
-        dit, vae = getattr(demo, "DEMO_MODEL_PATHS")
+    """(dit, vae) files of the built-in demo model; FileNotFoundError where this checkout has none."""
+    from ..jodi_core import demo
+
+    dit, vae = demo.demo_model_paths()
     return str(dit), str(vae)
 
 
 def resolve_dit_path(name: str) -> str:
-    if name == nodekit.DEMO_MODEL_CHOICE:
+    if name == vocabulary.DEMO_MODEL_CHOICE:
         return demo_paths()[0]
     for folder in JODI_FOLDERS:
         path = _folder_paths().get_full_path(folder, name)
@@ -92,7 +93,7 @@ def resolve_dit_path(name: str) -> str:
 
 
 def resolve_vae_path(name: str) -> str:
-    if name == nodekit.DEMO_MODEL_CHOICE:
+    if name == vocabulary.DEMO_MODEL_CHOICE:
         return demo_paths()[1]
     path = _folder_paths().get_full_path(VAE_FOLDER, name)
     if path is None:
@@ -100,10 +101,14 @@ def resolve_vae_path(name: str) -> str:
     return path
 
 
-def file_fingerprint(path_resolver, name: str):
-    """Changes when the file behind a combo entry changes, so a replaced checkpoint is reloaded."""
+def file_fingerprint(path_resolver, name: str, folder_suffixes: Sequence[str] = ()):
+    """Changes when the file behind a combo entry changes, so a replaced checkpoint is reloaded. A model folder:
+    when one of its files ending in ``folder_suffixes`` changes (a replaced or completed download)."""
     try:
         path = path_resolver(name)
+        if os.path.isdir(path):
+            files = [p for p in Path(path).iterdir() if p.suffix in folder_suffixes]
+            return f"{path}:{sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)}"
         st = os.stat(path)
         return f"{path}:{st.st_size}:{st.st_mtime_ns}"
     except (OSError, ValueError):
@@ -136,10 +141,8 @@ def unwrap(patcher) -> torch.nn.Module:
     return model.module if isinstance(model, ManagedModule) else model
 
 
-def _pick_dtype(choice: str, auto_dtype: torch.dtype) -> torch.dtype:
-    dtype = nodekit.torch_dtype(choice)
-    if dtype is None:
-        dtype = auto_dtype
+def _pick_dtype(choice: str, auto_dtype: Callable[[], torch.dtype]) -> torch.dtype:
+    dtype = vocabulary.torch_dtype(choice) or auto_dtype()
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         # fp8/fp64 flags of ComfyUI are for its own models; jodi_core computes in the weight dtype.
         log.warning("Jodi: dtype %s from ComfyUI's flags is not supported; using float32.", dtype)
@@ -147,41 +150,48 @@ def _pick_dtype(choice: str, auto_dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def load_patcher(load, path, dtype_choice: str, devices: tuple, auto_dtype: Callable, what: str):
+    """A jodi_core module from ``load(path, dtype=, device=)``, on ``devices`` = (load device, offload device), in
+    a ModelPatcher: ComfyUI moves it to the load device when a node uses it. ``auto_dtype(load_device)``: the dtype
+    the 'auto' choice means for this model; ``what``: the model's name in the log."""
+    import comfy.model_patcher
+
+    load_device, offload_device = devices
+    dtype = _pick_dtype(dtype_choice, lambda: auto_dtype(load_device))
+    module = load(path, dtype=dtype, device=offload_device).eval()
+    log.info("%s: loaded %s (%s) for %s", what, os.path.basename(path), dtype, load_device)
+    return comfy.model_patcher.ModelPatcher(ManagedModule(module), load_device=load_device,
+                                            offload_device=offload_device)
+
+
 def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     from ..jodi_core.loading import load_jodi
 
-    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+    vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
     path = resolve_dit_path(ckpt_name)
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    # fp16 is only used when asked for: Sana-style DiTs were trained in bf16 and can overflow in fp16.
-    dtype = _pick_dtype(dtype_choice, mm.unet_dtype(load_device, supported_dtypes=[torch.bfloat16, torch.float32]))
-    model = load_jodi(path, dtype=dtype, device=offload_device, attention_backend=attention)
-    model.eval()
-    log.info("Jodi: loaded %s (%s) for %s", os.path.basename(path), dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(ManagedModule(model), load_device=load_device,
-                                            offload_device=offload_device)
+
+    def auto_dtype(device):  # fp16 only when asked for: Sana-style DiTs were trained in bf16 and overflow in fp16
+        return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float32])
+
+    return load_patcher(functools.partial(load_jodi, attention_backend=attention), path, dtype_choice,
+                        (mm.get_torch_device(), mm.unet_offload_device()), auto_dtype, "Jodi")
 
 
 def load_vae_patcher(vae_name: str, dtype_choice: str, attention: str = "auto"):
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     from ..jodi_core.loading import load_dcae
 
-    nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
+    vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES)
     path = resolve_vae_path(vae_name)
-    load_device = mm.vae_device()
-    offload_device = mm.vae_offload_device()
-    dtype = _pick_dtype(dtype_choice, mm.vae_dtype(load_device, [torch.bfloat16]))
-    vae = load_dcae(path, dtype=dtype, device=offload_device, attention_backend=attention)
-    vae.eval()
-    log.info("Jodi: loaded DC-AE %s (%s) for %s", os.path.basename(path), dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(ManagedModule(vae), load_device=load_device,
-                                            offload_device=offload_device)
+
+    def auto_dtype(device):
+        return mm.vae_dtype(device, [torch.bfloat16])
+
+    return load_patcher(functools.partial(load_dcae, attention_backend=attention), path, dtype_choice,
+                        (mm.vae_device(), mm.vae_offload_device()), auto_dtype, "Jodi DC-AE")
 
 
 def check_patcher(value, what: str, expected: str):
@@ -267,14 +277,38 @@ def to_pil(image_bchw: torch.Tensor):
     return Image.fromarray(arr)
 
 
+class Progress:
+    """``progress(done, total)``: ComfyUI's progress bar, made on the first report (when the total is known).
+    ``interruptible``: each report first raises ComfyUI's interrupt if the user cancelled, which stops a jodi_core
+    loop that reports through a callback."""
+
+    def __init__(self, interruptible: bool = True):
+        self.interruptible = interruptible
+        self.bar = None
+        self.total = 0
+
+    def __call__(self, done: int, total: int, preview=None) -> None:
+        if self.interruptible:
+            interrupt_check()
+        if self.bar is None:
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(total)
+        self.total = total
+        self.bar.update_absolute(min(done, total), total, preview)
+
+    def finish(self) -> None:
+        """A full bar, for runs that may end before their step budget (answers that stop early)."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total)
+
+
 class StepReporter:
     """The sampler callback: interrupt check, progress bar, and (if ComfyUI previews are on) a decoded preview of one
     generated domain, throttled so previews cost little next to the DiT steps."""
 
     def __init__(self, total: int, pipe, roles_row: torch.Tensor, min_interval_s: float = 1.0):
-        import comfy.utils
-
-        self.pbar = comfy.utils.ProgressBar(total)
+        self.progress = Progress(interruptible=False)  # checked before the preview instead
         self.pipe = pipe
         self.total = total
         self.min_interval_s = min_interval_s
@@ -285,16 +319,14 @@ class StepReporter:
             self.preview_domain = generated[0] if generated else None  # the image when it is generated
 
     def __call__(self, step: int, x0: torch.Tensor, x_t: torch.Tensor, total: int) -> None:
-        import comfy.model_management as mm
-
-        mm.throw_exception_if_processing_interrupted()
+        interrupt_check()
         preview = None
         now = time.monotonic()
         last = step + 1 >= total
         if self.preview_domain is not None and (last or now - self.last_preview >= self.min_interval_s):
             preview = self._preview(x0)
             self.last_preview = time.monotonic()
-        self.pbar.update_absolute(step + 1, total, preview)
+        self.progress(step + 1, total, preview)
 
     def _preview(self, x0: torch.Tensor):
         try:

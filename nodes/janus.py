@@ -9,28 +9,23 @@ is offloaded when ComfyUI needs the room and is dropped by 'Free model and node 
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
-from . import common
-
-log = logging.getLogger(__name__)
+from . import common, layouts, vocabulary
 
 JanusModelType = io.Custom("JANUS_MODEL")
 
 JANUS_FOLDER = "Janus-Pro"  # registered by the pack's __init__ (models/Janus-Pro plus extra_model_paths.yaml)
 _MODEL_MARKERS = ("config.json", "tokenizer.json")  # what makes a folder a model folder
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json")  # a change to one of these reloads the model
 
 MAX_NEW_TOKENS = 4096
 MAX_PARALLEL = 16  # the reference's parallel_size
 MAX_CFG = 50.0
-UNDERSTAND_CHUNK = 4  # images captioned per batch: bounds the KV cache (about 0.2 GB per row for Janus-Pro-1B)
 
 # Caption presets: (question, whether the answer is folded into one line). The "Jodi prompt" wording asks for what
 # a text-to-image caption holds (subjects, setting, light, style) and nothing else, so it can go to Jodi Text Encode.
@@ -58,9 +53,7 @@ _MODEL_TIP = "A Janus / Janus-Pro model from Janus Loader."
 
 def janus_roots() -> list[Path]:
     """The folders Janus models are listed from, in lookup order."""
-    fp = common._folder_paths()
-    entry = fp.folder_names_and_paths.get(JANUS_FOLDER)
-    return [Path(p) for p in (entry[0] if entry else [])]
+    return common.folder_roots(JANUS_FOLDER)
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -100,17 +93,6 @@ def resolve_janus_path(name: str) -> Path:
     )
 
 
-def _folder_fingerprint(name: str):
-    """Changes when a file of the model folder changes, so a replaced or completed download is reloaded."""
-    try:
-        path = resolve_janus_path(name)
-        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                       if p.suffix in _WEIGHT_SUFFIXES)
-        return f"{path}:{stats}"
-    except (OSError, ValueError):
-        return name  # validation/execution reports the problem
-
-
 def _auto_dtype(load_device) -> torch.dtype:
     """bf16 (Janus's training precision) where ComfyUI would use it; fp16 on GPUs without bf16, where fp32 would
     not fit a 7B model; fp32 on the CPU. ComfyUI's --force-fp32/--force-fp16 flags act through its checks."""
@@ -127,18 +109,12 @@ def _auto_dtype(load_device) -> torch.dtype:
 
 def load_janus_patcher(model_name: str, dtype_choice: str):
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     from ..jodi_core.janus import load_janus
 
     path = resolve_janus_path(model_name)
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    dtype = nodekit.torch_dtype(dtype_choice) or _auto_dtype(load_device)
-    model = load_janus(path, dtype=dtype, device=offload_device)
-    log.info("Janus: loaded %s (%s) for %s", path.name, dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(common.ManagedModule(model), load_device=load_device,
-                                            offload_device=offload_device)
+    return common.load_patcher(load_janus, path, dtype_choice, (mm.get_torch_device(), mm.unet_offload_device()),
+                               _auto_dtype, "Janus")
 
 
 def _ready(model_patcher, working_memory=None):
@@ -155,46 +131,22 @@ def _ready(model_patcher, working_memory=None):
     return model
 
 
-class _Progress:
-    """Engine callback: progress bar and ComfyUI's interrupt (raised from inside the token loop)."""
-
-    def __init__(self, total: int):
-        import comfy.utils
-
-        self.pbar = comfy.utils.ProgressBar(total)
-        self.total = total
-        self.offset = 0
-
-    def __call__(self, step: int, steps: int) -> None:
-        common.interrupt_check()
-        self.pbar.update_absolute(min(self.offset + step, self.total), self.total)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Input checks (the server does not check V3 combos; validate_inputs turns off its range checks for named inputs)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed) -> None:
-    nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
-    nodekit.check_number("temperature", temperature, 0.0, 2.0)
-    nodekit.check_number("top_p", top_p, 0.01, 1.0)
-    nodekit.check_number("repetition_penalty", repetition_penalty, 1.0, 2.0)
-    nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
-
-
-def _validation(checks) -> "bool | str":
-    try:
-        for check in checks:
-            check()
-    except ValueError as e:
-        return str(e)
-    return True
+    vocabulary.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    vocabulary.check_number("temperature", temperature, 0.0, 2.0)
+    vocabulary.check_number("top_p", top_p, 0.01, 1.0)
+    vocabulary.check_number("repetition_penalty", repetition_penalty, 1.0, 2.0)
+    vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True)
 
 
 def _image_rows(image, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) -> (B, 3, H, W) in [0, 1] on the CPU (the processor resizes on the CPU)."""
-    return nodekit.image_to_bchw(image, what).cpu()
+    return layouts.image_to_bchw(image, what).cpu()
 
 
 def _one_line(text: str) -> str:
@@ -202,31 +154,15 @@ def _one_line(text: str) -> str:
 
 
 def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:
-    """Answers row by row in chunks: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
-    from ..jodi_core.janus import janus_understand
+    """One answer per row: ``images`` is a list with one entry per row (None, (3, H, W) or (N, 3, H, W))."""
+    from ..jodi_core.janus import janus_understand_in_chunks, understanding_cache_bytes
 
     common.interrupt_check()
-    rows = len(questions)
-    counts = [0 if im is None else 1 if im.dim() == 3 else im.shape[0] for im in images]  # images per row
-    # The longest prompt (images expanded) plus the answer, for the rows of one chunk.
-    model = _ready(model_patcher, lambda m: m.kv_cache_bytes(
-        min(rows, UNDERSTAND_CHUNK), max(map(m.prompt_length, questions, counts)) + max_new_tokens))
-    chunks = [range(i, min(i + UNDERSTAND_CHUNK, rows)) for i in range(0, rows, UNDERSTAND_CHUNK)]
-    seed = int(sampling.pop("seed", 0))
-    progress = _Progress(max_new_tokens * len(chunks))
-    answers: list[str] = []
-    for n, chunk in enumerate(chunks):
-        progress.offset = n * max_new_tokens
-        rows_images = [images[i] for i in chunk]
-        rows_questions = [questions[i] for i in chunk]
-        limit = model.answer_room(rows_questions, [counts[i] for i in chunk])
-        if limit < max_new_tokens:
-            log.warning("Janus: max_new_tokens %d does not fit the model's context after the prompt; using %d.",
-                        max_new_tokens, limit)
-        # Each chunk its own seed: otherwise rows i and i + UNDERSTAND_CHUNK would draw the same random numbers.
-        answers += janus_understand(model, rows_images, rows_questions, max_new_tokens=min(max_new_tokens, limit),
-                                    callback=progress, seed=seed + n, **sampling)
-    progress.pbar.update_absolute(progress.total, progress.total)
+    model = _ready(model_patcher, lambda m: understanding_cache_bytes(m, images, questions, max_new_tokens))
+    progress = common.Progress()
+    answers = janus_understand_in_chunks(model, images, questions, max_new_tokens=max_new_tokens, callback=progress,
+                                         **sampling)
+    progress.finish()
     return [a.strip() for a in answers]
 
 
@@ -255,7 +191,7 @@ class JanusLoader(io.ComfyNode):
                     tooltip="Model folder in models/Janus-Pro (or an extra_model_paths.yaml 'Janus-Pro' folder) with "
                             "the checkpoint's weights, config.json, tokenizer.json and preprocessor_config.json, "
                             "e.g. Janus-Pro-1B downloaded from deepseek-ai/Janus-Pro-1B."),
-                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input("dtype", options=list(vocabulary.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
             ],
             outputs=[JanusModelType.Output(
                 display_name="janus_model",
@@ -272,18 +208,18 @@ class JanusLoader(io.ComfyNode):
                 roots = ", ".join(str(r) for r in janus_roots()) or "models/Janus-Pro"
                 raise ValueError(f"No Janus model folder found in {roots}: put e.g. Janus-Pro-1B there (the whole "
                                  "folder with weights, config.json and tokenizer.json) and refresh.")
-            nodekit.check_choice("model_name", model_name, choices)
+            vocabulary.check_choice("model_name", model_name, choices)
 
-        return _validation([check_model, lambda: dtype is None or nodekit.check_choice(
-            "dtype", dtype, nodekit.DTYPE_CHOICES)])
+        return vocabulary.validation([check_model, lambda: dtype is None or vocabulary.check_choice(
+            "dtype", dtype, vocabulary.DTYPE_CHOICES)])
 
     @classmethod
     def fingerprint_inputs(cls, model_name, dtype="auto"):
-        return (_folder_fingerprint(model_name), dtype)
+        return (common.file_fingerprint(resolve_janus_path, model_name, _MODEL_FILE_SUFFIXES), dtype)
 
     @classmethod
     def execute(cls, model_name, dtype="auto") -> io.NodeOutput:
-        nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
+        vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES)
         return io.NodeOutput(load_janus_patcher(model_name, dtype))
 
 
@@ -317,16 +253,16 @@ class JanusCaption(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, detail=None, max_new_tokens=None):
-        return _validation([
-            lambda: detail is None or nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
-            lambda: max_new_tokens is None or nodekit.check_number("max_new_tokens", max_new_tokens, 1,
-                                                                   MAX_NEW_TOKENS, integer=True),
+        return vocabulary.validation([
+            lambda: detail is None or vocabulary.check_choice("detail", detail, tuple(CAPTION_PRESETS)),
+            lambda: max_new_tokens is None or vocabulary.check_number("max_new_tokens", max_new_tokens, 1,
+                                                                      MAX_NEW_TOKENS, integer=True),
         ])
 
     @classmethod
     def execute(cls, model, image, detail="for a Jodi prompt", max_new_tokens=256) -> io.NodeOutput:
-        nodekit.check_choice("detail", detail, tuple(CAPTION_PRESETS))
-        max_new_tokens = nodekit.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+        vocabulary.check_choice("detail", detail, tuple(CAPTION_PRESETS))
+        max_new_tokens = vocabulary.check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
         question, one_line = CAPTION_PRESETS[detail]
         rows = _image_rows(image)
         captions = _understand(model, list(rows), [question] * rows.shape[0], max_new_tokens=max_new_tokens,
@@ -369,7 +305,7 @@ class JanusAsk(io.ComfyNode):
                              tooltip="Upper limit on the answer length in tokens (the reference uses 512)."),
                 io.Float.Input("repetition_penalty", default=1.0, min=1.0, max=2.0, step=0.05, round=0.01,
                                tooltip="Above 1 discourages repeating tokens already in the answer (1 = off)."),
-                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=vocabulary.MAX_SEED, control_after_generate=True,
                              tooltip="Random seed for sampling (no effect with do_sample off)."),
             ],
             outputs=[io.String.Output(display_name="answer", is_output_list=True,
@@ -383,9 +319,9 @@ class JanusAsk(io.ComfyNode):
                       repetition_penalty=repetition_penalty, seed=seed)
         ranges = dict(max_new_tokens=(1, MAX_NEW_TOKENS, True), temperature=(0.0, 2.0, False),
                       top_p=(0.01, 1.0, False), repetition_penalty=(1.0, 2.0, False),
-                      seed=(0, nodekit.MAX_SEED, True))
-        return _validation([
-            (lambda n=n, v=v: v is None or nodekit.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
+                      seed=(0, vocabulary.MAX_SEED, True))
+        return vocabulary.validation([
+            (lambda n=n, v=v: v is None or vocabulary.check_number(n, v, *ranges[n][:2], integer=ranges[n][2]))
             for n, v in values.items()
         ])
 
@@ -432,7 +368,7 @@ class JanusGenerate(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.0, max=2.0, step=0.05, round=0.01,
                                tooltip="Sampling temperature of the image tokens (reference 1). 0 = greedy: "
                                        "deterministic but usually flat images."),
-                io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=vocabulary.MAX_SEED, control_after_generate=True,
                              tooltip="Random seed: the same seed, prompt and settings give the same images on the "
                                      "same device."),
                 io.Int.Input("batch_size", default=1, min=1, max=MAX_PARALLEL,
@@ -443,13 +379,13 @@ class JanusGenerate(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompt=None, cfg=None, temperature=None, seed=None, batch_size=None):
-        return _validation([
+        return vocabulary.validation([
             lambda: prompt is None or _check_prompt(prompt),
-            lambda: cfg is None or nodekit.check_number("cfg", cfg, 0.0, MAX_CFG),
-            lambda: temperature is None or nodekit.check_number("temperature", temperature, 0.0, 2.0),
-            lambda: seed is None or nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True),
-            lambda: batch_size is None or nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL,
-                                                               integer=True),
+            lambda: cfg is None or vocabulary.check_number("cfg", cfg, 0.0, MAX_CFG),
+            lambda: temperature is None or vocabulary.check_number("temperature", temperature, 0.0, 2.0),
+            lambda: seed is None or vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True),
+            lambda: batch_size is None or vocabulary.check_number("batch_size", batch_size, 1, MAX_PARALLEL,
+                                                                  integer=True),
         ])
 
     @classmethod
@@ -457,20 +393,19 @@ class JanusGenerate(io.ComfyNode):
         from ..jodi_core.janus import janus_generate_codes
 
         _check_prompt(prompt)
-        cfg = nodekit.check_number("cfg", cfg, 0.0, MAX_CFG)
-        temperature = nodekit.check_number("temperature", temperature, 0.0, 2.0)
-        seed = nodekit.check_number("seed", seed, 0, nodekit.MAX_SEED, integer=True)
-        batch_size = nodekit.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
+        cfg = vocabulary.check_number("cfg", cfg, 0.0, MAX_CFG)
+        temperature = vocabulary.check_number("temperature", temperature, 0.0, 2.0)
+        seed = vocabulary.check_number("seed", seed, 0, vocabulary.MAX_SEED, integer=True)
+        batch_size = vocabulary.check_number("batch_size", batch_size, 1, MAX_PARALLEL, integer=True)
         common.interrupt_check()
         # Conditional and unconditional rows: prompt plus the image tokens.
         janus = _ready(model, lambda m: m.kv_cache_bytes(
             2 * batch_size, len(m.processor.generation_ids(prompt)) + m.config.gen_image_tokens))
-        progress = _Progress(janus.config.gen_image_tokens)
         codes = janus_generate_codes(janus, prompt, cfg_weight=cfg, temperature=temperature,
-                                     parallel_size=batch_size, seed=seed, callback=progress)
+                                     parallel_size=batch_size, seed=seed, callback=common.Progress())
         common.interrupt_check()
         images = janus.decode_image_codes(codes)  # (B, 3, S, S) in [0, 1]
-        return io.NodeOutput(nodekit.bchw_to_image(images).to(common.intermediate_device()))
+        return io.NodeOutput(layouts.bchw_to_image(images).to(common.intermediate_device()))
 
 
 def _check_prompt(prompt) -> None:

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
-from . import common
+from . import common, vocabulary
 
 _DTYPE_TIP = (
     "Weight and compute precision. auto: what ComfyUI picks for this device (bf16 on recent GPUs, fp32 on CPU and "
     "with --cpu). fp16 may overflow with Jodi; use it only on GPUs without bf16."
 )
+
+
+def _validate(name: str, value, choices, dtype, attention) -> "bool | str":
+    """validate_inputs of both loaders; None is a linked input, checked when the node runs."""
+    return vocabulary.validation([
+        lambda: value is None or vocabulary.check_choice(name, value, choices()),
+        lambda: dtype is None or vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES),
+        lambda: attention is None or vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES),
+    ])
 
 
 class JodiModelLoader(io.ComfyNode):
@@ -24,16 +32,16 @@ class JodiModelLoader(io.ComfyNode):
             description=(
                 "Loads a Jodi diffusion transformer (the official Jodi.pth or a .safetensors conversion; the "
                 "configuration is read from the weights) from models/diffusion_models or models/jodi. "
-                f"'{nodekit.DEMO_MODEL_CHOICE}' is a tiny model shipped with the pack that runs on CPU."
+                f"'{vocabulary.DEMO_MODEL_CHOICE}' is a tiny model shipped with the pack that runs on CPU."
             ),
             inputs=[
                 io.Combo.Input(
-                    "ckpt_name", options=common.dit_choices(), default=nodekit.DEMO_MODEL_CHOICE,
+                    "ckpt_name", options=common.dit_choices(), default=vocabulary.DEMO_MODEL_CHOICE,
                     tooltip="Jodi checkpoint file from models/diffusion_models or models/jodi (extra_model_paths.yaml "
                             "folders included), or the built-in demo model."),
-                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input("dtype", options=list(vocabulary.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
                 io.Combo.Input(
-                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto",
+                    "attention", options=list(vocabulary.ATTENTION_CHOICES), default="auto",
                     tooltip="Linear-attention kernels. auto: fused Triton kernels on CUDA when Triton works, else "
                             "plain PyTorch. torch: always PyTorch (any device). triton: ask for the Triton kernels "
                             "(falls back to PyTorch with a warning where they cannot run)."),
@@ -44,16 +52,7 @@ class JodiModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ckpt_name=None, dtype=None, attention=None):
-        try:
-            if ckpt_name is not None:
-                nodekit.check_choice("ckpt_name", ckpt_name, common.dit_choices())
-            if dtype is not None:
-                nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
-            if attention is not None:
-                nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _validate("ckpt_name", ckpt_name, common.dit_choices, dtype, attention)
 
     @classmethod
     def fingerprint_inputs(cls, ckpt_name, dtype="auto", attention="auto"):
@@ -77,12 +76,12 @@ class JodiVAELoader(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "vae_name", options=common.vae_choices(), default=nodekit.DEMO_MODEL_CHOICE,
+                    "vae_name", options=common.vae_choices(), default=vocabulary.DEMO_MODEL_CHOICE,
                     tooltip="DC-AE file from models/vae (e.g. dc-ae-f32c32-sana-1.0.safetensors), or the built-in "
                             "demo autoencoder that matches the demo model."),
-                io.Combo.Input("dtype", options=list(nodekit.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                io.Combo.Input("dtype", options=list(vocabulary.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
                 io.Combo.Input(
-                    "attention", options=list(nodekit.ATTENTION_CHOICES), default="auto", optional=True,
+                    "attention", options=list(vocabulary.ATTENTION_CHOICES), default="auto", optional=True,
                     tooltip="Linear attention of the DC-AE. auto and torch: the reference's PyTorch matmuls (any "
                             "device). triton: the Triton linear-attention kernel on CUDA (float32 accumulation, "
                             "where the reference rounds bf16 products; not yet measured faster, hence not auto)."),
@@ -93,16 +92,7 @@ class JodiVAELoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name=None, dtype=None, attention=None):
-        try:
-            if vae_name is not None:
-                nodekit.check_choice("vae_name", vae_name, common.vae_choices())
-            if dtype is not None:
-                nodekit.check_choice("dtype", dtype, nodekit.DTYPE_CHOICES)
-            if attention is not None:
-                nodekit.check_choice("attention", attention, nodekit.ATTENTION_CHOICES)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _validate("vae_name", vae_name, common.vae_choices, dtype, attention)
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, dtype="auto", attention="auto"):

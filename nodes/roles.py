@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, parse_roles
-from . import common
+from . import common, payloads, vocabulary
 
 _UNSET = object()  # validate_inputs: a linked input arrives as None, an unconnected one is absent
 
@@ -28,7 +27,7 @@ class JodiRoles(io.ComfyNode):
                         "default)."))
         for name in DOMAIN_NAMES:
             inputs.append(io.Combo.Input(
-                f"{name}_role", options=list(nodekit.ROLE_CHOICES), default=nodekit.ROLE_AUTO,
+                f"{name}_role", options=list(vocabulary.ROLE_CHOICES), default=vocabulary.ROLE_AUTO,
                 tooltip=f"Role of the {name} domain. {_ROLE_TIP}"))
         return io.Schema(
             node_id="JodiRoles",
@@ -55,7 +54,7 @@ class JodiRoles(io.ComfyNode):
             for name in DOMAIN_NAMES:
                 choice = values[f"{name}_role"]
                 if choice is not None:  # None: the role comes from a link, checked when the node runs
-                    resolved.append(nodekit.resolve_role(name, choice, values[name] is not _UNSET))
+                    resolved.append(vocabulary.resolve_role(name, choice, values[name] is not _UNSET))
             if len(resolved) == len(DOMAIN_NAMES):
                 parse_roles([resolved])  # at least one domain generated, not all ignored
         except ValueError as e:
@@ -64,9 +63,9 @@ class JodiRoles(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kwargs) -> io.NodeOutput:
-        choices = {name: kwargs.get(f"{name}_role", nodekit.ROLE_AUTO) for name in DOMAIN_NAMES}
+        choices = {name: kwargs.get(f"{name}_role", vocabulary.ROLE_AUTO) for name in DOMAIN_NAMES}
         images = {name: kwargs.get(name) for name in DOMAIN_NAMES}
-        return io.NodeOutput(nodekit.JodiRoles.from_choices(choices, images))
+        return io.NodeOutput(payloads.RolesPayload.from_choices(choices, images))
 
 
 NODES = [JodiRoles]

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from ..jodi_core import imaging, nodekit
+from ..jodi_core import imaging
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES, plan_roles
-from . import common
+from . import common, layouts, map_conventions, payloads, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ MAX_BATCH = 64
 
 @dataclass
 class RunSettings:
-    aspect: str = nodekit.ASPECT_AUTO
+    aspect: str = vocabulary.ASPECT_AUTO
     width: int = 1024
     height: int = 1024
     steps: int = 20
@@ -36,30 +36,30 @@ class RunSettings:
     condition_fit: str = imaging.ALIGNED_FIT
 
     def check(self) -> "RunSettings":
-        nodekit.check_choice("aspect", self.aspect, nodekit.ASPECT_CHOICES)
-        nodekit.check_choice("condition_fit", self.condition_fit, imaging.CONDITION_FITS)
-        nodekit.check_choice("sampler", self.sampler, tuple(nodekit.SAMPLERS))
-        self.steps = nodekit.check_number("steps", self.steps, 1, MAX_STEPS, integer=True)
-        self.cfg = nodekit.check_number("cfg", self.cfg, 0.0, MAX_CFG)
-        self.seed = nodekit.check_number("seed", self.seed, 0, nodekit.MAX_SEED, integer=True)
-        self.flow_shift = nodekit.check_number("flow_shift", self.flow_shift, 0.01, 100.0)
-        self.batch_size = nodekit.check_number("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
-        if self.aspect in (nodekit.ASPECT_AUTO, nodekit.ASPECT_CUSTOM):
-            nodekit.check_number("width", self.width, 32, 8192, integer=True)
-            nodekit.check_number("height", self.height, 32, 8192, integer=True)
+        vocabulary.check_choice("aspect", self.aspect, vocabulary.ASPECT_CHOICES)
+        vocabulary.check_choice("condition_fit", self.condition_fit, imaging.CONDITION_FITS)
+        vocabulary.check_choice("sampler", self.sampler, tuple(vocabulary.SAMPLERS))
+        self.steps = vocabulary.check_number("steps", self.steps, 1, MAX_STEPS, integer=True)
+        self.cfg = vocabulary.check_number("cfg", self.cfg, 0.0, MAX_CFG)
+        self.seed = vocabulary.check_number("seed", self.seed, 0, vocabulary.MAX_SEED, integer=True)
+        self.flow_shift = vocabulary.check_number("flow_shift", self.flow_shift, 0.01, 100.0)
+        self.batch_size = vocabulary.check_number("batch_size", self.batch_size, 1, MAX_BATCH, integer=True)
+        if self.aspect in (vocabulary.ASPECT_AUTO, vocabulary.ASPECT_CUSTOM):
+            vocabulary.check_number("width", self.width, 32, 8192, integer=True)
+            vocabulary.check_number("height", self.height, 32, 8192, integer=True)
         return self
 
 
 def check_combo_inputs(**values) -> "bool | str":
     """validate_inputs body for the combos the server does not check (None = linked, checked at run time)."""
     tables = {
-        "aspect": nodekit.ASPECT_CHOICES, "sampler": tuple(nodekit.SAMPLERS), "mask_class": SEG12_CLASSES,
+        "aspect": vocabulary.ASPECT_CHOICES, "sampler": tuple(vocabulary.SAMPLERS), "mask_class": SEG12_CLASSES,
         "unconnected_labels": ("ignore", "generate"), "condition_fit": imaging.CONDITION_FITS,
     }
     try:
         for name, value in values.items():
             if value is not None and name in tables:
-                nodekit.check_choice(name, value, tables[name])
+                vocabulary.check_choice(name, value, tables[name])
     except ValueError as e:
         return str(e)
     return True
@@ -87,15 +87,15 @@ def _captions(model: torch.nn.Module, positive, negative):
     return emb, mask, neg
 
 
-def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSettings, positive=None,
+def sample(model_patcher, vae_patcher, roles: payloads.RolesPayload, settings: RunSettings, positive=None,
            negative=None, decode: bool = False, tiled: bool = False):
-    """Run the sampler; returns (JodiLatent, JodiResult). With ``decode``, the result's images hold the generated
+    """Run the sampler; returns (LatentPayload, JodiResult). With ``decode``, the result's images hold the generated
     domains decoded and the condition images as given (fitted to the output size)."""
     from ..jodi_core.pipeline import JodiPipeline
 
     common.check_patcher(model_patcher, "model", "Load Jodi Model")
     common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
-    if not isinstance(roles, nodekit.JodiRoles):
+    if not isinstance(roles, payloads.RolesPayload):
         raise TypeError(f"roles must come from Jodi Roles / Conditions, got {type(roles).__name__}.")
     settings.check()
     common.interrupt_check()
@@ -106,8 +106,8 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     plan = plan_roles(roles.roles, batch, has_prompt=emb is not None, cfg_scale=settings.cfg)
     conditions = roles.condition_tensors()
     pipe = JodiPipeline(transformer, vae)
-    height, width = nodekit.resolve_size(settings.aspect, settings.width, settings.height,
-                                         roles.first_condition_size(), pipe.base_size, pipe.compression)
+    height, width = vocabulary.resolve_size(settings.aspect, settings.width, settings.height,
+                                            roles.first_condition_size(), pipe.base_size, pipe.compression)
     # Only what the run made is decoded: condition slots would be the VAE round trip of the user's own input.
     wanted = list(plan.generated)
     needs = pipe.memory_needs(
@@ -123,10 +123,10 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
     result = pipe(
         plan, height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
-        sampler=nodekit.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
+        sampler=vocabulary.SAMPLERS[settings.sampler], seed=settings.seed, batch_size=batch, callback=reporter,
         decode=False, condition_fit=settings.condition_fit, check_memory=False,
     )
-    latent = nodekit.JodiLatent(result.latents.float().cpu(), result.roles.cpu(), height, width)
+    latent = payloads.LatentPayload(result.latents.float().cpu(), result.roles.cpu(), height, width)
     if decode:
         result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted,
                                                          checked=True)
@@ -134,14 +134,15 @@ def sample(model_patcher, vae_patcher, roles: nodekit.JodiRoles, settings: RunSe
             fitted = imaging.fit_condition(image, height, width, settings.condition_fit)
             result.images[name] = fitted.expand(latent.batch, -1, -1, -1)
         if result.seg_index is None and "segmentation" in conditions:
-            result.seg_index = nodekit.seg_index_from_image(nodekit.bchw_to_image(result.images["segmentation"]))
+            seg_image = layouts.bchw_to_image(result.images["segmentation"])
+            result.seg_index = map_conventions.seg_index_from_image(seg_image)
     return latent, result
 
 
-def decode(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False):
+def decode(vae_patcher, latent: payloads.LatentPayload, tiled: bool = False):
     """Decode every present domain; returns (images dict name -> (B, 3, H, W), seg_index (B, H, W) or None)."""
     common.check_patcher(vae_patcher, "vae", "Load Jodi DC-AE")
-    if not isinstance(latent, nodekit.JodiLatent):
+    if not isinstance(latent, payloads.LatentPayload):
         raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(latent).__name__}.")
     return decode_samples(vae_patcher, latent, tiled=tiled)
 
@@ -155,13 +156,11 @@ def node_copies(batch: int, height: int, width: int, maps: int, conditions: int 
     return pixels * (12 * len(DOMAIN_NAMES) + 16 + 12 * joined + 24 * conditions)
 
 
-def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False, domains=None,
+def decode_samples(vae_patcher, latent: payloads.LatentPayload, tiled: bool = False, domains=None,
                    checked: bool = False):
     """The decode loop of Jodi Decode and the shortcuts: one sample at a time (bounds the decoder's memory), with a
     progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one).
     ``checked``: the caller has already checked that the decode fits in memory."""
-    import comfy.utils
-
     from ..jodi_core.pipeline import JodiPipeline
 
     pipe = JodiPipeline(None, common.unwrap(vae_patcher))
@@ -177,13 +176,13 @@ def decode_samples(vae_patcher, latent: nodekit.JodiLatent, tiled: bool = False,
         common.check_memory(needs, what, host_only=True)
         common.load_fully([vae_patcher], common.device_need(needs, vae_patcher))
         common.check_memory(needs, what)
-    pbar = comfy.utils.ProgressBar(latent.batch)
+    progress = common.Progress(interruptible=False)  # checked before each sample instead
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
     for b in range(latent.batch):
         common.interrupt_check()
         parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
                                          tiled=tiled, domains=domains))
-        pbar.update_absolute(b + 1, latent.batch)
+        progress(b + 1, latent.batch)
     if len(parts) == 1:  # torch.cat would copy every map
         return parts[0]
     images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
@@ -195,15 +194,15 @@ def map_outputs(images: dict, seg_index: Optional[torch.Tensor], batch: int, hei
                 mask_class: str, domains=DOMAIN_NAMES) -> list:
     """The maps as IMAGE outputs in domain order (black for domains the run did not produce), then the class-index
     image and the chosen class's MASK."""
-    nodekit.check_choice("mask_class", mask_class, SEG12_CLASSES)
+    vocabulary.check_choice("mask_class", mask_class, SEG12_CLASSES)
     out = []
     for name in domains:
         img = images.get(name)
-        out.append(nodekit.bchw_to_image(img) if img is not None else nodekit.blank_image(batch, height, width))
+        out.append(layouts.bchw_to_image(img) if img is not None else layouts.blank_image(batch, height, width))
     if seg_index is None:
-        out.append(nodekit.blank_image(batch, height, width))
+        out.append(layouts.blank_image(batch, height, width))
         out.append(torch.zeros(batch, height, width))
     else:
-        out.append(nodekit.index_to_index_image(seg_index))
-        out.append(nodekit.class_mask(seg_index, SEG12_CLASSES.index(mask_class)))
+        out.append(layouts.index_to_index_image(seg_index))
+        out.append(layouts.class_mask(seg_index, SEG12_CLASSES.index(mask_class)))
     return out

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import imaging, nodekit
+from ..jodi_core import imaging
 from ..jodi_core.domains import (
     DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, controllable_roles, joint_roles, perception_roles,
 )
-from . import common, run
+from . import common, payloads, run, vocabulary
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared input/output declarations
@@ -36,11 +36,11 @@ def _prompt_inputs():
     ]
 
 
-def _size_inputs(default_aspect: str = nodekit.ASPECT_AUTO):
+def _size_inputs(default_aspect: str = vocabulary.ASPECT_AUTO):
     presets = ", ".join(imaging.ASPECT_PRESETS)
     return [
         io.Combo.Input(
-            "aspect", options=list(nodekit.ASPECT_CHOICES), default=default_aspect,
+            "aspect", options=list(vocabulary.ASPECT_CHOICES), default=default_aspect,
             tooltip="Output size. auto: the first connected condition image's size, else width x height. width x "
                     "height: as given. A preset (W:H, one of " + presets + "): the official bucket size for that "
                     "aspect (16:9 and 9:16 give the nearest buckets, 2:1 and 1:2). Jodi always samples at the nearest "
@@ -63,10 +63,10 @@ def _sampling_inputs(cfg: bool = True, batch: bool = True):
             "cfg", default=4.5, min=0.0, max=run.MAX_CFG, step=0.1, round=0.01,
             tooltip="Classifier-free guidance scale (reference 4.5). 1 or no prompt: a single pass per step."))
     inputs += [
-        io.Int.Input("seed", default=0, min=0, max=nodekit.MAX_SEED, control_after_generate=True,
+        io.Int.Input("seed", default=0, min=0, max=vocabulary.MAX_SEED, control_after_generate=True,
                      tooltip="Noise seed. Sample i of a batch uses seed + i (wrapping at 2^64); the noise is drawn "
                              "on the CPU, so a seed gives the same result on any device."),
-        io.Combo.Input("sampler", options=list(nodekit.SAMPLERS), default="dpm++2m-flow",
+        io.Combo.Input("sampler", options=list(vocabulary.SAMPLERS), default="dpm++2m-flow",
                        tooltip="dpm++2m-flow: the reference's DPM-Solver++ (2M) for flow matching. euler-flow: "
                                "first-order Euler steps on the velocity."),
         io.Float.Input("flow_shift", default=3.0, min=0.01, max=100.0, step=0.1, round=0.01,
@@ -174,7 +174,7 @@ class JodiDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, jodi_latent, tiled_decode=False, mask_class="person") -> io.NodeOutput:
-        nodekit.check_choice("mask_class", mask_class, SEG12_CLASSES)
+        vocabulary.check_choice("mask_class", mask_class, SEG12_CLASSES)
         images, seg = run.decode(vae, jodi_latent, tiled=bool(tiled_decode))
         return io.NodeOutput(*run.map_outputs(images, seg, jodi_latent.batch, jodi_latent.height, jodi_latent.width,
                                               mask_class))
@@ -188,7 +188,7 @@ class JodiDecode(io.ComfyNode):
 def _sample_and_maps(model, vae, roles, kwargs, positive=None, negative=None, domains=DOMAIN_NAMES):
     tiled = bool(kwargs.pop("tiled_decode", False))
     mask_class = kwargs.pop("mask_class", "person")
-    nodekit.check_choice("mask_class", mask_class, SEG12_CLASSES)
+    vocabulary.check_choice("mask_class", mask_class, SEG12_CLASSES)
     latent, result = run.sample(model, vae, roles, _settings(kwargs), positive, negative, decode=True, tiled=tiled)
     return run.map_outputs(result.images, result.seg_index, latent.batch, latent.height, latent.width, mask_class,
                            domains)
@@ -205,7 +205,7 @@ class JodiJointGeneration(io.ComfyNode):
                 "One node for joint generation: an image and its 7 label maps (lineart, edge, depth, normal, albedo, "
                 "segmentation, openpose) generated together from a prompt, or from nothing."
             ),
-            inputs=[*_model_inputs(), *_prompt_inputs(), *_size_inputs(nodekit.ASPECT_CUSTOM),
+            inputs=[*_model_inputs(), *_prompt_inputs(), *_size_inputs(vocabulary.ASPECT_CUSTOM),
                     *_sampling_inputs(), *_decode_inputs()],
             outputs=_map_outputs(),
         )
@@ -216,7 +216,7 @@ class JodiJointGeneration(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive=None, negative=None, **kwargs) -> io.NodeOutput:
-        roles = nodekit.JodiRoles(joint_roles())
+        roles = payloads.RolesPayload(joint_roles())
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, positive, negative))
 
 
@@ -251,13 +251,13 @@ class JodiControllableGeneration(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive=None, negative=None, unconnected_labels="ignore",
                 **kwargs) -> io.NodeOutput:
-        nodekit.check_choice("unconnected_labels", unconnected_labels, ("ignore", "generate"))
+        vocabulary.check_choice("unconnected_labels", unconnected_labels, ("ignore", "generate"))
         images = {name: kwargs.pop(name, None) for name in LABEL_NAMES}
         if all(img is None for img in images.values()):
             raise ValueError("Jodi Controllable Generation needs at least one connected label map; use Jodi Joint "
                              "Generation to generate without conditions.")
         given = {name: img for name, img in images.items() if img is not None}
-        roles = nodekit.JodiRoles(controllable_roles(list(given), unconnected_labels), given)
+        roles = payloads.RolesPayload(controllable_roles(list(given), unconnected_labels), given)
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, positive, negative))
 
 
@@ -292,8 +292,8 @@ class JodiPerception(io.ComfyNode):
         wanted = {name: bool(kwargs.pop(name, True)) for name in LABEL_NAMES}
         if not any(wanted.values()):
             raise ValueError("Jodi Perception: turn on at least one label map.")
-        roles = nodekit.JodiRoles(perception_roles([n for n in LABEL_NAMES if wanted[n]]), {"image": image})
-        kwargs.update(aspect=nodekit.ASPECT_AUTO, cfg=1.0)
+        roles = payloads.RolesPayload(perception_roles([n for n in LABEL_NAMES if wanted[n]]), {"image": image})
+        kwargs.update(aspect=vocabulary.ASPECT_AUTO, cfg=1.0)
         return io.NodeOutput(*_sample_and_maps(model, vae, roles, kwargs, domains=LABEL_NAMES))
 
 

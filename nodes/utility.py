@@ -6,9 +6,8 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core import nodekit
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES
-from . import common
+from . import common, layouts, map_conventions, payloads, vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class JodiDepthToControlNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, depth, invert=False, normalize=True) -> io.NodeOutput:
-        return io.NodeOutput(nodekit.depth_for_controlnet(depth, bool(invert), bool(normalize)))
+        return io.NodeOutput(map_conventions.depth_for_controlnet(depth, bool(invert), bool(normalize)))
 
 
 class JodiNormalConvention(io.ComfyNode):
@@ -65,7 +64,7 @@ class JodiNormalConvention(io.ComfyNode):
 
     @classmethod
     def execute(cls, normal, flip_red=False, flip_green=False, flip_blue=False) -> io.NodeOutput:
-        return io.NodeOutput(nodekit.flip_normal(normal, bool(flip_red), bool(flip_green), bool(flip_blue)))
+        return io.NodeOutput(map_conventions.flip_normal(normal, bool(flip_red), bool(flip_green), bool(flip_blue)))
 
 
 class JodiSegToADE20K(io.ComfyNode):
@@ -91,8 +90,8 @@ class JodiSegToADE20K(io.ComfyNode):
 
     @classmethod
     def execute(cls, segmentation) -> io.NodeOutput:
-        colours, index = nodekit.seg_to_ade150(segmentation)
-        return io.NodeOutput(colours, nodekit.index_to_index_image(index))
+        colours, index = map_conventions.seg_to_ade150(segmentation)
+        return io.NodeOutput(colours, layouts.index_to_index_image(index))
 
 
 class JodiSegClassMask(io.ComfyNode):
@@ -119,9 +118,9 @@ class JodiSegClassMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, segmentation, class_name="person") -> io.NodeOutput:
-        nodekit.check_choice("class_name", class_name, SEG12_CLASSES)
-        index = nodekit.seg_index_from_image(segmentation)
-        return io.NodeOutput(nodekit.class_mask(index, SEG12_CLASSES.index(class_name)))
+        vocabulary.check_choice("class_name", class_name, SEG12_CLASSES)
+        index = map_conventions.seg_index_from_image(segmentation)
+        return io.NodeOutput(layouts.class_mask(index, SEG12_CLASSES.index(class_name)))
 
 
 _DOMAIN_TIP = "Domain: " + ", ".join(DOMAIN_NAMES) + "."
@@ -156,8 +155,8 @@ class JodiLatentSplit(io.ComfyNode):
 
     @classmethod
     def execute(cls, jodi_latent, domain="image") -> io.NodeOutput:
-        nodekit.check_choice("domain", domain, DOMAIN_NAMES)
-        if not isinstance(jodi_latent, nodekit.JodiLatent):
+        vocabulary.check_choice("domain", domain, DOMAIN_NAMES)
+        if not isinstance(jodi_latent, payloads.LatentPayload):
             raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(jodi_latent).__name__}.")
         return io.NodeOutput({"samples": jodi_latent.select(domain).clone(), "jodi_domain": domain})
 
@@ -187,8 +186,8 @@ class JodiLatentMerge(io.ComfyNode):
 
     @classmethod
     def execute(cls, jodi_latent, latent, domain="image") -> io.NodeOutput:
-        nodekit.check_choice("domain", domain, DOMAIN_NAMES)
-        if not isinstance(jodi_latent, nodekit.JodiLatent):
+        vocabulary.check_choice("domain", domain, DOMAIN_NAMES)
+        if not isinstance(jodi_latent, payloads.LatentPayload):
             raise TypeError(f"jodi_latent must come from Jodi Sampler, got {type(jodi_latent).__name__}.")
         if not isinstance(latent, dict) or "samples" not in latent:
             raise TypeError("latent must be a LATENT ({'samples': tensor}).")

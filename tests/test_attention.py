@@ -102,9 +102,9 @@ def test_unknown_backend_is_a_value_error():
 
 
 def test_one_list_of_names_for_models_and_loaders():
-    from jodi_core import nodekit
+    from pack_modules import pack_module
 
-    assert attn.backend_names() == ("auto", "triton", "torch") == nodekit.ATTENTION_CHOICES
+    assert attn.backend_names() == ("auto", "triton", "torch") == pack_module("nodes.vocabulary").ATTENTION_CHOICES
 
 
 def test_failing_backend_warns_once_and_falls_back(registry, caplog):

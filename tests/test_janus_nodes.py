@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from janus_tiny import write_tiny_janus
-from jodi_core.janus import janus_generate, janus_understand, load_janus
+from jodi_core.janus import UNDERSTAND_CHUNK, janus_generate, janus_understand, load_janus
 from test_nodes_unit import REPO, _Events, _make_stubs
 
 
@@ -172,7 +172,7 @@ def test_caption_presets_differ_and_fold_to_one_line(pack, reference):
 
 def test_caption_batches_in_chunks_like_single_images(pack, reference):
     patcher = _load(pack)
-    n = pack.janus.UNDERSTAND_CHUNK + 1
+    n = UNDERSTAND_CHUNK + 1
     image = _image(batch=n, seed=5)
     captions = pack.nodes["JanusCaption"].execute(patcher, image, "brief", 6).result[0]
     question = pack.janus.CAPTION_PRESETS["brief"][0]
@@ -228,7 +228,7 @@ def test_ask_sampling_follows_the_seed(pack, reference):
               for s in range(12, 16)}
     assert len(others | {a[0]}) > 1  # a random tiny model sampled at temperature 1.5: seeds change the answer
     # Rows beyond the first chunk draw their own numbers: the same image in every row gives different answers.
-    chunk = pack.janus.UNDERSTAND_CHUNK
+    chunk = UNDERSTAND_CHUNK
     rows = _image(batch=1, seed=9).expand(2 * chunk, -1, -1, -1)
     answers = ask.execute(patcher, "Describe this image in detail.", rows, False, seed=11, **kw).result[0]
     assert answers[:chunk] != answers[chunk:]  # two equal chunks, yet not the same draws

@@ -1,6 +1,7 @@
 """Fast tests of the ComfyUI node layer without ComfyUI.
 
-- jodi_core.nodekit (the pure helpers behind the nodes): layout conversions, roles, sizes, latents, map conventions;
+- the ComfyUI-free node modules (vocabulary, layouts, payloads, map_conventions): layout conversions, roles, sizes,
+  latents, map conventions;
 - the pack imported the way ComfyUI imports it, against a small stand-in for ``comfy_api`` / ``comfy`` /
   ``folder_paths`` that records schemas and model-management calls: every node has a description, a category under
   Jodi/ or Janus/, a tooltip on every input; the nodes run end to end (roles -> sampler -> decode, shortcuts,
@@ -23,51 +24,56 @@ import pytest
 import torch
 import torch.nn as nn
 
-from jodi_core import imaging, nodekit
+from jodi_core import imaging, sampling
 from jodi_core import loading as real_loading
 from jodi_core.domains import DOMAIN_NAMES, LABEL_NAMES, SEG12_CLASSES, ade150_to_seg12, seg_palette
+from pack_modules import pack_module
 
 REPO = Path(__file__).resolve().parents[1]
+vocabulary = pack_module("nodes.vocabulary")
+layouts = pack_module("nodes.layouts")
+map_conventions = pack_module("nodes.map_conventions")
+payloads = pack_module("nodes.payloads")
 
 # ---------------------------------------------------------------------------------------------------------------------
-# nodekit
+# The ComfyUI-free node modules
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_image_layout_round_trip():
     img = torch.rand(2, 5, 7, 3)
-    x = nodekit.image_to_bchw(img)
+    x = layouts.image_to_bchw(img)
     assert x.shape == (2, 3, 5, 7)
     assert torch.equal(x[1, 2, 4, 6], img[1, 4, 6, 2])  # channel c of pixel (h, w) stays the same number
-    assert torch.equal(nodekit.bchw_to_image(x), img)
+    assert torch.equal(layouts.bchw_to_image(x), img)
 
 
 def test_image_layout_grey_alpha_and_errors():
     grey = torch.rand(1, 4, 4, 1)
-    assert torch.equal(nodekit.image_to_bchw(grey), grey.permute(0, 3, 1, 2).expand(1, 3, 4, 4))
+    assert torch.equal(layouts.image_to_bchw(grey), grey.permute(0, 3, 1, 2).expand(1, 3, 4, 4))
     rgba = torch.rand(1, 4, 4, 4)
-    assert torch.equal(nodekit.image_to_bchw(rgba), rgba[..., :3].permute(0, 3, 1, 2))
+    assert torch.equal(layouts.image_to_bchw(rgba), rgba[..., :3].permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match="IMAGE shaped"):
-        nodekit.image_to_bchw(torch.rand(1, 3, 8, 8, 2))
+        layouts.image_to_bchw(torch.rand(1, 3, 8, 8, 2))
     with pytest.raises(ValueError, match="NaN"):
-        nodekit.image_to_bchw(torch.full((1, 2, 2, 3), float("nan")))
+        layouts.image_to_bchw(torch.full((1, 2, 2, 3), float("nan")))
     with pytest.raises(TypeError):
-        nodekit.image_to_bchw([[0.5]])
+        layouts.image_to_bchw([[0.5]])
 
 
 def test_resolve_role_rules():
-    assert nodekit.resolve_role("depth", "auto", True) == "condition"
-    assert nodekit.resolve_role("depth", "auto", False) == "generate"
-    assert nodekit.resolve_role("depth", "ignore", True) == "ignore"
+    assert vocabulary.resolve_role("depth", "auto", True) == "condition"
+    assert vocabulary.resolve_role("depth", "auto", False) == "generate"
+    assert vocabulary.resolve_role("depth", "ignore", True) == "ignore"
     with pytest.raises(ValueError, match="no depth image is connected"):
-        nodekit.resolve_role("depth", "condition", False)
+        vocabulary.resolve_role("depth", "condition", False)
     with pytest.raises(ValueError, match="depth_role must be one of"):
-        nodekit.resolve_role("depth", "sometimes", True)
+        vocabulary.resolve_role("depth", "sometimes", True)
 
 
-def test_jodi_roles_from_choices_batch_and_size():
+def test_roles_payload_from_choices_batch_and_size():
     depth = torch.rand(3, 40, 24, 3)
-    roles = nodekit.JodiRoles.from_choices({"normal": "ignore"}, {"depth": depth, "edge": None})
+    roles = payloads.RolesPayload.from_choices({"normal": "ignore"}, {"depth": depth, "edge": None})
     assert roles.roles == ("generate", "generate", "generate", "condition", "ignore", "generate", "generate",
                            "generate")
     assert set(roles.conditions) == {"depth"}
@@ -77,22 +83,22 @@ def test_jodi_roles_from_choices_batch_and_size():
     assert roles.first_condition_size() == (40, 24)
     assert roles.condition_tensors()["depth"].shape == (3, 3, 40, 24)
     with pytest.raises(ValueError, match="No domain is set to generate"):
-        nodekit.JodiRoles(("condition",) + ("ignore",) * 7, {"image": depth})
+        payloads.RolesPayload(("condition",) + ("ignore",) * 7, {"image": depth})
 
 
 def test_resolve_size_modes():
-    assert nodekit.resolve_size(nodekit.ASPECT_AUTO, 512, 256, (40, 24), 1024) == (40, 24)
-    assert nodekit.resolve_size(nodekit.ASPECT_AUTO, 512, 256, None, 1024) == (256, 512)
-    assert nodekit.resolve_size(nodekit.ASPECT_CUSTOM, 512, 256, (40, 24), 1024) == (256, 512)
-    assert nodekit.resolve_size("16:9", 1, 1, None, 1024) == imaging.aspect_preset_size("16:9", 1024, 32)
+    assert vocabulary.resolve_size(vocabulary.ASPECT_AUTO, 512, 256, (40, 24), 1024) == (40, 24)
+    assert vocabulary.resolve_size(vocabulary.ASPECT_AUTO, 512, 256, None, 1024) == (256, 512)
+    assert vocabulary.resolve_size(vocabulary.ASPECT_CUSTOM, 512, 256, (40, 24), 1024) == (256, 512)
+    assert vocabulary.resolve_size("16:9", 1, 1, None, 1024) == imaging.aspect_preset_size("16:9", 1024, 32)
     with pytest.raises(ValueError, match="aspect must be one of"):
-        nodekit.resolve_size("7:5", 64, 64, None, 1024)
+        vocabulary.resolve_size("7:5", 64, 64, None, 1024)
 
 
-def test_jodi_latent_select_replace():
+def test_latent_payload_select_replace():
     samples = torch.randn(2, 8, 4, 3, 5)
     roles = torch.tensor([[0, 0, 2, 1, 0, 0, 0, 0]])
-    lat = nodekit.JodiLatent(samples, roles, 96, 160)
+    lat = payloads.LatentPayload(samples, roles, 96, 160)
     assert lat.roles.shape == (2, 8) and "edge" not in lat.present()
     assert torch.equal(lat.select("depth"), samples[:, 3])
     with pytest.raises(ValueError, match="holds no edge"):
@@ -105,30 +111,30 @@ def test_jodi_latent_select_replace():
     with pytest.raises(ValueError, match="do not fit"):
         lat.replace("edge", torch.randn(1, 4, 6, 10))
     with pytest.raises(ValueError, match=r"\(B, 8, C, h, w\)"):
-        nodekit.JodiLatent(torch.randn(1, 7, 4, 3, 5), roles, 96, 160)
+        payloads.LatentPayload(torch.randn(1, 7, 4, 3, 5), roles, 96, 160)
 
 
 def test_depth_for_controlnet_keeps_near_bright_and_stretches():
     ramp = torch.linspace(0.2, 0.6, 16).reshape(1, 4, 4, 1).expand(1, 4, 4, 3)  # brighter = nearer in Jodi's maps
-    out = nodekit.depth_for_controlnet(ramp)
+    out = map_conventions.depth_for_controlnet(ramp)
     flat = out[0, ..., 0].flatten()
     assert out.shape == (1, 4, 4, 3) and torch.all(flat[1:] > flat[:-1])  # order kept: near stays bright
     assert flat.min() == 0 and flat.max() == 1
-    assert torch.allclose(nodekit.depth_for_controlnet(ramp, invert=True), 1 - out)
-    raw = nodekit.depth_for_controlnet(ramp, normalize=False)
+    assert torch.allclose(map_conventions.depth_for_controlnet(ramp, invert=True), 1 - out)
+    raw = map_conventions.depth_for_controlnet(ramp, normalize=False)
     assert torch.allclose(raw, ramp)
 
 
 def test_flip_normal_mirrors_only_chosen_axes():
     n = torch.rand(1, 3, 3, 3)
-    out = nodekit.flip_normal(n, flip_green=True)
+    out = map_conventions.flip_normal(n, flip_green=True)
     assert torch.allclose(out[..., 1], 1 - n[..., 1])
     assert torch.equal(out[..., 0], n[..., 0]) and torch.equal(out[..., 2], n[..., 2])
 
 
 def test_seg12_to_ade150_picks_a_member_of_each_class():
     to12 = ade150_to_seg12()
-    rep = nodekit.seg12_to_ade150()
+    rep = map_conventions.seg12_to_ade150()
     assert rep[0] == 0
     chosen = {"plant": 18, "furniture": 20}  # ADE "plant" and "chair", not "tree" and "bed"
     for c, name in enumerate(SEG12_CLASSES[1:], start=1):
@@ -140,22 +146,29 @@ def test_seg12_to_ade150_picks_a_member_of_each_class():
 def test_seg_to_ade150_colours_and_index_image():
     classes = torch.arange(12).reshape(1, 3, 4)  # every Jodi class once
     seg = (seg_palette("colors12")[classes] / 255)  # (1, 3, 4, 3) IMAGE in the Jodi palette
-    assert torch.equal(nodekit.seg_index_from_image(seg), classes)
-    colours, ade = nodekit.seg_to_ade150(seg)
-    assert torch.equal(ade, nodekit.seg12_to_ade150()[classes])
+    assert torch.equal(map_conventions.seg_index_from_image(seg), classes)
+    colours, ade = map_conventions.seg_to_ade150(seg)
+    assert torch.equal(ade, map_conventions.seg12_to_ade150()[classes])
     assert torch.allclose(colours * 255, seg_palette("colors150")[ade], atol=1e-3)
-    index_img = nodekit.index_to_index_image(ade)
+    index_img = layouts.index_to_index_image(ade)
     assert torch.equal((index_img[..., 0] * 255).round().long(), ade)
-    mask = nodekit.class_mask(classes, SEG12_CLASSES.index("sky"))
+    mask = layouts.class_mask(classes, SEG12_CLASSES.index("sky"))
     assert mask.sum() == 1 and mask[0, 1, 2] == 1  # class 6 sits at row 1, column 2
 
 
 def test_check_number_and_choice():
-    assert nodekit.check_number("steps", 20, 1, 100, integer=True) == 20
+    assert vocabulary.check_number("steps", 20, 1, 100, integer=True) == 20
     for bad in (0, 101, 2.5, float("nan"), True, "3"):
         with pytest.raises(ValueError, match="steps"):
-            nodekit.check_number("steps", bad, 1, 100, integer=True)
-    assert nodekit.torch_dtype("bf16") is torch.bfloat16 and nodekit.torch_dtype("auto") is None
+            vocabulary.check_number("steps", bad, 1, 100, integer=True)
+    assert vocabulary.torch_dtype("bf16") is torch.bfloat16 and vocabulary.torch_dtype("auto") is None
+    assert vocabulary.validation([lambda: vocabulary.check_choice("dtype", "bf16", vocabulary.DTYPE_CHOICES)]) is True
+    assert vocabulary.validation([lambda: None, lambda: vocabulary.check_number("cfg", -1, 0, 10),
+                                  lambda: vocabulary.check_number("steps", 0, 1, 10)]).startswith("cfg must be")
+
+
+def test_sampler_labels_name_jodi_core_samplers():
+    assert set(vocabulary.SAMPLERS.values()) == set(sampling.SAMPLERS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,8 +373,9 @@ def pack(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, loading.__name__, loading)
     ext = asyncio.run(module.comfy_entrypoint())
     nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
-    kit = sys.modules[name + ".jodi_core.nodekit"]  # the pack's own copy: its classes are what the nodes accept
-    yield types.SimpleNamespace(module=module, nodes=nodes, events=events, models=tmp_path / "models", kit=kit)
+    payloads = sys.modules[name + ".nodes.payloads"]  # the pack's own copy: its classes are what the nodes accept
+    yield types.SimpleNamespace(module=module, nodes=nodes, events=events, models=tmp_path / "models",
+                                payloads=payloads)
     for key in [k for k in sys.modules if k.startswith(name)]:
         sys.modules.pop(key, None)
 
@@ -390,7 +404,7 @@ def test_model_folders_registered_and_listed(pack):
     assert str(pack.models / "Janus-Pro") in fp.folder_names_and_paths["Janus-Pro"][0]
     assert fp.folder_names_and_paths["jodi"][1]  # restricted to weight files, not "everything"
     combo = pack.nodes["JodiModelLoader"].define_schema().inputs[0]
-    assert combo.kwargs["options"] == [nodekit.DEMO_MODEL_CHOICE, "tiny.pth"]
+    assert combo.kwargs["options"] == [vocabulary.DEMO_MODEL_CHOICE, "tiny.pth"]
 
 
 def test_loader_errors_are_clear(pack):
@@ -430,7 +444,7 @@ def test_roles_sampler_decode_chain(pack):
     assert roles_node.validate_inputs(depth=None, depth_role="condition") is True  # linked inputs arrive as None
     depth = torch.rand(1, 40, 56, 3)
     roles = roles_node.execute(depth=depth, normal_role="ignore").result[0]
-    latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+    latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=vocabulary.ASPECT_AUTO, width=64, height=64,
                                                batch_size=2, **SAMPLING).result[0]
     assert (latent.height, latent.width, latent.batch) == (40, 56, 2)
     assert pack.events.loaded and pack.events.loaded[-1][0] == [model, vae]
@@ -443,7 +457,7 @@ def test_roles_sampler_decode_chain(pack):
     assert outs[4].abs().sum() == 0  # normal was ignored: black
     assert outs[9].shape == (2, 40, 56) and set(outs[9].unique().tolist()) <= {0.0, 1.0}
     # same seed, same result; the next seed differs
-    again = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+    again = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=vocabulary.ASPECT_AUTO, width=64, height=64,
                                               batch_size=2, **SAMPLING).result[0]
     assert torch.equal(again.samples, latent.samples)
     assert not torch.equal(latent.samples[0, 0], latent.samples[1, 0])
@@ -451,8 +465,8 @@ def test_roles_sampler_decode_chain(pack):
 
 def test_models_load_whole_and_running_out_of_memory_says_what_to_do(pack):
     model, vae = _load(pack)
-    roles = pack.kit.JodiRoles(("generate",) * 8)
-    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    roles = pack.payloads.RolesPayload(("generate",) * 8)
+    kwargs = dict(aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
     latent = pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs).result[0]
     pack.nodes["JodiDecode"].execute(vae, latent, False, "sky")
     assert pack.events.full_loads and all(pack.events.full_loads)  # never a partial ("lowvram") load
@@ -477,13 +491,13 @@ def test_a_run_too_big_for_free_memory_is_refused_before_anything_loads(pack, mo
 
     monkeypatch.setattr(mm, "get_free_memory", get_free_memory, raising=False)
     monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: pytest.fail("models loaded before the memory check"))
-    big = dict(aspect=nodekit.ASPECT_CUSTOM, width=8192, height=8192, batch_size=1, tiled_decode=False,
+    big = dict(aspect=vocabulary.ASPECT_CUSTOM, width=8192, height=8192, batch_size=1, tiled_decode=False,
                mask_class="person", **SAMPLING)
     with pytest.raises(MemoryError, match=r"Not enough RAM for this Jodi run \(8192x8192 output, 8 maps, batch 1\)"
                                           r".*smaller output size.*fewer maps"):
         pack.nodes["JodiJointGeneration"].execute(model, vae, **big)
     assert asked and all(d.type == "cpu" for d in asked) and not pack.events.progress
-    latent = pack.kit.JodiLatent(torch.zeros(1, 8, 4, 8, 8), torch.zeros(1, 8, dtype=torch.long), 8192, 8192)
+    latent = pack.payloads.LatentPayload(torch.zeros(1, 8, 4, 8, 8), torch.zeros(1, 8, dtype=torch.long), 8192, 8192)
     with pytest.raises(MemoryError, match="Not enough RAM"):
         pack.nodes["JodiDecode"].execute(vae, latent, False, "person")
     # What fits goes ahead, and ComfyUI is asked to make room on the device for the estimate, not just the DiT.
@@ -495,10 +509,10 @@ def test_a_run_too_big_for_free_memory_is_refused_before_anything_loads(pack, mo
 
 def test_sampler_rejects_bad_values_and_foreign_conditioning(pack):
     model, vae = _load(pack)
-    roles = pack.kit.JodiRoles(("generate",) * 8)
+    roles = pack.payloads.RolesPayload(("generate",) * 8)
     sampler = pack.nodes["JodiSampler"]
     assert "sampler must be one of" in sampler.validate_inputs(sampler="ddim")
-    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    kwargs = dict(aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
     with pytest.raises(ValueError, match="steps must be between"):
         sampler.execute(model, vae, roles, **{**kwargs, "steps": 0})
     with pytest.raises(ValueError, match="Jodi Text Encode"):
@@ -509,10 +523,10 @@ def test_sampler_rejects_bad_values_and_foreign_conditioning(pack):
 
 def test_sampler_with_caption_uses_cfg_and_checks_width(pack):
     model, vae = _load(pack)
-    roles = pack.kit.JodiRoles(("generate",) * 8)
+    roles = pack.payloads.RolesPayload(("generate",) * 8)
     te = sys.modules[pack.module.__name__ + ".nodes.text_encode"]
     cond = [[torch.randn(1, 300, 16), {"attention_mask": torch.ones(1, 300, dtype=torch.long), te.CAPTION_KEY: {}}]]
-    kwargs = dict(aspect=nodekit.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
+    kwargs = dict(aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64, batch_size=1, **SAMPLING)
     with_text = pack.nodes["JodiSampler"].execute(model, vae, roles, positive=cond, **kwargs).result[0]
     without = pack.nodes["JodiSampler"].execute(model, vae, roles, **kwargs).result[0]
     assert not torch.equal(with_text.samples, without.samples)
@@ -534,7 +548,7 @@ def test_interrupt_stops_sampling(pack):
     pack.events.interrupt_after = 2
     mm = sys.modules["comfy.model_management"]
     with pytest.raises(mm.InterruptProcessingException):
-        pack.nodes["JodiJointGeneration"].execute(model, vae, aspect=nodekit.ASPECT_CUSTOM, width=64, height=64,
+        pack.nodes["JodiJointGeneration"].execute(model, vae, aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64,
                                                   batch_size=1, tiled_decode=False, mask_class="person",
                                                   **{**SAMPLING, "steps": 10})
     assert len(pack.events.progress) < 10
@@ -543,8 +557,8 @@ def test_interrupt_stops_sampling(pack):
 def test_tiled_decode_reaches_the_autoencoder(pack):
     model, vae = _load(pack)
     ae = vae.model.module  # the ModelPatcher's ManagedModule holds the jodi_core autoencoder
-    roles = pack.kit.JodiRoles(("generate",) * 8)
-    jodi_latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=nodekit.ASPECT_CUSTOM, width=64,
+    roles = pack.payloads.RolesPayload(("generate",) * 8)
+    jodi_latent = pack.nodes["JodiSampler"].execute(model, vae, roles, aspect=vocabulary.ASPECT_CUSTOM, width=64,
                                                     height=64, batch_size=1, **SAMPLING).result[0]
     for tiled in (True, False):
         ae.tiled_calls.clear()
@@ -571,16 +585,16 @@ def test_shortcuts(pack):
     ctrl = pack.nodes["JodiControllableGeneration"]
     edge = torch.rand(1, 64, 96, 3)
     seg = seg_palette("colors12")[torch.randint(0, 12, (1, 32, 48))] / 255
-    outs = ctrl.execute(model, vae, edge=edge, segmentation=seg, aspect=nodekit.ASPECT_AUTO, width=64, height=64,
+    outs = ctrl.execute(model, vae, edge=edge, segmentation=seg, aspect=vocabulary.ASPECT_AUTO, width=64, height=64,
                         batch_size=1, tiled_decode=False, mask_class="person", unconnected_labels="ignore",
                         **SAMPLING).result
     assert outs[0].shape == (1, 64, 96, 3) and outs[0].abs().sum() > 0
     assert torch.allclose(outs[DOMAIN_NAMES.index("edge")], edge)  # conditions come back as given, not re-decoded
     assert torch.equal((outs[8][..., 0] * 255).round().long(),  # the seg condition's class map, at output size
-                       nodekit.seg_index_from_image(outs[DOMAIN_NAMES.index("segmentation")]))
+                       map_conventions.seg_index_from_image(outs[DOMAIN_NAMES.index("segmentation")]))
     assert outs[DOMAIN_NAMES.index("depth")].abs().sum() == 0  # unconnected label ignored
     with pytest.raises(ValueError, match="at least one connected label"):
-        ctrl.execute(model, vae, aspect=nodekit.ASPECT_AUTO, width=64, height=64, batch_size=1, **SAMPLING)
+        ctrl.execute(model, vae, aspect=vocabulary.ASPECT_AUTO, width=64, height=64, batch_size=1, **SAMPLING)
     joint = pack.nodes["JodiJointGeneration"].execute(model, vae, aspect="16:9", width=64, height=64, batch_size=1,
                                                       tiled_decode=False, mask_class="person", **SAMPLING).result
     h, w = imaging.aspect_preset_size("16:9", 64, 8)  # TinyDiT: base 8 latents x compression 8
@@ -596,8 +610,8 @@ def test_utility_nodes_and_latent_split_merge(pack):
     colours, index_img = n["JodiSegToADE20K"].execute(seg).result
     assert colours.shape == index_img.shape == (1, 8, 8, 3)
     mask = n["JodiSegClassMask"].execute(seg, "sky").result[0]
-    assert torch.equal(mask, (nodekit.seg_index_from_image(seg) == SEG12_CLASSES.index("sky")).float())
-    lat = pack.kit.JodiLatent(torch.randn(1, 8, 4, 2, 3), torch.tensor([[0, 2, 0, 0, 0, 0, 0, 0]]), 16, 24)
+    assert torch.equal(mask, (map_conventions.seg_index_from_image(seg) == SEG12_CLASSES.index("sky")).float())
+    lat = pack.payloads.LatentPayload(torch.randn(1, 8, 4, 2, 3), torch.tensor([[0, 2, 0, 0, 0, 0, 0, 0]]), 16, 24)
     part = n["JodiLatentSplit"].execute(lat, "depth").result[0]
     assert torch.equal(part["samples"], lat.samples[:, 3])
     merged = n["JodiLatentMerge"].execute(lat, part, "lineart").result[0]
@@ -646,23 +660,24 @@ def test_demo_choice_resolves_through_jodi_core_demo(pack, monkeypatch):
     monkeypatch.setitem(sys.modules, demo.__name__, demo)
     monkeypatch.setattr(sys.modules[pack.module.__name__ + ".jodi_core"], "demo", demo, raising=False)
     common = sys.modules[pack.module.__name__ + ".nodes.common"]
-    assert common.resolve_dit_path(nodekit.DEMO_MODEL_CHOICE) == str(files[0])
-    assert common.resolve_vae_path(nodekit.DEMO_MODEL_CHOICE) == str(files[1])
-    assert pack.nodes["JodiModelLoader"].execute(nodekit.DEMO_MODEL_CHOICE, "auto", "auto").result[0].model is not None
+    assert common.resolve_dit_path(vocabulary.DEMO_MODEL_CHOICE) == str(files[0])
+    assert common.resolve_vae_path(vocabulary.DEMO_MODEL_CHOICE) == str(files[1])
+    loaded = pack.nodes["JodiModelLoader"].execute(vocabulary.DEMO_MODEL_CHOICE, "auto", "auto")
+    assert loaded.result[0].model is not None
 
     def missing():
         raise FileNotFoundError("demo weights not downloaded")
 
     demo.demo_model_paths = missing
     with pytest.raises(FileNotFoundError, match="demo weights not downloaded"):
-        pack.nodes["JodiVAELoader"].execute(nodekit.DEMO_MODEL_CHOICE, "auto")
+        pack.nodes["JodiVAELoader"].execute(vocabulary.DEMO_MODEL_CHOICE, "auto")
 
 
 def test_segmentation_nodes_take_the_class_index_image_too():
     classes = torch.arange(12).reshape(1, 3, 4)
-    palette_image = nodekit.bchw_to_image(seg_palette("colors12")[classes].permute(0, 3, 1, 2) / 255)
-    index_image = nodekit.index_to_index_image(classes)  # what the seg_classes outputs give
-    assert torch.equal(nodekit.seg_index_from_image(palette_image), classes)
-    assert torch.equal(nodekit.seg_index_from_image(index_image), classes)
+    palette_image = layouts.bchw_to_image(seg_palette("colors12")[classes].permute(0, 3, 1, 2) / 255)
+    index_image = layouts.index_to_index_image(classes)  # what the seg_classes outputs give
+    assert torch.equal(map_conventions.seg_index_from_image(palette_image), classes)
+    assert torch.equal(map_conventions.seg_index_from_image(index_image), classes)
     black = torch.zeros(1, 3, 4, 3)
-    assert nodekit.seg_index_from_image(black).eq(0).all()
+    assert map_conventions.seg_index_from_image(black).eq(0).all()

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from pack_modules import pack_module
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-DEMO = "jodi-demo (built-in)"
+DEMO = pack_module("nodes.vocabulary").DEMO_MODEL_CHOICE
 
 # Loader node -> (the input naming its model, the model folders that loader reads)
 LOADERS = {

@@ -27,6 +27,13 @@ API for the ComfyUI nodes (all functions run under ``torch.inference_mode``)::
 
     janus_understand_tokens(...)  # same arguments as janus_understand, returns the generated token ids per row
 
+    answers = janus_understand_in_chunks(model, images, questions, max_new_tokens=512, seed=0, callback=None,
+                                         **sampling)
+        # What the nodes run: images is a list with one entry per row; rows go UNDERSTAND_CHUNK at a time (chunk n
+        # samples with seed + n), each chunk's answers cut to the context left after its prompts (with a warning).
+        # callback(done, total) counts tokens over all chunks. understanding_cache_bytes(model, images, questions,
+        # max_new_tokens) is the KV cache one chunk needs: what a host reserves.
+
 Decoding steps run from a CUDA graph on CUDA (``model.decode_mode = "auto"``; "eager" turns that off). Tests build a
 tiny random model folder with ``tests/janus_tiny.py::write_tiny_janus(folder, layout="original" | "hf", seed=0)``.
 """
@@ -39,11 +46,14 @@ __all__ = [
     "JanusConfig",
     "JanusInterrupted",
     "JanusModel",
+    "UNDERSTAND_CHUNK",
     "janus_generate",
     "janus_generate_codes",
     "janus_understand",
+    "janus_understand_in_chunks",
     "janus_understand_tokens",
     "load_janus",
+    "understanding_cache_bytes",
 ]
 
 _LAZY = {
@@ -54,10 +64,14 @@ _LAZY = {
     "janus_generate_codes": ".generate",
     "janus_understand": ".generate",
     "janus_understand_tokens": ".generate",
+    "janus_understand_in_chunks": ".chunking",
+    "understanding_cache_bytes": ".chunking",
+    "UNDERSTAND_CHUNK": ".chunking",
     "load_janus": ".loading",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .chunking import UNDERSTAND_CHUNK, janus_understand_in_chunks, understanding_cache_bytes
     from .config import JanusConfig
     from .generate import (
         JanusInterrupted,

@@ -99,17 +99,18 @@ def _build_tiny_jodi() -> tuple[dict, dict]:
 
 def _link_workflow_models(models: Path) -> None:
     """Tiny stand-ins under the model names the shipped workflows use (workflows/api/manifest.json "models")."""
-    from jodi_core.nodekit import DEMO_MODEL_CHOICE
+    from pack_modules import pack_module
 
+    demo = pack_module("nodes.vocabulary").DEMO_MODEL_CHOICE
     manifest = REPO_ROOT / "workflows" / "api" / "manifest.json"
     entries = json.loads(manifest.read_text()).values() if manifest.is_file() else []
     for entry in entries:
         for folder, names in entry.get("models", {}).items():
             for name in names:
-                if folder == "diffusion_models|jodi" and name != DEMO_MODEL_CHOICE:
+                if folder == "diffusion_models|jodi" and name != demo:
                     sub = "jodi" if name.endswith(".pth") else "diffusion_models"
                     src = HostModels.jodi_pth_file if sub == "jodi" else HostModels.jodi_file
-                elif folder == "vae" and name != DEMO_MODEL_CHOICE:
+                elif folder == "vae" and name != demo:
                     sub, src = "vae", HostModels.vae_file
                 elif folder == "text_encoders":
                     sub, src = "text_encoders", HostModels.gemma_file
