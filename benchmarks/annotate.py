@@ -39,7 +39,7 @@ def make_scenes(folder: Path, n: int, size: int = 64) -> None:
     import torch
     from PIL import Image
 
-    from jodi_core.demo import demo_scene
+    from jodi_core.jobs.demo import demo_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     shapes = [(size, size), (size * 3 // 4, size * 4 // 3), (size * 4 // 3, size * 3 // 4)]
@@ -96,12 +96,12 @@ def bench_gpu(args) -> dict:
     import torch
     from PIL import Image
 
-    from jodi_core.annotate import AnnotateConfig, annotate
-    from jodi_core.dcae import DC_AE_F32C32_SANA_1_0, DCAE
-    from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer
+    from jodi_core.jobs.annotate import AnnotateConfig, annotate
+    from jodi_core.dcae.model import DC_AE_F32C32_SANA_1_0, DCAE
+    from jodi_core.dit.model import JODI_1600M_P1_D20, JodiTransformer
 
     if args.tiny:  # exercises this code path anywhere: tiny random models, fp32, on the CPU
-        from jodi_core.demo import tiny_random_models
+        from jodi_core.jobs.demo import tiny_random_models
 
         device, dtype = torch.device("cpu"), torch.float32
         dit, vae = tiny_random_models()

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jodi_core import layers  # noqa: E402
-from jodi_core.attention import AttentionBackend, linear_attention  # noqa: E402
-from jodi_core.transformer import JODI_1600M_P1_D20, JodiTransformer  # noqa: E402
+from jodi_core.dit import layers  # noqa: E402
+from jodi_core.dit.attention import AttentionBackend, linear_attention  # noqa: E402
+from jodi_core.dit.model import JODI_1600M_P1_D20, JodiTransformer  # noqa: E402
 
 # Dense bf16 tensor-core peaks (datasheets) by a part of torch.cuda.get_device_name(); the first match wins.
 BF16_PEAKS_TFLOPS = (
@@ -382,7 +382,7 @@ def profile_step(model, device, dtype, hw, out_dir, results):
 
 
 def bench_dcae_and_generation(model, device, dtype, hw, n_domains, results, rep_ms, steps):
-    from jodi_core.dcae import DC_AE_F32C32_SANA_1_0, DCAE
+    from jodi_core.dcae.model import DC_AE_F32C32_SANA_1_0, DCAE
 
     vae = DCAE(DC_AE_F32C32_SANA_1_0, dtype=dtype, device=device).eval()
     z = torch.randn(n_domains, 32, hw, hw, device=device, dtype=dtype)

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jodi_core.dcae import (  # noqa: E402
+from jodi_core.dcae.model import (  # noqa: E402
     DC_AE_F32C32_SANA_1_0,
     DCAE,
     DEFAULT_TILE_OVERLAP,

@@ -11,7 +11,7 @@ and the runs that perceive a generated image use other seeds):
   exact planar depth (sky excluded), normal angular error against the exact camera normals (sky excluded; also on
   object pixels alone, since the ground is half the scene and easy), segmentation pixel accuracy and mIoU (over the
   classes present in the ground truth or the prediction; all pixels), edge precision/recall/F with a 1-pixel
-  tolerance (maps binarised at 0.5; marking every pixel is the F to beat). Definitions: ``jodi_core/metrics.py``.
+  tolerance (maps binarised at 0.5; marking every pixel is the F to beat). Definitions: ``jodi_core/jobs/metrics.py``.
 - depth-only perception: image given, only the depth generated (the others ignored); this is how the model perceives
   depth in the two checks below, so its AbsRel is their reference.
 - controllable generation: the image generated from the ground-truth depth map alone; the model then perceives depth
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jodi_core import metrics  # noqa: E402
+from jodi_core.jobs import metrics  # noqa: E402
 from jodi_core.domains import Role  # noqa: E402
 
 HELD_OUT_SEED = 20260523  # the synthetic world's seed for evaluation
@@ -288,7 +288,7 @@ def main(argv: Optional[list] = None) -> int:
         p.error("--dit and --vae go together")
     torch.set_num_threads(args.threads)
 
-    from jodi_core.demo import load_demo_models, tiny_random_models
+    from jodi_core.jobs.demo import load_demo_models, tiny_random_models
     from jodi_core.pipeline import JodiPipeline
 
     if args.dit is not None:

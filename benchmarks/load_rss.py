@@ -59,7 +59,7 @@ def _write_checkpoint(path: Path, hidden: int, depth: int, fmt: str) -> int:
     import torch
 
     from jodi_core.loading import build_on_meta
-    from jodi_core.transformer import JodiConfig, JodiTransformer
+    from jodi_core.dit.model import JodiConfig, JodiTransformer
 
     config = JodiConfig(hidden_size=hidden, depth=depth, num_heads=max(1, hidden // 72))
     model = build_on_meta(lambda: JodiTransformer(config))

@@ -11,7 +11,7 @@ import sys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     run_demo(args.out, device=args.device, steps=args.steps, seed=args.seed)
     return 0
@@ -31,13 +31,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if bad:
         print(f"warning: {len(bad)} tensors hold NaN or inf values (the loaders refuse them): {', '.join(bad[:5])}")
     if kind == "jodi":
-        from .transformer import JodiConfig
-        from .transformer_keys import stored_jodi_settings
+        from .dit.model import JodiConfig
+        from .dit.keys import stored_jodi_settings
 
         print(JodiConfig.from_state_dict(sd, **stored_jodi_settings(path)))
     elif kind in ("dcae", "dcae-diffusers"):
-        from .dcae import DCAEConfig
-        from .dcae_keys import stored_dcae_settings
+        from .dcae.model import DCAEConfig
+        from .dcae.keys import stored_dcae_settings
 
         print(DCAEConfig.from_state_dict(sd, **stored_dcae_settings(path)))
     return 0
@@ -51,13 +51,13 @@ def _cmd_convert_gemma(args: argparse.Namespace) -> int:
 
 
 def _run_train(argv: list[str]) -> int:
-    from .train import main_train
+    from .jobs.train import main_train
 
     return main_train(argv) or 0
 
 
 def _run_annotate(argv: list[str]) -> int:
-    from .annotate import main_annotate
+    from .jobs.annotate import main_annotate
 
     return main_annotate(argv) or 0
 

@@ -2,7 +2,7 @@
 with sharded weights, and the checks that a file is whole and safe to read.
 
 Only files are read here; what the tensors are and how they become a model is :mod:`.loading`'s (and each model's
-``*_keys`` module's) business.
+``keys`` module's) business.
 """
 
 from __future__ import annotations
@@ -221,8 +221,8 @@ def unwrap_state_dict(obj, *, name: str = "checkpoint") -> dict[str, torch.Tenso
         nested = [k for k, v in obj.items() if isinstance(v, Mapping) and any(isinstance(x, torch.Tensor)
                                                                               for x in v.values())]
         if {"transformer", "dcae"} <= set(nested):
-            raise CheckpointError(f"{name} is a training checkpoint of jodi_core.train; load the jodi.safetensors "
-                                  f"and dcae.safetensors the run exported next to it.")
+            raise CheckpointError(f"{name} is a training checkpoint of jodi_core.jobs.train; load the "
+                                  f"jodi.safetensors and dcae.safetensors the run exported next to it.")
         hint = f"; tensors sit under {nested[:4]}" if nested else ""
         raise CheckpointError(f"{name} contains no tensors at its top level (keys: {sorted(map(str, obj))[:8]}"
                               f"{hint}).")

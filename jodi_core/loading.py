@@ -1,6 +1,6 @@
 """Build models from checkpoints: recognise what a state dict holds, check it, and load it strictly into a model
 built on the meta device. Reading the files is :mod:`.checkpoint`'s job; each model's key names and config
-inference sit beside it (:mod:`.transformer_keys`, :mod:`.dcae_keys`, :mod:`.janus.keys`).
+inference sit beside it (:mod:`.dit.keys`, :mod:`.dcae.keys`, :mod:`.janus.keys`).
 
 - Jodi: ``Jodi.pth`` (``{'state_dict': ...}``, read with ``weights_only=True``) or ``.safetensors``, in fp32, fp16 or
   bf16. ``pos_embed`` is dropped (it is computed); the config is inferred from tensor shapes.
@@ -19,7 +19,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from . import dcae_keys, transformer_keys
+from .dcae import keys as dcae_keys
+from .dit import keys as dit_keys
 from .checkpoint import CheckpointError, read_state_dict, weights_file
 from .domains import NUM_DOMAINS
 
@@ -91,7 +92,7 @@ def _foreign_family(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 def identify_checkpoint(sd: Mapping[str, torch.Tensor]) -> str | None:
     """Name what a state dict holds: ``"jodi"``, ``"dcae"``, ``"dcae-diffusers"``, a foreign family, or None."""
-    if transformer_keys.is_jodi_state_dict(sd):
+    if dit_keys.is_jodi_state_dict(sd):
         return "jodi"
     dcae_format = dcae_keys.detect_key_format(sd)
     if dcae_format == "original":
@@ -215,9 +216,9 @@ def jodi_from_state_dict(
     **config_overrides,
 ):
     """Build a :class:`JodiTransformer` from a state dict with the reference key names."""
-    from .transformer import JodiConfig, JodiTransformer
+    from .dit.model import JodiConfig, JodiTransformer
 
-    sd = transformer_keys.model_keys(sd)
+    sd = dit_keys.model_keys(sd)
     expect_checkpoint(sd, ("jodi",), name=name, what="a Jodi DiT")
     check_finite(sd, name=name)
     try:
@@ -244,11 +245,11 @@ def load_jodi(
     """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype.
 
     Settings that tensor shapes cannot tell (``base_size``: the latent size the model was trained at, and the head
-    counts) come from ``config_overrides``, else from the file's metadata (written by :mod:`jodi_core.train`), else
-    the released model's values.
+    counts) come from ``config_overrides``, else from the file's metadata (written by :mod:`.jobs.train`), else the
+    released model's values.
     """
     sd = read_state_dict(path)
-    config_overrides = {**transformer_keys.stored_jodi_settings(path), **config_overrides}
+    config_overrides = {**dit_keys.stored_jodi_settings(path), **config_overrides}
     return jodi_from_state_dict(
         sd, name=os.path.basename(str(path)), dtype=dtype, device=device, attention_backend=attention_backend,
         **config_overrides,
@@ -259,8 +260,8 @@ def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = 
               attention_backend: str = "auto"):
     """Load a DC-AE checkpoint (original or diffusers key format); a folder means its ``model.safetensors``
     (or ``diffusion_pytorch_model.safetensors``). ``attention_backend``: ``auto | triton | torch``."""
-    from .attention import check_backend
-    from .dcae import DCAE
+    from .dit.attention import check_backend
+    from .dcae.model import DCAE
 
     check_backend(attention_backend)
     path = weights_file(path)

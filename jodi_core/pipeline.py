@@ -124,7 +124,7 @@ class JodiPipeline:
             elem = 4
         h, w = height, width
         if tiled:  # one tile at a time, plus the float32 image and weights the tiles are blended into
-            from .dcae import DEFAULT_TILE_SIZE
+            from .dcae.model import DEFAULT_TILE_SIZE
 
             h, w = min(height, DEFAULT_TILE_SIZE), min(width, DEFAULT_TILE_SIZE)
         blend = rows * height * width * 4 * 4 if tiled and (h, w) != (height, width) else 0

@@ -1,4 +1,5 @@
-"""Jodi Annotate Folder: label a folder of images into a Joint-1.6M layout dataset (glue over jodi_core.annotate)."""
+"""Jodi Annotate Folder: label a folder of images into a Joint-1.6M layout dataset (glue over
+jodi_core.jobs.annotate)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io
 
-from ..jodi_core.annotate import ROOTS_ENV, extra_roots, resolve_inside
+from ..jodi_core.jobs.annotate import ROOTS_ENV, extra_roots, resolve_inside
 from ..jodi_core.domains import LABEL_NAMES, get_domain, perception_roles
 from . import common, vocabulary
 
@@ -85,7 +86,7 @@ class JodiAnnotateFolder(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,
                 seed=0) -> io.NodeOutput:
-        from ..jodi_core.annotate import AnnotateConfig, annotate
+        from ..jodi_core.jobs.annotate import AnnotateConfig, annotate
         from ..jodi_core.pipeline import JodiPipeline
 
         common.check_patcher(model, "model", "Load Jodi Model")

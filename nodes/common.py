@@ -73,7 +73,7 @@ def vae_choices() -> list[str]:
 
 def demo_paths() -> tuple[str, str]:
     """(dit, vae) files of the built-in demo model; FileNotFoundError where this checkout has none."""
-    from ..jodi_core import demo
+    from ..jodi_core.jobs import demo
 
     dit, vae = demo.demo_model_paths()
     return str(dit), str(vae)

@@ -11,13 +11,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..jodi_core import imaging
-from ..jodi_core.attention import backend_names
+from ..jodi_core.dit.attention import backend_names
 
 ROLE_AUTO = "auto"
 ROLE_CHOICES: tuple[str, ...] = (ROLE_AUTO, "generate", "condition", "ignore")
 SAMPLERS: dict[str, str] = {"dpm++2m-flow": "dpmpp_2m", "euler-flow": "euler"}  # node label -> jodi_core name
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_CHOICES: tuple[str, ...] = backend_names()  # the registry of jodi_core.attention
+ATTENTION_CHOICES: tuple[str, ...] = backend_names()  # the registry of jodi_core.dit.attention
 ASPECT_AUTO = "auto (condition image, else width x height)"
 ASPECT_CUSTOM = "width x height"
 ASPECT_CHOICES: tuple[str, ...] = (ASPECT_AUTO, ASPECT_CUSTOM, *imaging.ASPECT_PRESETS)

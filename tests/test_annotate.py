@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import EXAMPLE_DATA_DIR
-from jodi_core import annotate as ann
+from jodi_core.jobs import annotate as ann
 from jodi_core.domains import DOMAINS, LABEL_NAMES, seg_palette
 
 FAST = dict(steps=2, batch_size=1, threads=1, progress=False)
@@ -27,7 +27,7 @@ BATCH_TOLERANCE_LEVELS = 2
 
 def make_inputs(folder: Path, corrupt: bool = False) -> list[str]:
     """Example images shrunk to <= 128 px and three synthetic scenes (square, wide, tall PNGs in a sub-folder)."""
-    from jodi_core.demo import demo_scene
+    from jodi_core.jobs.demo import demo_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -87,7 +87,7 @@ def reference(inputs, tmp_path_factory) -> Path:
 
 
 def test_pipeline_per_sample_seeds():
-    from jodi_core.demo import tiny_random_models
+    from jodi_core.jobs.demo import tiny_random_models
     from jodi_core.pipeline import JodiPipeline
 
     pipe = JodiPipeline(*tiny_random_models())
@@ -193,7 +193,7 @@ def test_written_maps_are_the_pipelines_perception(inputs, reference):
     """What annotate writes for an image is Jodi's perception of it: the same maps a direct pipeline run gives
     (same bucket, fit, seed and steps), within the 8-bit/JPEG rounding, each from its own domain."""
     from jodi_core import imaging
-    from jodi_core.demo import load_demo_models
+    from jodi_core.jobs.demo import load_demo_models
     from jodi_core.pipeline import JodiPipeline
 
     key = "image/synth/s1.png"  # 56 x 100: not a bucket's aspect ratio, so the fit matters too
@@ -427,7 +427,7 @@ def test_fill_in_into_another_folder_copies_what_exists(small_joint, tmp_path):
 
 
 def test_training_loop_trains_on_the_output(reference, tmp_path):
-    from jodi_core.train import DataConfig, TrainConfig, train
+    from jodi_core.jobs.train import DataConfig, TrainConfig, train
 
     micro_dcae = dict(latent_channels=32, width_list=[8, 16, 32], encoder_depth_list=[1, 1, 1],
                       decoder_depth_list=[1, 1, 1], encoder_block_types=["ResBlock"] * 3,
@@ -447,7 +447,7 @@ def test_training_loop_trains_on_the_output(reference, tmp_path):
 def test_command_line_and_summary(inputs, tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="jodi_core.annotate")
+    caplog.set_level(logging.INFO, logger="jodi_core.jobs.annotate")
     argv = [str(inputs), str(tmp_path), "--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress",
             "--domains", "edge,seg"]
     assert ann.main_annotate(argv + ["--stop-after", "1"]) == 3  # stopped early: not complete

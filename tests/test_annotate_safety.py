@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jodi_core import annotate as ann
+from jodi_core.jobs import annotate as ann
 from test_annotate import FAST, tree
 
 DEPTH = dict(domains=["depth"])
@@ -121,7 +121,7 @@ def test_symlinked_files_out_of_an_input_folder_are_skipped(tmp_path, caplog):
     write_image(tmp_path / "private" / "p.png")
     os.symlink(tmp_path / "private" / "p.png", src / "out.png")
     os.symlink(src / "a.png", src / "same.png")  # inside the folder: fine
-    caplog.set_level(logging.WARNING, logger="jodi_core.annotate")
+    caplog.set_level(logging.WARNING, logger="jodi_core.jobs.annotate")
     summary = run(src, tmp_path / "ds")
     assert (summary.done, summary.failed) == (2, 1)
     assert set(records(tmp_path / "ds")) == {"image/a.png", "image/same.png"}
@@ -286,7 +286,7 @@ def test_unwritable_output_gives_one_line_and_resumes(tmp_path, monkeypatch, cap
         return real(path, data)
 
     monkeypatch.setattr(ann, "write_atomic", failing)
-    caplog.set_level(logging.INFO, logger="jodi_core.annotate")
+    caplog.set_level(logging.INFO, logger="jodi_core.jobs.annotate")
     argv = [str(src), str(out), "--steps", "2", "--batch-size", "1", "--threads", "1", "--no-progress",
             "--domains", "depth"]
     assert ann.main_annotate(argv) == 1

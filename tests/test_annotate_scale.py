@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jodi_core import annotate as ann
+from jodi_core.jobs import annotate as ann
 from test_annotate import BATCH_TOLERANCE_LEVELS, FAST, make_inputs, pixels, tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_ray_local_gives_the_in_process_maps(inputs, reference, tmp_path):
 
 
 def test_ray_is_not_imported_by_jodi_core_or_annotate():
-    code = "import sys, jodi_core, jodi_core.annotate, jodi_core.pipeline; print('ray' in sys.modules)"
+    code = "import sys, jodi_core, jodi_core.jobs.annotate, jodi_core.pipeline; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -127,7 +127,7 @@ DDP_WORKER = textwrap.dedent(
     """
     import json, os, sys
     import torch
-    from jodi_core.train import DataConfig, TrainConfig, Trainer
+    from jodi_core.jobs.train import DataConfig, TrainConfig, Trainer
 
     out = sys.argv[1]
     torch.set_num_threads(1)

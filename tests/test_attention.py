@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from jodi_core import attention as attn
-from jodi_core.attention import KernelSet, linear_attention, resolve_backend
+from jodi_core.dit import attention as attn
+from jodi_core.dit.attention import KernelSet, linear_attention, resolve_backend
 
 
 def _qkv(B=2, T=37, H=3, D=32, dtype=torch.float32, seed=0):
@@ -117,7 +117,7 @@ def test_failing_backend_warns_once_and_falls_back(registry, caplog):
     registry.register_backend("broken", lambda: KernelSet(linear_attention=broken))
     backend = resolve_backend("broken", auto="torch")
     q, k, v = _qkv(T=5)
-    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+    with caplog.at_level(logging.WARNING, logger="jodi_core.dit.attention"):
         a = backend.linear_attention(q, k, v)
         b = backend.linear_attention(q, k, v)
     torch.testing.assert_close(a, linear_attention(q, k, v), atol=0, rtol=0)
@@ -138,7 +138,7 @@ def test_unimportable_triton_falls_back(registry, monkeypatch, caplog):
 
     monkeypatch.setattr(builtins, "__import__", no_kernels)
     q, k, v = _qkv(T=5)
-    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+    with caplog.at_level(logging.WARNING, logger="jodi_core.dit.attention"):
         backend = resolve_backend("triton", auto="torch")
         out = backend.linear_attention(q, k, v)
         resolve_backend("triton", auto="torch").linear_attention(q, k, v)
@@ -180,7 +180,7 @@ def test_compiles_without_graph_breaks():
 
 def test_dit_block_compiles_as_one_graph():
     """A whole DiT block (adaLN, linear attention with a key mask, cross-attention, GLUMBConv) has no graph break."""
-    from jodi_core.layers import JodiBlock
+    from jodi_core.dit.layers import JodiBlock
 
     torch._dynamo.reset()
     block = JodiBlock(64, 2, 160, 32).eval()
@@ -238,7 +238,7 @@ def test_one_fallback_policy_for_every_kernel(registry, caplog):
     def failing(*args):
         raise RuntimeError("launch failed")
 
-    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+    with caplog.at_level(logging.WARNING, logger="jodi_core.dit.attention"):
         for _ in range(3):
             assert attn.run_kernel("triton some_op", failing, lambda x: x + 1, 1) == 2
             assert attn.run_kernel("triton other_op", failing, lambda x: x + 2, 1) == 3
@@ -253,8 +253,8 @@ def test_a_kernel_set_gives_all_fused_ops_or_none():
 
 def test_models_resolve_their_backend_once_when_it_is_set(monkeypatch):
     """The choice is resolved when ``attention_backend`` is set, never per forward; the DC-AE's blocks share it."""
-    from jodi_core.dcae import LiteMLA
-    from jodi_core.demo import tiny_random_models
+    from jodi_core.dcae.model import LiteMLA
+    from jodi_core.jobs.demo import tiny_random_models
 
     dit, vae = tiny_random_models()
     calls = []
@@ -272,7 +272,8 @@ def test_models_resolve_their_backend_once_when_it_is_set(monkeypatch):
 
 
 def test_each_model_states_its_auto():
-    from jodi_core import dcae, transformer
+    from jodi_core.dcae import model as dcae
+    from jodi_core.dit import model as transformer
 
     assert transformer.JodiTransformer.attention_backend.auto == transformer.AUTO_ATTENTION == "triton"
     assert dcae.DCAE.attention_backend.auto == dcae.AUTO_ATTENTION == "torch"  # the reference's matmuls

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from jodi_core.checkpoint import CheckpointError
-from jodi_core.dcae import (
+from jodi_core.dcae.model import (
     DC_AE_F32C32_SANA_1_0,
     DCAE,
     DCAEConfig,
     LiteMLA,
     _tiled,
 )
-from jodi_core.dcae_keys import KEY_RULES, detect_key_format, diffusers_to_original, original_to_diffusers
+from jodi_core.dcae.keys import KEY_RULES, detect_key_format, diffusers_to_original, original_to_diffusers
 
 
 @pytest.fixture(autouse=True)

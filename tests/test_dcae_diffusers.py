@@ -4,8 +4,8 @@ configs with the f32c32-sana structure, loading the weights in both key formats.
 import pytest
 import torch
 
-from jodi_core.dcae import DCAE, DCAEConfig
-from jodi_core.dcae_keys import detect_key_format, diffusers_to_original, original_to_diffusers
+from jodi_core.dcae.model import DCAE, DCAEConfig
+from jodi_core.dcae.keys import detect_key_format, diffusers_to_original, original_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jodi_core.demo import demo_model_paths, load_demo_models, tiny_random_models
+from jodi_core.jobs.demo import demo_model_paths, load_demo_models, tiny_random_models
 from jodi_core.pipeline import JodiPipeline
 
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_quality.py"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jodi_core.transformer import JodiConfig, JodiTransformer
+from jodi_core.dit.model import JodiConfig, JodiTransformer
 
 from conftest import fixture_config_overrides
 

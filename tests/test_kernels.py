@@ -71,7 +71,7 @@ def _qkv(B, T, H, D, dtype, device):
 
 
 def check_linear_attention(device, big, dtype_name, T, mask_kind):
-    from jodi_core.attention import linear_attention
+    from jodi_core.dit.attention import linear_attention
     from jodi_core.kernels.linear_attention import linear_attention_triton
 
     dtype = _DTYPES[dtype_name]
@@ -93,7 +93,7 @@ def check_linear_attention(device, big, dtype_name, T, mask_kind):
 
 def check_linear_attention_splits(device, big):
     """One chunk (long loop per program) and one chunk per token block give the same answer."""
-    from jodi_core.attention import linear_attention
+    from jodi_core.dit.attention import linear_attention
     from jodi_core.kernels import linear_attention as mod
 
     B, T, H, D = (2, 5000, 4, 32) if big else (1, 300, 2, 32)
@@ -112,7 +112,7 @@ def check_linear_attention_splits(device, big):
 
 
 def check_linear_attention_head_dims(device, big):
-    from jodi_core.attention import linear_attention
+    from jodi_core.dit.attention import linear_attention
     from jodi_core.kernels.linear_attention import linear_attention_triton
 
     for D in (16, 64):
@@ -200,7 +200,7 @@ def check_gate_residual(device, big, dtype_name):
 
 def check_fused_dispatch(device, big):
     """The fused ops of the ``triton`` backend take the kernel where it runs."""
-    from jodi_core import attention
+    from jodi_core.dit import attention
     from jodi_core.kernels.dwconv_glu import dwconv_glu, dwconv_glu_triton
     from jodi_core.kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_triton
 
@@ -224,7 +224,7 @@ class _CountKernelCalls:
     def __enter__(self):
         import dataclasses
 
-        from jodi_core import attention
+        from jodi_core.dit import attention
 
         self.kernels = attention.resolve_backend("triton", auto="torch").kernels
         assert self.kernels is not None, "the Triton linear attention cannot run here"
@@ -240,7 +240,7 @@ class _CountKernelCalls:
         return self
 
     def __exit__(self, *exc):
-        from jodi_core import attention
+        from jodi_core.dit import attention
 
         attention._loaded["triton"] = self.kernels
 
@@ -252,7 +252,7 @@ def check_dit_backends(device, big, dtype_name):
 
     fp32: equal up to summation order. 16-bit: Triton is no less accurate than torch against the fp32 model, and
     the two agree within bf16/fp16 tolerance."""
-    from jodi_core.demo import tiny_random_models
+    from jodi_core.jobs.demo import tiny_random_models
 
     dtype = _DTYPES[dtype_name]
     dit32, _ = tiny_random_models(seed=3)
@@ -298,7 +298,7 @@ def _assert_backends_agree(ours, plain, reference, dtype, what):
 
 def check_dcae_backends(device, big, dtype_name):
     """The DC-AE's LiteMLA on the Triton kernel against its reference matmuls, encode and decode."""
-    from jodi_core.demo import tiny_random_models
+    from jodi_core.jobs.demo import tiny_random_models
 
     dtype = _DTYPES[dtype_name]
     _, vae32 = tiny_random_models(seed=5)
@@ -459,7 +459,7 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     import importlib
 
     import jodi_core.kernels as kernels
-    from jodi_core import attention
+    from jodi_core.dit import attention
 
     module = importlib.import_module(f"jodi_core.kernels.{op}")
     args = _fused_op_cases()[op]
@@ -491,7 +491,7 @@ def test_fused_op_failures_fall_back_or_propagate(monkeypatch, caplog, op):
     assert key not in attention._disabled and calls[-1] == "ValueError"
 
     monkeypatch.setattr(module, f"{op}_triton", raising(RuntimeError("PTX compile failed")))
-    with caplog.at_level(logging.WARNING, logger="jodi_core.attention"):
+    with caplog.at_level(logging.WARNING, logger="jodi_core.dit.attention"):
         assert torch.equal(wrapper(*args), expected)
         assert torch.equal(wrapper(*args), expected)  # no second attempt, no second warning
     assert key in attention._disabled
@@ -555,8 +555,8 @@ def test_kernel_gpu(gpu_results, name):
 def test_attention_dispatcher_uses_triton_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from jodi_core.attention import resolve_backend
-    from jodi_core.transformer import AUTO_ATTENTION
+    from jodi_core.dit.attention import resolve_backend
+    from jodi_core.dit.model import AUTO_ATTENTION
 
     backend = resolve_backend("auto", auto=AUTO_ATTENTION)  # the DiT's auto
     assert backend.kernel_name == "triton"

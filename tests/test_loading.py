@@ -48,7 +48,7 @@ def test_safetensors_with_dtype_cast(tmp_path, dit_sd):
 
 
 def test_dcae_loads_in_both_key_formats(tmp_path, dcae_sd):
-    from jodi_core.dcae_keys import original_to_diffusers
+    from jodi_core.dcae.keys import original_to_diffusers
 
     save_file(dcae_sd, tmp_path / "original.safetensors")
     save_file({k: v.contiguous() for k, v in original_to_diffusers(dcae_sd).items()}, tmp_path / "diffusers.safetensors")
@@ -59,7 +59,7 @@ def test_dcae_loads_in_both_key_formats(tmp_path, dcae_sd):
 
 
 def test_dcae_attention_backend_reaches_every_attention_block(tmp_path, dcae_sd):
-    from jodi_core.dcae import LiteMLA
+    from jodi_core.dcae.model import LiteMLA
 
     save_file(dcae_sd, tmp_path / "ae.safetensors")
     with pytest.raises(ValueError, match="Unknown attention backend 'flash'"):
@@ -169,9 +169,20 @@ def test_identify(dit_sd, dcae_sd):
     assert identify_checkpoint({"foo": torch.zeros(1)}) is None
 
 
+def test_the_demo_model_is_looked_for_in_the_shipped_assets():
+    """Where the demo weights are looked for does not depend on which module asks (a wrong folder would only show as
+    a silent fallback to random weights and skipped tests)."""
+    from pathlib import Path
+
+    from jodi_core.jobs.demo import DEMO_DIT, DEMO_VAE
+
+    assets = Path(__file__).resolve().parents[1] / "jodi_core" / "assets" / "demo"
+    assert DEMO_DIT.parent.resolve() == assets and DEMO_VAE.parent.resolve() == assets
+
+
 def test_info_reports_the_stored_settings_of_the_demo_model(capsys):
     from jodi_core.__main__ import main
-    from jodi_core.demo import DEMO_DIT, DEMO_VAE
+    from jodi_core.jobs.demo import DEMO_DIT, DEMO_VAE
 
     if not DEMO_DIT.is_file():
         pytest.skip("no demo model in this checkout")
@@ -238,7 +249,7 @@ def test_unsafe_pickles_and_training_checkpoints_get_short_clear_errors(tmp_path
     assert len(str(err.value)) < 400 and "\x1b" not in str(err.value)
     last = tmp_path / "last.pt"
     torch.save({"stage": "dit", "step": 3, "transformer": dit_sd, "dcae": {"w": torch.zeros(1)}}, last)
-    with pytest.raises(CheckpointError, match="training checkpoint of jodi_core.train"):
+    with pytest.raises(CheckpointError, match="training checkpoint of jodi_core.jobs.train"):
         load_jodi(last)
 
 
@@ -254,8 +265,8 @@ def test_a_dit_with_another_domain_count_is_refused_at_load(tmp_path, dit_sd):
 
 
 def test_pipeline_refuses_a_dcae_of_another_latent_width():
-    from jodi_core.dcae import DCAE, DCAEConfig
-    from jodi_core.demo import tiny_random_models
+    from jodi_core.dcae.model import DCAE, DCAEConfig
+    from jodi_core.jobs.demo import tiny_random_models
     from jodi_core.pipeline import JodiPipeline
 
     dit, vae = tiny_random_models()

@@ -1,4 +1,4 @@
-"""jodi_core.metrics on hand-made inputs whose answers are worked out by hand in each test."""
+"""jodi_core.jobs.metrics on hand-made inputs whose answers are worked out by hand in each test."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jodi_core import metrics
+from jodi_core.jobs import metrics
 
 
 # ---- depth ----------------------------------------------------------------------------------------------------------

@@ -642,8 +642,8 @@ spec = importlib.util.spec_from_file_location("packreal", {str(REPO / '__init__.
                                               submodule_search_locations=[{str(REPO)!r}])
 m = importlib.util.module_from_spec(spec); sys.modules["packreal"] = m; spec.loader.exec_module(m)
 heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("transformers", "diffusers", "triton")
-               or k.startswith("packreal.jodi_core.") and k.split(".")[-1] in ("transformer", "dcae", "loading",
-               "pipeline", "janus", "gemma"))
+               or k.startswith("packreal.jodi_core.") and k[len("packreal.jodi_core."):] in ("dit.model", "dcae",
+               "dcae.model", "loading", "pipeline", "janus", "gemma"))
 print(json.dumps({{"bare": bare, "entry": hasattr(m, "comfy_entrypoint"), "heavy": heavy}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -653,12 +653,14 @@ print(json.dumps({{"bare": bare, "entry": hasattr(m, "comfy_entrypoint"), "heavy
 
 
 def test_demo_choice_resolves_through_jodi_core_demo(pack, monkeypatch):
-    """The built-in choice goes through jodi_core.demo.demo_model_paths(); its FileNotFoundError reaches the user."""
-    demo = types.ModuleType(pack.module.__name__ + ".jodi_core.demo")
+    """The built-in choice goes through jodi_core.jobs.demo.demo_model_paths(); its FileNotFoundError reaches the
+    user."""
+    demo = types.ModuleType(pack.module.__name__ + ".jodi_core.jobs.demo")
     files = (pack.models / "jodi" / "tiny.pth", pack.models / "vae" / "tiny-ae.safetensors")
     demo.demo_model_paths = lambda: files
     monkeypatch.setitem(sys.modules, demo.__name__, demo)
-    monkeypatch.setattr(sys.modules[pack.module.__name__ + ".jodi_core"], "demo", demo, raising=False)
+    jobs = importlib.import_module(pack.module.__name__ + ".jodi_core.jobs")
+    monkeypatch.setattr(jobs, "demo", demo, raising=False)
     common = sys.modules[pack.module.__name__ + ".nodes.common"]
     assert common.resolve_dit_path(vocabulary.DEMO_MODEL_CHOICE) == str(files[0])
     assert common.resolve_vae_path(vocabulary.DEMO_MODEL_CHOICE) == str(files[1])

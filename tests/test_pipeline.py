@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jodi_core.demo import tiny_random_models
+from jodi_core.jobs.demo import tiny_random_models
 from jodi_core.domains import DOMAIN_NAMES
 from jodi_core.pipeline import Interrupted, JodiPipeline
 

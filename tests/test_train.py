@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import EXAMPLE_DATA_DIR
-import jodi_core.train as train_module
-from jodi_core.train import (
+import jodi_core.jobs.train as train_module
+from jodi_core.jobs.train import (
     CONDITION,
     GENERATE,
     IGNORE,
@@ -157,7 +157,7 @@ def test_finetune_on_example_data_reduces_both_losses(tmp_path, example_data):
     # The outputs load with the package's own loaders, as the official key layouts.
     from jodi_core.checkpoint import read_state_dict
     from jodi_core.loading import identify_checkpoint
-    from jodi_core.dcae import DCAE
+    from jodi_core.dcae.model import DCAE
     from jodi_core.loading import jodi_from_state_dict
 
     jsd = read_state_dict(result.transformer_path)
@@ -173,7 +173,7 @@ def test_initial_weights_keep_their_stored_config(tmp_path):
     """A run started from exported weights builds the same models (base_size and head count come from the file's
     metadata; the default ``transformer`` config would give other positional embeddings) and the same latent scale."""
     from jodi_core.loading import load_jodi
-    from jodi_core.train import Trainer
+    from jodi_core.jobs.train import Trainer
 
     first = train(_config(tmp_path / "a", dcae_steps=2, dit_steps=1))
     cfg = TrainConfig(output_dir=str(tmp_path / "b"), data=DataConfig(size=32), batch_size=2, dcae_steps=0,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jodi_core.checkpoint import CheckpointError
-from jodi_core.train import DataConfig, Trainer, TrainConfig
+from jodi_core.jobs.train import DataConfig, Trainer, TrainConfig
 
 from test_train import MICRO_DCAE, MICRO_DIT  # the same micro models as the training tests
 

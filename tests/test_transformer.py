@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from jodi_core import attention as attention_mod
+from jodi_core.dit import attention as attention_mod
 from jodi_core.loading import build_on_meta
-from jodi_core.transformer import JODI_1600M_P1_D20, JodiConfig, JodiTransformer
+from jodi_core.dit.model import JODI_1600M_P1_D20, JodiConfig, JodiTransformer
 
 from conftest import fixture_config_overrides
 
@@ -423,7 +423,7 @@ def test_model_uses_configured_attention_backend(fixture_model, monkeypatch):
 
 
 def test_importing_the_model_is_cheap():
-    code = ("import sys, jodi_core.transformer, jodi_core.attention; "
+    code = ("import sys, jodi_core.dit.model, jodi_core.dit.attention; "
             "bad = [m for m in ('triton', 'jodi_core.kernels', 'comfy', 'transformers', 'diffusers') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -435,7 +435,7 @@ def test_importing_the_model_is_cheap():
 def test_fused_op_call_sites(fixture_model, cases, monkeypatch):
     """The blocks' calls into jodi_core.kernels (made on CUDA) pass the right tensors: forced on here, the kernels'
     own torch definitions run and the official numbers still come out."""
-    from jodi_core.attention import AttentionBackend, KernelSet
+    from jodi_core.dit.attention import AttentionBackend, KernelSet
     from jodi_core.kernels.dwconv_glu import dwconv_glu
     from jodi_core.kernels.gate_residual import gate_residual
     from jodi_core.kernels.layernorm_modulate import layernorm_modulate

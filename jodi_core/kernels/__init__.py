@@ -1,9 +1,9 @@
-"""Optional Triton kernels for the Jodi DiT, the ``triton`` backend of ``jodi_core.attention``.
+"""Optional Triton kernels for the Jodi DiT, the ``triton`` backend of ``jodi_core.dit.attention``.
 
 Nothing here imports Triton at module import time: each kernel module imports it when it is itself imported, and
-``jodi_core.attention`` calls :func:`triton_kernels` only when a model resolves the ``triton`` backend. Every fused
+``jodi_core.dit.attention`` calls :func:`triton_kernels` only when a model resolves the ``triton`` backend. Every fused
 op has a PyTorch function of the same signature that computes the same thing, used on CPU, without Triton, or after a
-kernel fails (``jodi_core.attention.run_kernel``, the one fallback policy).
+kernel fails (``jodi_core.dit.attention.run_kernel``, the one fallback policy).
 
 Modules:
 - ``linear_attention``: ReLU linear attention (LiteLA) in two deterministic kernels (state, then apply).
@@ -74,9 +74,9 @@ def runs_here(*tensors) -> bool:
 
 
 def triton_kernels():
-    """The Triton implementations as ``jodi_core.attention``'s ``triton`` backend; raises where Triton does not
+    """The Triton implementations as ``jodi_core.dit.attention``'s ``triton`` backend; raises where Triton does not
     import."""
-    from ..attention import KernelSet
+    from ..dit.attention import KernelSet
     from .dwconv_glu import dwconv_glu
     from .gate_residual import gate_residual
     from .layernorm_modulate import layernorm_modulate

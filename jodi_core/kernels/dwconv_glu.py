@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import run_kernel
+from ..dit.attention import run_kernel
 from . import interpreter_enabled, runs_here
 
 _OP = "triton dwconv_glu"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import run_kernel
+from ..dit.attention import run_kernel
 from . import runs_here
 
 _OP = "triton gate_residual"

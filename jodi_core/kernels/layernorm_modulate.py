@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import run_kernel
+from ..dit.attention import run_kernel
 from . import runs_here
 
 _OP = "triton layernorm_modulate"

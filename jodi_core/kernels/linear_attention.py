@@ -4,7 +4,7 @@ API::
 
     linear_attention_triton(q, k, v, key_mask=None, eps=1e-8) -> out
 
-Same signature and semantics as ``jodi_core.attention.linear_attention``: ``q, k, v`` of shape ``(B, T, H, D)``
+Same signature and semantics as ``jodi_core.dit.attention.linear_attention``: ``q, k, v`` of shape ``(B, T, H, D)``
 (any strides whose last one is 1, e.g. the three views of one qkv GEMM output), ``key_mask`` ``(B, T)`` bool with
 True = the key takes part (a different mask per batch row is fine), output ``(B, T, H, D)`` contiguous in ``q.dtype``.
 Per batch row and head::

@@ -81,8 +81,8 @@ def _write_jodi_models(models: Path) -> None:
 
 
 def _build_tiny_jodi() -> tuple[dict, dict]:
-    from jodi_core.demo import tiny_random_models
-    from jodi_core.transformer import JodiConfig, JodiTransformer
+    from jodi_core.jobs.demo import tiny_random_models
+    from jodi_core.dit.model import JodiConfig, JodiTransformer
 
     _, vae = tiny_random_models(seed=0)  # 4-stage DC-AE, 8 latent channels
     dit = JodiTransformer(JodiConfig(hidden_size=64, depth=2, num_heads=2, caption_channels=48,

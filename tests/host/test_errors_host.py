@@ -9,7 +9,7 @@ pytestmark = pytest.mark.host
 
 def _require_model_code():
     """Runs that load Jodi models need the jodi_core model code (written in parallel by other pieces)."""
-    for module in ("jodi_core.loading", "jodi_core.transformer", "jodi_core.dcae"):
+    for module in ("jodi_core.loading", "jodi_core.dit.model", "jodi_core.dcae.model"):
         pytest.importorskip(module, reason=f"{module} not present yet")
 
 

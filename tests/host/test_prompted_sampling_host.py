@@ -18,7 +18,7 @@ SETTINGS = dict(aspect="width x height", width=128, height=96, steps=2, cfg=4.5,
 
 @pytest.fixture(autouse=True)
 def _model_code():
-    for module in ("jodi_core.loading", "jodi_core.transformer", "jodi_core.dcae"):
+    for module in ("jodi_core.loading", "jodi_core.dit.model", "jodi_core.dcae.model"):
         pytest.importorskip(module, reason=f"{module} not present yet")
 
 

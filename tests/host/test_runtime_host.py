@@ -17,7 +17,7 @@ DOMAINS = ("image", "lineart", "edge", "depth", "normal", "albedo", "segmentatio
 
 @pytest.fixture(autouse=True)
 def _model_code():
-    for module in ("jodi_core.loading", "jodi_core.transformer", "jodi_core.dcae"):
+    for module in ("jodi_core.loading", "jodi_core.dit.model", "jodi_core.dcae.model"):
         pytest.importorskip(module, reason=f"{module} not present yet")
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.host
 
 def _require_model_code():
     """Runs that load Jodi models need the jodi_core model code (written in parallel by other pieces)."""
-    for module in ("jodi_core.loading", "jodi_core.transformer", "jodi_core.dcae"):
+    for module in ("jodi_core.loading", "jodi_core.dit.model", "jodi_core.dcae.model"):
         pytest.importorskip(module, reason=f"{module} not present yet")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_workflows_are_served_as_templates(comfy):
 
 def _demo_available() -> bool:
     try:
-        from jodi_core.demo import demo_model_paths
+        from jodi_core.jobs.demo import demo_model_paths
 
         demo_model_paths()
         return True

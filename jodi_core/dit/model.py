@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .attention import AttentionSetting
-from .domains import Role, RolePlan
+from ..domains import Role, RolePlan
 from .layers import (
     CAPTION_MASK_BIAS,
     CaptionEmbedder,
@@ -41,7 +41,7 @@ from .layers import (
     TimestepEmbedder,
     sincos_pos_embed_2d,
 )
-from .transformer_keys import infer_jodi_config
+from .keys import infer_jodi_config
 
 # What ``attention_backend="auto"`` means for the DiT: the Triton kernels (linear attention and the fused ops) on CUDA
 # tensors, where they are faster and accumulate in float32; the torch code elsewhere.
@@ -107,7 +107,7 @@ class JodiConfig:
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "JodiConfig":
-        """The architecture of a state dict with the reference keys (:func:`.transformer_keys.infer_jodi_config`)."""
+        """The architecture of a state dict with the reference keys (:func:`.keys.infer_jodi_config`)."""
         return infer_jodi_config(sd, **overrides)
 
 
@@ -141,7 +141,7 @@ class JodiTransformer(nn.Module):
 
     Args:
         config: the architecture (default: the released ``JODI_1600M_P1_D20``).
-        attention_backend: ``"auto" | "triton" | "torch"`` (or a name registered in ``jodi_core.attention``); also
+        attention_backend: ``"auto" | "triton" | "torch"`` (or a name registered in ``jodi_core.dit.attention``); also
             a property that may be set at any time, resolved then into ``self.attention``, which the blocks run.
             ``auto`` (:data:`AUTO_ATTENTION`) and ``triton`` use the Triton kernels on CUDA (linear attention,
             LayerNorm+modulate, SiLU+depthwise-conv+GLU, gated residual) and fall back to torch where they cannot

@@ -55,11 +55,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from . import imaging
-from .atomic import copy_atomic, write_atomic
-from .data.joint_dataset import RootGuard, is_inside
-from .domains import DOMAINS, LABEL_NAMES, get_domain, perception_roles
-from .sampling import Interrupted
+from .. import imaging
+from ..atomic import copy_atomic, write_atomic
+from ..data.joint_dataset import RootGuard, is_inside
+from ..domains import DOMAINS, LABEL_NAMES, get_domain, perception_roles
+from ..sampling import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[
             key = rel if src.resolve() == out.resolve() else f"image/{rel}"
             entries.append((key, path, {"image": key}, src if key == rel else None))
     elif src.is_file():
-        from .data.joint_dataset import read_metadata
+        from ..data.joint_dataset import read_metadata
 
         root = src.parent
         entries = [(r["image"], root / r["image"], r, root) for r in read_metadata(src)]
@@ -569,7 +569,7 @@ def load_models(cfg: AnnotateConfig, device: torch.device):
 
         dit, vae, _ = load_demo_models(device, dtype)
         return dit.to(device, dtype).eval(), vae.to(device, dtype).eval()
-    from .loading import load_dcae, load_jodi
+    from ..loading import load_dcae, load_jodi
 
     return (load_jodi(cfg.dit, dtype=dtype, device=device).eval(),
             load_dcae(cfg.vae, dtype=dtype, device=device).eval())
@@ -613,11 +613,11 @@ class Annotator:
 
     def __init__(self, cfg: AnnotateConfig, writer_name: str, *, models=None, device: Optional[torch.device] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
-        from .pipeline import JodiPipeline
+        from ..pipeline import JodiPipeline
 
         self.cfg = cfg
         self.out = Path(cfg.output)
-        from .loading import resolve_device  # on use: the ComfyUI node imports this module for its path checks
+        from ..loading import resolve_device  # on use: the ComfyUI node imports this module for its path checks
 
         self.device = device or resolve_device(cfg.device)
         dit, vae = models if models is not None else load_models(cfg, self.device)
@@ -858,7 +858,7 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from .loading import resolve_device
+    from ..loading import resolve_device
 
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":

@@ -86,7 +86,7 @@ class KernelSet:
 
 
 def _triton_kernels() -> KernelSet:
-    from .kernels import triton_kernels  # here, not at import: Triton loads only when a model resolves it
+    from ..kernels import triton_kernels  # here, not at import: Triton loads only when a model resolves it
 
     return triton_kernels()
 

@@ -7,7 +7,7 @@ encoder is deterministic (no posterior). Jodi works on scaled latents: ``encode(
 
 Module attribute names follow the efficientvit ``DCAE`` (``encoder.stages.3.op_list.0.context_module.main.qkv.conv``
 and so on), so the original checkpoint loads strictly as it is; diffusers ``AutoencoderDC`` checkpoints are converted
-by :mod:`.dcae_keys`. Layout of the sana-1.0 model (widths 128..1024, 6 stages, each halving the size):
+by :mod:`.keys`. Layout of the sana-1.0 model (widths 128..1024, 6 stages, each halving the size):
 
     encoder: project_in 3x3 -> [ResBlock x2, down] x3 -> [EViT x3, down] x2 -> EViT x3 -> project_out 3x3 (+avg)
     decoder: project_in 3x3 (+dup) -> EViT x3 -> [up, EViT x3] x2 -> [up, ResBlock x3] x3 -> RMSNorm, ReLU, 3x3
@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import TORCH, AttentionBackend, AttentionSetting
-from .dcae_keys import infer_dcae_config, original_keys
+from ..dit.attention import TORCH, AttentionBackend, AttentionSetting
+from .keys import infer_dcae_config, original_keys
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class LiteMLA(nn.Module):
 
     ``attention`` (resolved by ``DCAE.attention_backend``) picks the linear form's implementation: without kernels
     (``torch``, and ``auto``: see :data:`AUTO_ATTENTION`) the reference's channel-major matmuls; with kernels
-    (``triton``) ``jodi_core.attention``'s token-major kernel (float32 accumulation) where it can run, the matmuls
+    (``triton``) ``jodi_core.dit.attention``'s token-major kernel (float32 accumulation) where it can run, the matmuls
     elsewhere.
     """
 
@@ -638,7 +638,7 @@ class DCAE(nn.Module):
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None, device=None,
                         *, name: str = "DC-AE checkpoint", operations=None) -> "DCAE":
         """Build a DC-AE for ``sd`` (efficientvit or diffusers keys) without a random init and load it strictly."""
-        from .loading import build_on_meta, expect_checkpoint, load_state_dict_strict
+        from ..loading import build_on_meta, expect_checkpoint, load_state_dict_strict
 
         expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE (dc-ae-f32c32)")
         sd = original_keys(sd)

@@ -3,7 +3,7 @@
 Two layouts of the same weights are in circulation:
 
 - ``original``: the efficientvit ``DCAE`` keys of ``mit-han-lab/dc-ae-f32c32-sana-1.0`` (what Jodi loads), e.g.
-  ``encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight``. :class:`jodi_core.dcae.DCAE` uses these names.
+  ``encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight``. :class:`~.model.DCAE` uses these names.
 - ``diffusers``: ``AutoencoderDC`` of ``...-sana-1.0-diffusers``, e.g. ``encoder.down_blocks.3.0.attn.to_q.weight``.
 
 The mapping is a table of key templates read in both directions. Two entries also reshape:
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .checkpoint import read_metadata
+from ..checkpoint import read_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .dcae import DCAEConfig
+    from .model import DCAEConfig
 
 __all__ = [
     "detect_key_format",
@@ -122,7 +122,7 @@ def detect_key_format(sd: Mapping[str, object]) -> str | None:
 
 
 def original_keys(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """``sd`` in the efficientvit layout that :class:`~jodi_core.dcae.DCAE` uses, converted from diffusers keys where
+    """``sd`` in the efficientvit layout that :class:`~.model.DCAE` uses, converted from diffusers keys where
     needed."""
     fmt = detect_key_format(sd)
     if fmt is None:
@@ -225,7 +225,7 @@ def _op_kind(suffixes: set[str]) -> str:
 
 def infer_dcae_config(sd: Mapping[str, torch.Tensor]) -> "DCAEConfig":
     """Read the config from efficientvit keys: stage/op indices give depths, op keys give types, shapes give widths."""
-    from .dcae import DCAEConfig
+    from .model import DCAEConfig
 
     ops: dict[str, dict[int, dict[int, set[str]]]] = {"encoder": {}, "decoder": {}}
     for key in sd:
@@ -318,7 +318,7 @@ def _infer_head_dim(sd: Mapping[str, torch.Tensor], attention: list[tuple[str, i
 
 
 def stored_dcae_settings(path: "str | os.PathLike") -> dict:
-    """``scaling_factor`` from the file's metadata: a DC-AE trained by jodi_core.train carries its measured latent
+    """``scaling_factor`` from the file's metadata: a DC-AE trained by jodi_core.jobs.train carries its measured latent
     scale; empty for files without it."""
     scaling = read_metadata(path).get("scaling_factor")
     return {} if scaling is None else {"scaling_factor": float(scaling)}

@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from .domains import DOMAIN_NAMES, Role
+from ..domains import DOMAIN_NAMES, Role
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "assets" / "demo"  # jodi_core/assets/demo
 DEMO_DIT = DEMO_DIR / "jodi_demo_dit.safetensors"
 DEMO_VAE = DEMO_DIR / "jodi_demo_dcae.safetensors"
 DEMO_SIZE = 64  # pixels; the demo model's training resolution
@@ -34,8 +34,8 @@ def demo_model_paths() -> tuple[Path, Path]:
 
 def tiny_random_models(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random Jodi (hidden 64, depth 2) and a 4-stage DC-AE (f8): the pipeline's smallest real shapes."""
-    from .dcae import DCAE, DCAEConfig
-    from .transformer import JodiConfig, JodiTransformer
+    from ..dcae.model import DCAE, DCAEConfig
+    from ..dit.model import JodiConfig, JodiTransformer
 
     torch.manual_seed(seed)
     dit = JodiTransformer(
@@ -71,7 +71,7 @@ def _init_random(module: torch.nn.Module, seed: int) -> None:
 
 def load_demo_models(device="cpu", dtype: Optional[torch.dtype] = None):
     """(transformer, vae, trained): the shipped demo model, or tiny random weights when it is absent."""
-    from .loading import load_dcae, load_jodi
+    from ..loading import load_dcae, load_jodi
 
     try:
         dit_path, vae_path = demo_model_paths()
@@ -85,7 +85,7 @@ def load_demo_models(device="cpu", dtype: Optional[torch.dtype] = None):
 
 def demo_scene(index: int = 10_000, size: int = DEMO_SIZE) -> dict[str, torch.Tensor]:
     """A held-out synthetic scene: domain name -> (1, 3, H, W) in [0, 1]."""
-    from .data.synthetic import SyntheticConfig, SyntheticWorld
+    from ..data.synthetic import SyntheticConfig, SyntheticWorld
 
     sample = SyntheticWorld(SyntheticConfig(height=size, width=size, seed=12345))[index]
     return {k: torch.from_numpy(v).permute(2, 0, 1)[None].float() for k, v in sample.domains.items()}
@@ -117,7 +117,7 @@ def make_grid(rows: list[tuple[str, dict[str, torch.Tensor], set[str]]], cell: i
 
 def run_demo(out: "str | Path" = "jodi_demo.png", *, device: str = "cpu", steps: int = 20, seed: int = 0) -> Path:
     """Joint generation, controllable generation (from a depth + edge map) and perception of an unseen scene."""
-    from .pipeline import JodiPipeline
+    from ..pipeline import JodiPipeline
 
     start = time.perf_counter()
     dit, vae, trained = load_demo_models(device)

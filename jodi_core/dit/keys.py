@@ -1,7 +1,7 @@
 """The Jodi DiT's checkpoint keys: recognising them, the official checkpoint's extra key, and reading the
-:class:`~jodi_core.transformer.JodiConfig` from key names, shapes and a file's metadata.
+:class:`~jodi_core.dit.model.JodiConfig` from key names, shapes and a file's metadata.
 
-:class:`~jodi_core.transformer.JodiTransformer` uses the reference's key names, so a state dict loads as it is once
+:class:`~jodi_core.dit.model.JodiTransformer` uses the reference's key names, so a state dict loads as it is once
 the keys below are dropped. Model classes are imported on use: this module stays cheap to import for the loaders.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, read_metadata
+from ..checkpoint import CheckpointError, read_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .transformer import JodiConfig
+    from .model import JodiConfig
 
 __all__ = ["SIGNATURE_KEYS", "is_jodi_state_dict", "model_keys", "infer_jodi_config", "stored_jodi_settings"]
 
@@ -54,7 +54,7 @@ def infer_jodi_config(sd: Mapping[str, torch.Tensor], **overrides) -> "JodiConfi
     ``hidden_size // linear_head_dim``), ``linear_head_dim`` (32), ``base_size`` (32), ``pe_interpolation``,
     ``use_pe`` and ``y_norm_scale_factor`` (the last only matters for initialisation).
     """
-    from .transformer import JodiConfig
+    from .model import JodiConfig
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
