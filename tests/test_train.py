@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import EXAMPLE_DATA_DIR
-import jodi_core.jobs.train as train_module
+from jodi_core.jobs.train import trainer as trainer_module  # where the loop looks its helpers up
 from jodi_core.jobs.train import (
     CONDITION,
     GENERATE,
@@ -234,13 +234,13 @@ def test_caption_dropout_mixes_text_and_null_captions(tmp_path, monkeypatch):
         B = len(captions)
         return torch.randn(B, 4, 16) + 5.0, torch.tensor([[1, 1, 0, 0]] * B)  # far from the null embedding
 
-    real_loss = train_module.flow_matching_loss
+    real_loss = trainer_module.flow_matching_loss
 
     def spy(model, x0, roles, sigmas, noise, y=None, mask=None):
         seen_y.append(y.detach().clone())
         return real_loss(model, x0, roles, sigmas, noise, y, mask)
 
-    monkeypatch.setattr(train_module, "flow_matching_loss", spy)
+    monkeypatch.setattr(trainer_module, "flow_matching_loss", spy)
 
     def null_rows(result_dir) -> tuple[int, int]:
         from jodi_core.loading import load_jodi
@@ -286,7 +286,7 @@ class _FakeClock:
 
 def test_deadline_maps_the_remaining_budget_onto_a_stage(monkeypatch):
     clock = _FakeClock(tick=0.0)
-    monkeypatch.setattr(train_module.time, "monotonic", clock)
+    monkeypatch.setattr(trainer_module.time, "monotonic", clock)
     deadline = Deadline(max_minutes=1.0)
     clock.now += 20  # a third of the budget went on something before the stage (another stage, start-up)
     assert not deadline.reached()
@@ -304,16 +304,16 @@ def test_deadline_maps_the_remaining_budget_onto_a_stage(monkeypatch):
 
 def test_max_minutes_stops_relaunches_resume_and_the_schedule_never_rises(tmp_path, monkeypatch):
     # Every clock reading advances 6 s: with max_minutes 0.25 (15 s), each launch runs a few steps, then saves.
-    monkeypatch.setattr(train_module.time, "monotonic", _FakeClock(tick=6.0))
+    monkeypatch.setattr(trainer_module.time, "monotonic", _FakeClock(tick=6.0))
     lrs = []
-    real_step = train_module.Trainer.dit_step
+    real_step = trainer_module.Trainer.dit_step
 
     def record_lr(self, batch, model):
         out = real_step(self, batch, model)
         lrs.append(self.dit_opt.param_groups[0]["lr"])
         return out
 
-    monkeypatch.setattr(train_module.Trainer, "dit_step", record_lr)
+    monkeypatch.setattr(trainer_module.Trainer, "dit_step", record_lr)
     cfg = dict(data=DataConfig(size=32), dcae_steps=3, dit_steps=6, save_every=100, max_minutes=0.25,
                lr_schedule="cosine", warmup_steps=2)
     first = train(_config(tmp_path, **cfg))
@@ -335,7 +335,7 @@ def test_max_minutes_stops_relaunches_resume_and_the_schedule_never_rises(tmp_pa
 
 
 def test_train_command_exits_3_when_stopped_by_the_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module.time, "monotonic", _FakeClock(tick=60.0))
+    monkeypatch.setattr(trainer_module.time, "monotonic", _FakeClock(tick=60.0))
     config = tmp_path / "c.json"
     config.write_text(json.dumps({**_config(tmp_path).to_dict(), "dcae_steps": 2, "dit_steps": 2, "max_minutes": 1}))
     assert main_train(["--config", str(config)]) == 3

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_path, atomic_writer, write_atomic
-from ..domains import NUM_DOMAINS, Role
+from ...atomic import atomic_path, atomic_writer, write_atomic
+from ...domains import NUM_DOMAINS, Role
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Distributed:
             torch.distributed.init_process_group(backend=backend)
 
     def device(self, requested: str) -> torch.device:
-        from ..loading import resolve_device
+        from ...loading import resolve_device
 
         device = resolve_device(requested, self.local_rank)
         if device.type == "cuda":
@@ -377,7 +377,7 @@ class _SyntheticItems(torch.utils.data.Dataset):
         return 2**62
 
     def __getitem__(self, index: int) -> dict:
-        from ..data.synthetic import sample_to_item
+        from ...data.synthetic import sample_to_item
 
         return sample_to_item(self.world[index], index)
 
@@ -414,10 +414,10 @@ class _StepSampler(torch.utils.data.Sampler):
 
 
 def make_batches(cfg: TrainConfig, start_step: int, dist: Distributed) -> Iterator[dict]:
-    from ..data.joint_dataset import JointDataset, collate
+    from ...data.joint_dataset import JointDataset, collate
 
     if cfg.data.kind == "synthetic":
-        from ..data.synthetic import SyntheticConfig, SyntheticWorld
+        from ...data.synthetic import SyntheticConfig, SyntheticWorld
 
         world = SyntheticWorld(SyntheticConfig(height=cfg.data.size, width=cfg.data.size, seed=cfg.seed,
                                                **cfg.data.synthetic))
@@ -483,7 +483,7 @@ def read_training_state(path: "str | Path") -> dict:
     allowlist as reference checkpoints (:func:`checkpoint.load_pickle_safely`). Anything else that needs Python
     objects is refused unread, and a file that is not one of our checkpoints gets a clear error.
     """
-    from ..checkpoint import CheckpointError, UnsafeCheckpointError, load_pickle_safely
+    from ...checkpoint import CheckpointError, UnsafeCheckpointError, load_pickle_safely
 
     path = Path(path)
     restart = (f"Move it out of {path.parent} to start the run afresh, or start a new run from the weights it "
@@ -569,8 +569,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, caption_encoder: Optional[Callable] = None,
                  dist: Optional[Distributed] = None):
-        from ..dcae.model import DCAE, DCAEConfig
-        from ..dit.model import JodiConfig, JodiTransformer
+        from ...dcae.model import DCAE, DCAEConfig
+        from ...dit.model import JodiConfig, JodiTransformer
 
         self.cfg = cfg.validate()
         self.dist = dist or Distributed.from_env()
@@ -588,7 +588,7 @@ class Trainer:
         # Checkpoints load through jodi_core.loading, which also reads what shapes cannot tell (base_size, the latent
         # scale) from the file's metadata; a DiT built with another base_size has other positional embeddings.
         if cfg.dcae_checkpoint:
-            from ..loading import load_dcae
+            from ...loading import load_dcae
 
             self.dcae = load_dcae(cfg.dcae_checkpoint, dtype=torch.float32).requires_grad_(True)
         else:
@@ -602,7 +602,7 @@ class Trainer:
             self.scaling_factor = self.dcae.scaling_factor
 
         if cfg.transformer_checkpoint:
-            from ..loading import load_jodi
+            from ...loading import load_jodi
 
             self.transformer = load_jodi(cfg.transformer_checkpoint, dtype=torch.float32,
                                          attention_backend=cfg.attention_backend).requires_grad_(True)
@@ -905,7 +905,7 @@ def train(config: "TrainConfig | dict", caption_encoder: Optional[Callable] = No
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jodi_core train",
-                                description="Train a DC-AE and a Jodi DiT (see jodi_core/jobs/train.py).")
+                                description="Train a DC-AE and a Jodi DiT (see jodi_core/jobs/train/).")
     p.add_argument("--config", help="JSON or YAML file with TrainConfig fields")
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N)")
