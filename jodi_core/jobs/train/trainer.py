@@ -1,320 +1,30 @@
-"""Training: a DC-AE on all domains' images, then a Jodi DiT with the paper's role sampling.
-
-Stage 1 (``dcae``) trains (or fine-tunes) a :class:`~jodi_core.dcae.model.DCAE` with an L1/L2 reconstruction loss on the
-images of every available domain, then measures the latent scale (``1 / std``) unless the config fixes one.
-Stage 2 (``dit``) freezes the DC-AE and trains a :class:`~jodi_core.dit.model.JodiTransformer` by flow matching:
-
-- roles per sample (Jodi ``data/datasets/jodi_dataset.py``): a task is drawn from joint / controllable / perception
-  (p = 1/3 each). Joint: image and every available label generated. Controllable: image generated, each available
-  label a condition or ignored (1/2 each). Perception: image a condition, each available label generated or ignored,
-  uniform over the combinations that generate at least one. Missing labels are always ignored.
-- timesteps: u ~ logit-normal(0, 1), sigma = shift u / (1 + (shift - 1) u) with flow shift 3, model timestep 1000 sigma;
-- ``x_t = (1 - sigma) x0 + sigma noise``, target velocity ``noise - x0``, squared error on generated domains only;
-- caption dropout: dropped rows use the model's stored null caption (``caption_dropout = 1`` needs no text encoder).
-
-Checkpoints (``<output_dir>/last.pt``) hold the models, optimizer, stage, step and RNG states; a run resumes from
-them. They hold tensors and plain containers only and are read with ``weights_only=True``, so a crafted file cannot
-run code (:func:`read_training_state`). Batches are a pure function of (seed, step, rank), so a resumed run continues
-exactly where it stopped.
-Everything rank-dependent lives in :class:`Distributed` (a single process unless launched by torchrun).
-
-Entry points: :func:`train` (a :class:`TrainConfig`) and :func:`main_train` (command-line arguments).
-"""
+"""The trainer: :class:`Trainer` owns the models, optimizers and loop state of one run (the DC-AE stage, the latent
+scale, the DiT stage, saving and resuming), :func:`train` runs or resumes both stages; with them the learning-rate
+schedule (:func:`lr_scale`) and the ``max_minutes`` budget of a launch (:class:`Deadline`)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
 import json
 import logging
 import math
-import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ...atomic import atomic_path, atomic_writer, write_atomic
-from ...domains import NUM_DOMAINS, Role
+from ...atomic import atomic_writer, write_atomic
+from .batches import make_batches
+from .checkpoints import CHECKPOINT_FORMAT, read_training_state, rng_state, save_safetensors, set_rng_state
+from .config import TrainConfig
+from .distributed import Distributed
+from .objective import TrainForward, flow_matching_loss, sample_roles, sample_sigmas, step_generator
 
 logger = logging.getLogger(__name__)
-
-GENERATE, CONDITION, IGNORE = int(Role.GENERATE), int(Role.CONDITION), int(Role.IGNORE)  # plain ints for torch.where
-TASKS = ("joint", "controllable", "perception")
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------------
-
-# A small DC-AE (compression 4, no attention) and DiT for demos and tests; real runs pass their own.
-TINY_DCAE = dict(
-    latent_channels=32, width_list=[32, 64, 128], encoder_depth_list=[1, 1, 1], decoder_depth_list=[1, 1, 1],
-    encoder_block_types=["ResBlock"] * 3, decoder_block_types=["ResBlock"] * 3,
-)  # fmt: skip
-TINY_DIT = dict(hidden_size=128, depth=4, num_heads=4, caption_channels=64, model_max_length=8, base_size=16)
-
-
-@dataclass
-class DataConfig:
-    """Where batches come from. ``kind``: ``"synthetic"`` (the seeded world) or ``"joint"`` (a Joint-1.6M folder)."""
-
-    kind: str = "synthetic"
-    root: Optional[str] = None  # the dataset folder, for kind "joint"
-    size: int = 64  # square training size in pixels
-    num_workers: int = 0
-    fixed_batch: bool = False  # repeat the first batch every step (overfitting checks)
-    domains: Optional[list] = None  # labels to read (joint); None = all
-    synthetic: dict = field(default_factory=dict)  # extra SyntheticConfig fields
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/jodi"
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    mixed_precision: str = "bf16"  # "bf16" (autocast on CUDA; CPU always runs fp32) or "no"
-    data: DataConfig = field(default_factory=DataConfig)
-    batch_size: int = 8
-    log_every: int = 10
-    save_every: int = 500  # steps between checkpoints (and one at the end of each stage)
-    resume: bool = True  # continue from <output_dir>/last.pt when it exists
-    progress: bool = True
-    fixed_noise: bool = False  # same noise, timesteps and roles every step (with fixed_batch: a pure overfit test)
-
-    # Stage 1: DC-AE
-    dcae: dict = field(default_factory=lambda: dict(TINY_DCAE))  # DCAEConfig fields
-    dcae_checkpoint: Optional[str] = None  # initial weights (any format DCAE.from_state_dict reads)
-    dcae_steps: int = 1000
-    dcae_lr: float = 1e-3
-    dcae_loss: str = "l1"  # "l1", "l2" or "l1+l2"
-    dcae_images_per_step: int = 32  # domain images per step, drawn from the batch's available ones
-    scaling_factor: Optional[float] = None  # latent scale; None: the checkpoint's, or measured after stage 1
-
-    # Stage 2: DiT
-    transformer: dict = field(default_factory=lambda: dict(TINY_DIT))  # JodiConfig fields
-    transformer_checkpoint: Optional[str] = None  # initial weights; its own config wins over ``transformer``
-    dit_steps: int = 2000
-    dit_lr: float = 3e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" down to min_lr_ratio at the stage's end
-    min_lr_ratio: float = 0.1
-    max_minutes: Optional[float] = None  # wall-clock budget of one launch, shared by its stages; see Deadline
-    flow_shift: float = 3.0
-    task_probs: tuple = (1 / 3, 1 / 3, 1 / 3)  # joint, controllable, perception
-    caption_dropout: float = 1.0  # 1.0: always the null caption (no text encoder needed)
-    attention_backend: str = "torch"  # linear attention with autograd
-
-    def validate(self) -> "TrainConfig":
-        for name in ("seed", "batch_size", "log_every", "save_every", "dcae_images_per_step", "dcae_steps",
-                     "dit_steps", "warmup_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}.")
-        for name in ("dcae_lr", "dit_lr", "weight_decay", "grad_clip", "min_lr_ratio", "flow_shift", "caption_dropout",
-                     "max_minutes"):
-            value = getattr(self, name)
-            if value is None and name == "max_minutes":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a number, got {value!r}.")
-        for name in ("dcae_lr", "dit_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if self.data.kind not in ("synthetic", "joint"):
-            raise ValueError(f"data.kind must be 'synthetic' or 'joint', got {self.data.kind!r}.")
-        if self.data.kind == "joint" and not self.data.root:
-            raise ValueError("data.root (a Joint-1.6M layout folder) is required for data.kind 'joint'.")
-        if self.mixed_precision not in ("bf16", "no"):
-            raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}.")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes!r}.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
-        if self.dcae_loss not in ("l1", "l2", "l1+l2"):
-            raise ValueError(f"dcae_loss must be 'l1', 'l2' or 'l1+l2', got {self.dcae_loss!r}.")
-        for name in ("batch_size", "log_every", "save_every", "dcae_images_per_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
-        for name in ("dcae_steps", "dit_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if len(self.task_probs) != 3 or min(self.task_probs) < 0 or sum(self.task_probs) <= 0:
-            raise ValueError(f"task_probs must be 3 non-negative weights (joint, controllable, perception), "
-                             f"got {self.task_probs!r}.")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}.")
-        if self.flow_shift <= 0:
-            raise ValueError(f"flow_shift must be positive, got {self.flow_shift!r}.")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown training config keys: {', '.join(sorted(unknown))}.")
-        data = d.pop("data", {}) or {}
-        if not isinstance(data, DataConfig):
-            data_known = {f.name for f in dataclasses.fields(DataConfig)}
-            bad = set(data) - data_known
-            if bad:
-                raise ValueError(f"Unknown data config keys: {', '.join(sorted(bad))}.")
-            data = DataConfig(**data)
-        if "task_probs" in d:
-            d["task_probs"] = tuple(d["task_probs"])
-        return cls(data=data, **d).validate()
-
-    @classmethod
-    def from_file(cls, path: "str | Path") -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Training config not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"{path}: reading YAML needs the pyyaml package; use a .json config.") from None
-            raw = yaml.safe_load(text)
-        else:
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}).") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the config must be a mapping of keys to values.")
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Distributed hooks: the one place that knows about ranks
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    """Process-group state. A single process unless started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def setup(self, device: torch.device) -> None:
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-
-    def device(self, requested: str) -> torch.device:
-        from ...loading import resolve_device
-
-        device = resolve_device(requested, self.local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return device
-
-    def wrap(self, model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
-        """DDP around ``model`` when there are several ranks. ``find_unused`` for models that skip parameters in
-        some steps (the DiT prunes domains that a batch ignores everywhere)."""
-        if self.world_size == 1:
-            return model
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a scalar over ranks (for logging)."""
-        if self.world_size == 1:
-            return value
-        value = value.detach().clone()
-        torch.distributed.all_reduce(value)
-        return value / self.world_size
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def teardown(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Role and timestep sampling
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def sample_roles(
-    available: torch.Tensor,
-    generator: Optional[torch.Generator] = None,
-    task_probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
-    return_tasks: bool = False,
-):
-    """Jodi's training roles for a batch.
-
-    ``available (B, 8)`` bool (domain 0, the image, must be available). Returns ``(B, 8)`` int64 roles, and with
-    ``return_tasks`` the task index per row (0 joint, 1 controllable, 2 perception). A perception row without any
-    available label cannot generate anything, so it falls back to joint.
-    """
-    if available.dim() != 2 or available.shape[1] != NUM_DOMAINS:
-        raise ValueError(f"available must have shape (B, {NUM_DOMAINS}), got {tuple(available.shape)}.")
-    available = available.bool().cpu()
-    if not available[:, 0].all():
-        raise ValueError("Every training sample needs its image (domain 0).")
-    B = available.shape[0]
-    probs = torch.tensor(task_probs, dtype=torch.float64)
-    task = torch.multinomial(probs / probs.sum(), B, replacement=True, generator=generator)
-    labels = available[:, 1:]
-    task = torch.where((task == 2) & ~labels.any(1), torch.zeros_like(task), task)
-
-    coin = torch.rand(B, NUM_DOMAINS - 1, generator=generator) < 0.5
-    # Perception: uniform over the {generate, ignore} rows that generate at least one available label. Redraw rows
-    # whose draw generated none (rejection sampling keeps the remaining rows uniform).
-    need = (task == 2) & ~(coin & labels).any(1)
-    while bool(need.any()):
-        redraw = torch.rand(B, NUM_DOMAINS - 1, generator=generator) < 0.5
-        coin = torch.where(need[:, None], redraw, coin)
-        need = (task == 2) & ~(coin & labels).any(1)
-
-    label_roles = torch.full((B, NUM_DOMAINS - 1), GENERATE, dtype=torch.long)  # joint
-    controllable = torch.where(coin, CONDITION, IGNORE)
-    perception = torch.where(coin, GENERATE, IGNORE)
-    label_roles = torch.where((task == 1)[:, None], controllable, label_roles)
-    label_roles = torch.where((task == 2)[:, None], perception, label_roles)
-    label_roles = torch.where(labels, label_roles, torch.full_like(label_roles, IGNORE))
-    image_role = torch.where(task == 2, CONDITION, GENERATE)[:, None]
-    roles = torch.cat([image_role, label_roles], dim=1)
-    return (roles, task) if return_tasks else roles
-
-
-def sample_sigmas(n: int, flow_shift: float = 3.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Logit-normal(0, 1) noise levels, shifted: ``sigma = s u / (1 + (s - 1) u)``; shape ``(n,)`` in (0, 1)."""
-    u = torch.sigmoid(torch.randn(n, generator=generator))
-    return flow_shift * u / (1 + (flow_shift - 1) * u)
 
 
 def lr_scale(step: int, total: int, warmup: int = 0, schedule: str = "constant", min_ratio: float = 0.1) -> float:
@@ -326,196 +36,6 @@ def lr_scale(step: int, total: int, warmup: int = 0, schedule: str = "constant",
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup - 1))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def flow_matching_loss(
-    model: nn.Module,
-    x0: torch.Tensor,
-    roles: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: torch.Tensor,
-    y: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Mean squared velocity error over the generated domains.
-
-    ``x0 (B, 8, C, h, w)`` clean scaled latents, ``roles (B, 8)``, ``sigmas (B,)``, ``noise`` like ``x0``.
-    Each sample's error is averaged over its generated domains, then over the batch.
-    """
-    s = sigmas.to(x0.dtype)[:, None, None, None, None]
-    x_t = (1 - s) * x0 + s * noise
-    target = noise - x0
-    pred = model(x_t, sigmas * 1000, y, roles, mask, x0)
-    gen = (roles == GENERATE).to(x0.device)  # (B, 8)
-    per_domain = (pred.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # (B, 8)
-    per_sample = (per_domain * gen).sum(1) / gen.sum(1).clamp(min=1)
-    return per_sample.mean()
-
-
-class _TrainForward(nn.Module):
-    """Wraps the transformer so that DDP sees one module whose forward returns the velocity for every domain."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, x, timestep, y, role, mask, clean_x):
-        ctx = self.transformer.prepare(role, y, mask, prune=True)
-        return self.transformer.forward_prepared(x, timestep, ctx, clean_x)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Data: batch b of a run is a pure function of (seed, b, rank)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class _SyntheticItems(torch.utils.data.Dataset):
-    def __init__(self, world):
-        self.world = world
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict:
-        from ...data.synthetic import sample_to_item
-
-        return sample_to_item(self.world[index], index)
-
-
-class _StepSampler(torch.utils.data.Sampler):
-    """Indices for batches ``start, start + 1, ...``: this rank's share of each global batch, in a seeded
-    per-epoch permutation (or sequential for the endless synthetic world)."""
-
-    def __init__(self, n: Optional[int], batch: int, start: int, seed: int, dist: Distributed, fixed: bool):
-        self.n, self.batch, self.start, self.seed, self.dist, self.fixed = n, batch, start, seed, dist, fixed
-        self._perm: dict[int, np.ndarray] = {}
-
-    def _index(self, position: int) -> int:
-        if self.n is None:
-            return position
-        epoch, i = divmod(position, self.n)
-        perm = self._perm.get(epoch)
-        if perm is None:
-            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-            perm = self._perm[epoch]
-        return int(perm[i])
-
-    def __iter__(self) -> Iterator[int]:
-        step = self.start
-        while True:
-            b = 0 if self.fixed else step
-            first = (b * self.dist.world_size + self.dist.rank) * self.batch
-            for k in range(self.batch):
-                yield self._index(first + k)
-            step += 1
-
-    def __len__(self) -> int:
-        return 2**62
-
-
-def make_batches(cfg: TrainConfig, start_step: int, dist: Distributed) -> Iterator[dict]:
-    from ...data.joint_dataset import JointDataset, collate
-
-    if cfg.data.kind == "synthetic":
-        from ...data.synthetic import SyntheticConfig, SyntheticWorld
-
-        world = SyntheticWorld(SyntheticConfig(height=cfg.data.size, width=cfg.data.size, seed=cfg.seed,
-                                               **cfg.data.synthetic))
-        dataset, n = _SyntheticItems(world), None
-    else:
-        dataset = JointDataset(cfg.data.root, cfg.data.size, domains=cfg.data.domains, seed=cfg.seed)
-        n = len(dataset)
-    sampler = _StepSampler(n, cfg.batch_size, start_step, cfg.seed, dist, cfg.data.fixed_batch)
-    if cfg.data.fixed_batch:  # one batch, loaded once
-        batch = collate([dataset[i] for i in itertools.islice(iter(sampler), cfg.batch_size)])
-        return itertools.repeat(batch)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
-    return iter(loader)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-# last.pt holds tensors and plain containers only (no numpy arrays, no classes), so it is read with
-# torch.load(weights_only=True) and a crafted file cannot run code on resume.
-CHECKPOINT_FORMAT = "jodi_core.train/2"
-_CHECKPOINT_KEYS = ("stage", "step", "dcae", "transformer", "dcae_opt", "dit_opt")
-
-
-def _rng_state() -> dict:
-    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    numpy_state = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
-                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-    np.random.set_state(numpy_state)  # (older checkpoints hold numpy's own tuple)
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():  # (all training noise comes from per-step generators)
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-
-
-def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
-    """The noise/role generator of one step: a pure function of the run and the step, so resuming is exact."""
-    salt = {"dcae": 1, "dit": 2}[stage]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, step, rank]).generate_state(1)[0]))
-
-
-def read_training_state(path: "str | Path") -> dict:
-    """A ``last.pt`` of :class:`Trainer`, read safely: tensors and plain containers only (``weights_only=True``).
-
-    Files of the previous format, whose numpy RNG state is a pickled array, are read through the same narrow numpy
-    allowlist as reference checkpoints (:func:`checkpoint.load_pickle_safely`). Anything else that needs Python
-    objects is refused unread, and a file that is not one of our checkpoints gets a clear error.
-    """
-    from ...checkpoint import CheckpointError, UnsafeCheckpointError, load_pickle_safely
-
-    path = Path(path)
-    restart = (f"Move it out of {path.parent} to start the run afresh, or start a new run from the weights it "
-               f"exported (transformer_checkpoint = jodi.safetensors, dcae_checkpoint = dcae.safetensors).")
-    try:
-        state = load_pickle_safely(path, device="cpu")
-    except UnsafeCheckpointError as e:
-        what = f" ({', '.join(e.globals[:5])})" if e.globals else ""
-        raise CheckpointError(
-            f"{path} is not a training checkpoint that can be resumed safely: it holds pickled Python objects{what} "
-            f"that jodi_core never writes there, and unpickling them could run code, so it was not loaded. "
-            f"{restart}") from None
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} cannot be resumed from: {e} {restart}") from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        found = f"keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a jodi_core training checkpoint (no {missing[0]!r}; found {found}). "
-                              f"{restart}")
-    if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {state['format']!r}; this jodi_core reads "
-                              f"{CHECKPOINT_FORMAT!r}. {restart}")
-    return state
-
-
-def save_safetensors(module: nn.Module, path: Path, metadata: dict) -> None:
-    """Write ``module``'s weights to ``path`` all at once: a reader never sees a half-written file."""
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 @dataclass
@@ -634,7 +154,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
             "dcae": self.dcae.state_dict(), "transformer": self.transformer.state_dict(),
             "dcae_opt": self.dcae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict(),
-            "losses": self.losses, "rng": _rng_state(), "config": self.cfg.to_dict(),
+            "losses": self.losses, "rng": rng_state(), "config": self.cfg.to_dict(),
             "schedule_pos": self.schedule_pos,
         }  # fmt: skip
 
@@ -655,7 +175,7 @@ class Trainer:
         self.scaling_factor = state.get("scaling_factor", self.scaling_factor)
         self.losses = state.get("losses", self.losses)
         self.schedule_pos = int(state.get("schedule_pos", self.step))
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         logger.info("resumed from %s at stage %s step %d", path, self.stage, self.step)
 
     # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -680,7 +200,7 @@ class Trainer:
 
     def dcae_step(self, batch: dict, model: nn.Module) -> float:
         cfg = self.cfg
-        g = _step_generator(cfg.seed, "dcae", 0 if cfg.fixed_noise else self.step, self.dist.rank)
+        g = step_generator(cfg.seed, "dcae", 0 if cfg.fixed_noise else self.step, self.dist.rank)
         images = batch["pixels"][batch["available"]]  # (M, 3, H, W) every available domain image
         if images.shape[0] > cfg.dcae_images_per_step:
             pick = torch.randperm(images.shape[0], generator=g)[: cfg.dcae_images_per_step]
@@ -728,7 +248,7 @@ class Trainer:
 
     def dit_step(self, batch: dict, model: nn.Module) -> float:
         cfg = self.cfg
-        g = _step_generator(cfg.seed, "dit", 0 if cfg.fixed_noise else self.step, self.dist.rank)
+        g = step_generator(cfg.seed, "dit", 0 if cfg.fixed_noise else self.step, self.dist.rank)
         available = batch["available"]
         roles = sample_roles(available, g, cfg.task_probs)
         x0 = self.encode_domains(batch["pixels"], available)
@@ -827,7 +347,7 @@ class Trainer:
         if self.step < cfg.dit_steps:
             self.transformer.train()
             finished = self._run_stage("dit", cfg.dit_steps, self.dit_step,
-                                       self.dist.wrap(_TrainForward(self.transformer), self.device, find_unused=True),
+                                       self.dist.wrap(TrainForward(self.transformer), self.device, find_unused=True),
                                        deadline)
         self.transformer.eval()
         if self.dist.is_main:  # also when out of time: the weights as they are (the schedule has reached its floor)
@@ -901,45 +421,3 @@ def train(config: "TrainConfig | dict", caption_encoder: Optional[Callable] = No
         return trainer.run()
     finally:
         trainer.dist.teardown()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jodi_core train",
-                                description="Train a DC-AE and a Jodi DiT (see jodi_core/jobs/train/).")
-    p.add_argument("--config", help="JSON or YAML file with TrainConfig fields")
-    p.add_argument("--output-dir", help="override output_dir")
-    p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--data-root", help="train on a Joint-1.6M layout folder instead of the synthetic world")
-    p.add_argument("--dcae-steps", type=int)
-    p.add_argument("--dit-steps", type=int)
-    p.add_argument("--max-minutes", type=float,
-                   help="override max_minutes: wall-time budget of this launch, shared by the stages (run again to go on)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    return p
-
-
-def main_train(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-    if args.device:
-        cfg.device = args.device
-    if args.data_root:
-        cfg.data.kind, cfg.data.root = "joint", args.data_root
-    if args.dcae_steps is not None:
-        cfg.dcae_steps = args.dcae_steps
-    if args.dit_steps is not None:
-        cfg.dit_steps = args.dit_steps
-    if args.max_minutes is not None:
-        cfg.max_minutes = args.max_minutes
-    if args.no_resume:
-        cfg.resume = False
-    result = train(cfg.validate())
-    if result.dcae_path is None and result.transformer_path is None and not result.finished:
-        logger.info("stopped by max_minutes in the DC-AE stage; run the same command again to resume")
-    elif result.transformer_path is not None:
-        logger.info("%s: %s, %s (latent scale %.5f)", "done" if result.finished else
-                    "stopped by max_minutes (weights as of the last step; run again to go on)",
-                    result.dcae_path, result.transformer_path, result.scaling_factor)
-    return 0 if result.finished else 3
