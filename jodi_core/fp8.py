@@ -18,7 +18,6 @@ per-tensor scale, which uses the whole fp8 range and dequantises exactly; other 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Mapping, Optional
 
@@ -27,8 +26,6 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError
-
-log = logging.getLogger(__name__)
 
 SCALED_FP8_MARKER = "scaled_fp8"
 _WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -158,7 +155,8 @@ def pow2_scale(amax: float, storage: torch.dtype) -> float:
     return 2.0 ** math.ceil(math.log2(amax / fmax))
 
 
-def quantize(value: torch.Tensor, storage: torch.dtype, *, scaled: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def quantize(value: torch.Tensor, storage: torch.dtype, *, scaled: bool
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``value`` (real values, any float dtype) in ``storage``, with its float32 scale when ``scaled``.
     Out-of-range values saturate (a plain cast to e4m3fn would turn them into NaN)."""
     fmax = torch.finfo(storage).max

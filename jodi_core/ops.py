@@ -116,7 +116,7 @@ def _fp8_linear(layer: _CastWeight, x: torch.Tensor, weight: torch.Tensor) -> Op
     scale_w = layer.scale_weight
     out_features, in_features = weight.shape
     if (weight.dtype != torch.float8_e4m3fn or x.dtype not in (torch.bfloat16, torch.float16)
-            or in_features % 16 or out_features % 16 or (scale_w is not None and scale_w.numel() != 1)
+            or in_features % 16 or out_features % 16 or (scale_w is not None and scale_w.numel() != 1) or not x.numel()
             or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))):
         _log_once(("shape", type(layer).__name__, in_features, out_features, x.dtype, weight.dtype),
                   "fp8 matmul skipped for a %s %dx%d (%s input, %s weight): cast path.", type(layer).__name__,
