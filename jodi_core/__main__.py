@@ -27,6 +27,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     n = sum(v.numel() for v in sd.values())
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     print(f"{path}: {kind or 'unrecognised'}, {len(sd)} tensors, {n:,} values, dtypes {', '.join(dtypes)}")
+    scaled = sum(k.endswith((".scale_weight", ".weight_scale")) for k in sd)
+    if scaled:
+        print(f"scaled fp8: {scaled} layers with per-tensor scales (loaded as weight * scale)")
     bad = [k for k, v in sd.items() if has_nonfinite(v)]
     if bad:
         print(f"warning: {len(bad)} tensors hold NaN or inf values (the loaders refuse them): {', '.join(bad[:5])}")
@@ -47,6 +50,14 @@ def _cmd_convert_gemma(args: argparse.Namespace) -> int:
     from .gemma import convert_gemma
 
     convert_gemma(args.hf_folder, args.out)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .jobs.convert import convert
+
+    out = convert(args.input, args.output, args.dtype, layout=args.layout)
+    print(f"Wrote {out} ({args.dtype}{', ' + args.layout if args.dtype.startswith('fp8') else ''}).")
     return 0
 
 
@@ -86,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     gemma.add_argument("hf_folder")
     gemma.add_argument("out")
     gemma.set_defaults(func=_cmd_convert_gemma)
+
+    conv = sub.add_parser("convert", help="rewrite a Jodi DiT, a DC-AE or a Janus folder in fp8, bf16 or fp16")
+    conv.add_argument("input", help="DiT or DC-AE file (or DC-AE folder), or Janus model folder")
+    conv.add_argument("output", help="a .safetensors file (for Janus: a folder)")
+    conv.add_argument("--dtype", required=True, choices=("fp8_e4m3fn", "fp8_e5m2", "bf16", "fp16"))
+    conv.add_argument("--layout", default="scaled", choices=("scaled", "plain"),
+                      help="fp8 only: per-layer scales (ComfyUI's scaled fp8, the default) or plain casts")
+    conv.set_defaults(func=_cmd_convert)
 
     sub.add_parser("train", help="train or fine-tune a DC-AE and a Jodi DiT (train --help)", add_help=False)
     sub.add_parser("annotate", help="label a folder of images with Jodi perception (annotate --help)", add_help=False)

@@ -5,6 +5,8 @@ inference sit beside it (:mod:`.dit.keys`, :mod:`.dcae.keys`, :mod:`.janus.keys`
 - Jodi: ``Jodi.pth`` (``{'state_dict': ...}``, read with ``weights_only=True``) or ``.safetensors``, in fp32, fp16 or
   bf16. ``pos_embed`` is dropped (it is computed); the config is inferred from tensor shapes.
 - DC-AE: ``dc-ae-f32c32-sana-1.0`` in the original mit-han-lab key format or the diffusers format.
+- Either may also be fp8, plain or in ComfyUI's scaled-fp8 layout, and either may be stored in fp8 at load time
+  (``weight_dtype``; see :mod:`.fp8`).
 
 Models take the checkpoint's tensors by assignment, so loading never holds a second full-precision copy in memory.
 """
@@ -19,6 +21,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from . import fp8, ops
 from .dcae import keys as dcae_keys
 from .dit import keys as dit_keys
 from .checkpoint import CheckpointError, read_state_dict, weights_file
@@ -186,24 +189,29 @@ LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_finite(sd: Mapping[str, torch.Tensor], *, name: str) -> None:
-    """Fail on quantised weights (fp8, int8: not a format these models load) and on NaN/inf weights (a sign of a
-    broken conversion or a bad fp16 export)."""
+    """Fail on integer-quantised weights (int8 and friends: not a format these models load) and on NaN/inf weights
+    (a sign of a broken conversion or a bad fp16 export). fp8 weights load (:mod:`.fp8`)."""
     for k, v in sd.items():
-        if (v.is_floating_point() and v.dtype not in LOADABLE_DTYPES) or v.dtype in (torch.int8, torch.uint8):
+        if k.endswith(".comfy_quant"):  # ComfyUI's per-layer quantisation entries, checked by fp8.split_scales
+            continue
+        floating_ok = v.dtype in LOADABLE_DTYPES or ops.is_fp8(v.dtype)
+        if (v.is_floating_point() and not floating_ok) or v.dtype in (torch.int8, torch.uint8):
             raise CheckpointError(f"{name}: tensor {k!r} is stored as {v.dtype}; quantised weights are not supported "
-                                  f"(use an fp32, fp16 or bf16 file).")
+                                  f"(use an fp32, fp16, bf16 or fp8 file).")
         if has_nonfinite(v):
             raise CheckpointError(f"{name}: tensor {k!r} contains NaN or infinite values.")
 
 
 def has_nonfinite(t: torch.Tensor) -> bool:
-    """Whether a weight tensor of a loadable float dtype holds NaN or inf (other dtypes: False; fp8 has no isfinite)."""
+    """Whether a weight tensor of a loadable float dtype holds NaN or inf (other dtypes: False; fp8 is read from its
+    bits, having no isfinite kernel)."""
+    if ops.is_fp8(t.dtype):
+        return fp8.fp8_nonfinite(t)
     return t.dtype in LOADABLE_DTYPES and not bool(torch.isfinite(t).all())
 
 
 def _common_float_dtype(sd) -> torch.dtype:
-    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return fp8.compute_dtype_of(sd, None)
 
 
 def jodi_from_state_dict(
@@ -213,12 +221,21 @@ def jodi_from_state_dict(
     dtype: "torch.dtype | str | None" = None,
     device: "torch.device | str" = "cpu",
     attention_backend: str = "auto",
+    weight_dtype: str = "default",
+    operations=None,
     **config_overrides,
 ):
-    """Build a :class:`JodiTransformer` from a state dict with the reference key names."""
+    """Build a :class:`JodiTransformer` from a state dict with the reference key names.
+
+    ``dtype``: the compute dtype (None: the file's); ``weight_dtype``: how the weights are stored
+    (:data:`.ops.WEIGHT_DTYPES`; fp8 ones are cast to ``dtype`` on use, ``fp8_e4m3fn_fast`` also runs fp8 matmuls
+    where the GPU has them); ``operations``: a host's layer namespace (e.g. ComfyUI's ``manual_cast``), which then
+    does the casting.
+    """
     from .dit.model import JodiConfig, JodiTransformer
 
-    sd = dit_keys.model_keys(sd)
+    ops.check_weight_dtype(weight_dtype)
+    sd, scales = fp8.split_scales(dit_keys.model_keys(sd), name=name)
     expect_checkpoint(sd, ("jodi",), name=name, what="a Jodi DiT")
     check_finite(sd, name=name)
     try:
@@ -229,8 +246,10 @@ def jodi_from_state_dict(
         raise CheckpointError(f"{name} has {config.num_domains} domains; this pack knows the {NUM_DOMAINS} of Jodi "
                               f"(image + 7 labels).")
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
-    model = build_on_meta(lambda: JodiTransformer(config, attention_backend=attention_backend, dtype=dtype))
-    load_state_dict_strict(model, sd, what="Jodi DiT", dtype=dtype, device=device)
+    operations = fp8.operations_for(weight_dtype, operations)
+    model = build_on_meta(lambda: JodiTransformer(config, attention_backend=attention_backend, dtype=dtype,
+                                                  operations=operations))
+    fp8.load_weights(model, sd, scales, what="Jodi DiT", weight_dtype=weight_dtype, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
 
 
@@ -240,9 +259,12 @@ def load_jodi(
     dtype: "torch.dtype | str | None" = None,
     device: "torch.device | str" = "cpu",
     attention_backend: str = "auto",
+    weight_dtype: str = "default",
+    operations=None,
     **config_overrides,
 ):
-    """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype.
+    """Load a Jodi DiT checkpoint; ``dtype=None`` keeps the file's dtype (an fp8 file's 16-bit one, else bf16).
+    ``weight_dtype`` and ``operations``: see :func:`jodi_from_state_dict`.
 
     Settings that tensor shapes cannot tell (``base_size``: the latent size the model was trained at, and the head
     counts) come from ``config_overrides``, else from the file's metadata (written by :mod:`.jobs.train`), else the
@@ -252,25 +274,28 @@ def load_jodi(
     config_overrides = {**dit_keys.stored_jodi_settings(path), **config_overrides}
     return jodi_from_state_dict(
         sd, name=os.path.basename(str(path)), dtype=dtype, device=device, attention_backend=attention_backend,
-        **config_overrides,
+        weight_dtype=weight_dtype, operations=operations, **config_overrides,
     )
 
 
 def load_dcae(path: "str | os.PathLike", *, dtype: "torch.dtype | str | None" = None, device="cpu",
-              attention_backend: str = "auto"):
+              attention_backend: str = "auto", weight_dtype: str = "default", operations=None):
     """Load a DC-AE checkpoint (original or diffusers key format); a folder means its ``model.safetensors``
-    (or ``diffusion_pytorch_model.safetensors``). ``attention_backend``: ``auto | triton | torch``."""
+    (or ``diffusion_pytorch_model.safetensors``). ``attention_backend``: ``auto | triton | torch``;
+    ``weight_dtype`` and ``operations``: as for :func:`load_jodi`."""
     from .dit.attention import check_backend
     from .dcae.model import DCAE
 
     check_backend(attention_backend)
+    ops.check_weight_dtype(weight_dtype)
     path = weights_file(path)
     sd = read_state_dict(path)
     name = os.path.basename(path)
     expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE")
     check_finite(sd, name=name)
     dtype = parse_dtype(dtype) or _common_float_dtype(sd)
-    model = DCAE.from_state_dict(sd, dtype=dtype, device=device, name=name)
+    model = DCAE.from_state_dict(sd, dtype=dtype, device=device, name=name, weight_dtype=weight_dtype,
+                                 operations=operations)
     model.config = dataclasses.replace(model.config, **dcae_keys.stored_dcae_settings(path))
     model.attention_backend = attention_backend
     return model.eval().requires_grad_(False)

@@ -22,6 +22,7 @@ import torch
 from . import imaging, memory
 from .domains import DOMAINS, NUM_DOMAINS, Role, RolePlan, get_domain, plan_roles, postprocess_with_index
 from .memory import InsufficientMemoryError
+from .ops import compute_dtype
 from .sampling import Interrupted, StepCallback, cfg_velocity, flow_timesteps, get_sampler
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class JodiResult:
 
 def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters())
-    return p.device, p.dtype
+    return p.device, compute_dtype(module, p.dtype)  # not an fp8 storage dtype
 
 
 def _check_finite(name: str, t: Optional[torch.Tensor]) -> None:
@@ -119,7 +120,7 @@ class JodiPipeline:
         cfg = getattr(self.vae, "config", None)
         first_width = int(getattr(cfg, "width_list", (128,))[0])
         try:
-            elem = next(self.vae.parameters()).element_size()
+            elem = _module_device_dtype(self.vae)[1].itemsize  # activations are in the compute dtype
         except (AttributeError, StopIteration):
             elem = 4
         h, w = height, width

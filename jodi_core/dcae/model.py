@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dit.attention import TORCH, AttentionBackend, AttentionSetting
-from .keys import infer_dcae_config, original_keys
+from .keys import detect_key_format, infer_dcae_config, original_keys
 
 log = logging.getLogger(__name__)
 
@@ -636,13 +636,20 @@ class DCAE(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None, device=None,
-                        *, name: str = "DC-AE checkpoint", operations=None) -> "DCAE":
-        """Build a DC-AE for ``sd`` (efficientvit or diffusers keys) without a random init and load it strictly."""
-        from ..loading import build_on_meta, expect_checkpoint, load_state_dict_strict
+                        *, name: str = "DC-AE checkpoint", operations=None, weight_dtype: str = "default") -> "DCAE":
+        """Build a DC-AE for ``sd`` (efficientvit or diffusers keys) without a random init and load it strictly.
+        ``weight_dtype`` / ``operations``: fp8 storage and host layers, as in :func:`jodi_core.loading.load_dcae`."""
+        from .. import fp8
+        from ..loading import build_on_meta, expect_checkpoint
 
+        sd, scales = fp8.split_scales(sd, name=name)
         expect_checkpoint(sd, ("dcae", "dcae-diffusers"), name=name, what="a DC-AE (dc-ae-f32c32)")
+        if scales and detect_key_format(sd) == "diffusers":  # q/k/v are fused on conversion: one scale cannot follow
+            sd, scales = fp8.dequantize_all(sd, scales, dtype), fp8.Scales()
         sd = original_keys(sd)
         config = infer_dcae_config(sd)
+        operations = fp8.operations_for(weight_dtype, operations)
         model = build_on_meta(lambda: cls(config, dtype=dtype, operations=operations))
-        load_state_dict_strict(model, sd, what="DC-AE", dtype=dtype, device=device)
+        fp8.load_weights(model, sd, scales, what="DC-AE", weight_dtype=weight_dtype,
+                         dtype=dtype, device=device)
         return model.eval()

@@ -213,6 +213,8 @@ class ConvLayer(nn.Module):
         conv = self.conv
         if type(conv) is nn.Conv2d:
             return F.linear(x, conv.weight.flatten(1), conv.bias)
+        if hasattr(conv, "pointwise_linear"):  # jodi_core.ops.CastOps: cast (or fp8) weights, still one GEMM
+            return conv.pointwise_linear(x)
         lead = x.shape[:-1]
         out = conv(x.reshape(-1, 1, 1, x.shape[-1]).permute(0, 3, 1, 2))  # (M, C_in, 1, 1)
         return out.reshape(*lead, -1)

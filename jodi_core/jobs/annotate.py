@@ -723,12 +723,14 @@ class Annotator:
 
     def _decode(self, latents: torch.Tensor, domains, sizes) -> dict[str, list[torch.Tensor]]:
         """Decode each domain as one batch, then resize each sample to its own image size and post-process."""
+        from .ops import compute_dtype  # an fp8-stored VAE computes in its norms' dtype
+
         vae, pipe = self.pipe.vae, self.pipe
         p = next(vae.parameters())
         out: dict[str, list[torch.Tensor]] = {}
         for name in domains:
             d = get_domain(name)
-            z = latents[:, d.index].to(device=p.device, dtype=p.dtype) / pipe.scaling_factor
+            z = latents[:, d.index].to(device=p.device, dtype=compute_dtype(vae, p.dtype)) / pipe.scaling_factor
             x = vae.decode(z).float()  # (B, 3, h*f, w*f) in about [-1, 1]
             # resize and post-process on the VAE's device; only the finished maps travel to the CPU
             out[name] = [d.postprocess(imaging.resize(x[i : i + 1], h, w).clamp(-1, 1))[0].cpu()
