@@ -17,6 +17,10 @@ ROLE_AUTO = "auto"
 ROLE_CHOICES: tuple[str, ...] = (ROLE_AUTO, "generate", "condition", "ignore")
 SAMPLERS: dict[str, str] = {"dpm++2m-flow": "dpmpp_2m", "euler-flow": "euler"}  # node label -> jodi_core name
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+try:  # how weights are stored (ComfyUI's UNETLoader choices); jodi_core.ops maps them to dtypes
+    from ..jodi_core.ops import WEIGHT_DTYPES as WEIGHT_DTYPE_CHOICES
+except ImportError:  # a jodi_core without fp8 storage: the same choices, refused at load time
+    WEIGHT_DTYPE_CHOICES: tuple[str, ...] = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 ATTENTION_CHOICES: tuple[str, ...] = backend_names()  # the registry of jodi_core.attention
 ASPECT_AUTO = "auto (condition image, else width x height)"
 ASPECT_CUSTOM = "width x height"
