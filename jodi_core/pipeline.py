@@ -115,8 +115,10 @@ class JodiPipeline:
         rows = batch * (2 if use_cfg else 1)
         return rows * tokens * hidden * 4 * 12
 
-    def _dcae_activations(self, rows: int, height: int, width: int, tiled: bool) -> int:
-        """Rough peak bytes of one DC-AE pass over ``rows`` images of ``height x width`` pixels."""
+    def _dcae_activations(self, rows: int, height: int, width: int, tiled: bool,
+                          tile_size: Optional[int] = None) -> int:
+        """Rough peak bytes of one DC-AE pass over ``rows`` images of ``height x width`` pixels (``tile_size``: the
+        tiles' side, default the DC-AE's)."""
         cfg = getattr(self.vae, "config", None)
         first_width = int(getattr(cfg, "width_list", (128,))[0])
         try:
@@ -127,7 +129,8 @@ class JodiPipeline:
         if tiled:  # one tile at a time, plus the float32 image and weights the tiles are blended into
             from .dcae.model import DEFAULT_TILE_SIZE
 
-            h, w = min(height, DEFAULT_TILE_SIZE), min(width, DEFAULT_TILE_SIZE)
+            tile = tile_size or DEFAULT_TILE_SIZE
+            h, w = min(height, tile), min(width, tile)
         blend = rows * height * width * 4 * 4 if tiled and (h, w) != (height, width) else 0
         return rows * h * w * first_width * elem * DCAE_ACTIVATION_FACTOR + blend
 
@@ -156,6 +159,9 @@ class JodiPipeline:
         dit_device: "str | torch.device | None" = None,
         vae_device: "str | torch.device | None" = None,
         extra_host_bytes: int = 0,
+        encode: bool = True,
+        work_size: Optional[tuple[int, int]] = None,
+        tile_size: Optional[int] = None,
     ) -> dict[torch.device, int]:
         """Estimated peak bytes per device of a whole run to a ``height x width`` output: encoding the conditions,
         sampling, then decoding and post-processing every map at the output size (all maps stay in RAM).
@@ -164,13 +170,15 @@ class JodiPipeline:
 
         ``decode_rows``: samples decoded at once (default: the batch); ``decoded``: domain indices decoded (default:
         every domain that is not ignored); devices default to the modules' own; ``extra_host_bytes``: what the caller
-        adds in RAM at the end (copies of the maps, say). Rough by design: it is there to refuse runs that cannot
-        fit, before they allocate anything."""
+        adds in RAM at the end (copies of the maps, say); ``encode``: count encoding the condition images (False for a
+        decode alone); ``work_size``: the pixel size the latents have, where known (a finished latent), instead of
+        the bucket of ``height x width``; ``tile_size``: the side of the decode's tiles. Rough by design: it is
+        there to refuse runs that cannot fit, before they allocate anything."""
         if isinstance(roles, torch.Tensor):  # a latent's roles, which decoding takes as they are
             plan = RolePlan.from_table(roles.reshape(-1, NUM_DOMAINS))
         else:
             plan = plan_roles(roles, batch=batch)
-        work_h, work_w = self.working_size(height, width, snap)
+        work_h, work_w = work_size or self.working_size(height, width, snap)
         f = self.compression
         host = torch.device("cpu")
         dit_dev, vae_dev = self._device_of(self.transformer, dit_device), self._device_of(self.vae, vae_device)
@@ -184,7 +192,7 @@ class JodiPipeline:
                 need[device] = need.get(device, 0) + int(n)
             phases.append(need)
 
-        if plan.conditioned:  # encoding a condition image at the working size
+        if encode and plan.conditioned:  # encoding a condition image at the working size
             phase((vae_dev, self._dcae_activations(batch, work_h, work_w, False)), (host, latents))
         if self.transformer is not None:  # noise, the sampler's history and the model's output: a few latents
             phase((dit_dev, self.working_memory(batch, plan, height, width, use_cfg) + 6 * latents),
@@ -196,7 +204,7 @@ class JodiPipeline:
             out_px = height * width
             kept = batch * out_px * (MAP_BYTES_PER_PIXEL * len(decoded)
                                      + SEG_INDEX_BYTES_PER_PIXEL * (get_domain("segmentation").index in decoded))
-            activations = self._dcae_activations(rows, work_h, work_w, tiled_decode)
+            activations = self._dcae_activations(rows, work_h, work_w, tiled_decode, tile_size)
             decoded_map = rows * work_h * work_w * MAP_BYTES_PER_PIXEL  # float32, before the resize
             post = rows * out_px * POSTPROCESS_BYTES_PER_PIXEL
             if vae_dev.type == "cpu":
@@ -242,16 +250,19 @@ class JodiPipeline:
         *,
         tiled: bool = False,
         domains: Optional[list[int]] = None,
+        tile_size: Optional[int] = None,
     ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """Decode every non-ignored domain, resize to ``height x width``, clamp and post-process."""
+        """Decode every non-ignored domain, resize to ``height x width``, clamp and post-process. ``tile_size``:
+        tiles of that side (pixels, overlapping by a quarter) instead of the DC-AE's default ones."""
         if domains is None:
             domains = RolePlan.from_table(roles).active
         device, dtype = _module_device_dtype(self.vae)
         images: dict[str, torch.Tensor] = {}
         seg_index = None
+        tiling = {"tile_size": tile_size, "overlap": tile_size // 4} if tiled and tile_size else {}
         for d in domains:
             z = latents[:, d].to(device=device, dtype=dtype) / self.scaling_factor
-            x = self.vae.decode(z, tiled=tiled) if tiled else self.vae.decode(z)
+            x = self.vae.decode(z, tiled=tiled, **tiling) if tiled else self.vae.decode(z)
             x = imaging.resize(x.float(), height, width).clamp_(-1, 1).cpu()  # in place: x is at the output size
             images[DOMAINS[d].name], index = postprocess_with_index(d, x)
             del x

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..jodi_core import ops as core_ops
 from ..jodi_core.domains import DOMAIN_NAMES, DOMAINS
 from . import vocabulary
 
@@ -125,11 +126,17 @@ class ManagedModule(torch.nn.Module):
 
     ModelPatcher writes bookkeeping attributes onto the module it manages (``device``, ``model_lowvram``, ...).
     jodi_core modules expose ``device``/``dtype`` as read-only properties, so they are wrapped instead of patched.
+    ``host_ops``: the module's layers are ComfyUI's comfy.ops, so the patcher may hold weights apart and cast them
+    on use; ``manual_cast_dtype``: the compute dtype where weights are stored in another one (fp8), which ComfyUI
+    reads to size the cast buffers of offloaded layers.
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, host_ops: bool = False,
+                 manual_cast_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.module = module
+        self.host_ops = host_ops
+        self.manual_cast_dtype = manual_cast_dtype
 
     def get_dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
@@ -144,27 +151,70 @@ def unwrap(patcher) -> torch.nn.Module:
 def _pick_dtype(choice: str, auto_dtype: Callable[[], torch.dtype]) -> torch.dtype:
     dtype = vocabulary.torch_dtype(choice) or auto_dtype()
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        # fp8/fp64 flags of ComfyUI are for its own models; jodi_core computes in the weight dtype.
+        # fp8/fp64 flags of ComfyUI are for its own models; fp8 storage is the loaders' weight_dtype.
         log.warning("Jodi: dtype %s from ComfyUI's flags is not supported; using float32.", dtype)
         dtype = torch.float32
     return dtype
 
 
-def load_patcher(load, path, dtype_choice: str, devices: tuple, auto_dtype: Callable, what: str):
-    """A jodi_core module from ``load(path, dtype=, device=)``, on ``devices`` = (load device, offload device), in
-    a ModelPatcher: ComfyUI moves it to the load device when a node uses it. ``auto_dtype(load_device)``: the dtype
-    the 'auto' choice means for this model; ``what``: the model's name in the log."""
+def storage_dtype(weight_dtype: str) -> Optional[torch.dtype]:
+    """The dtype weights are stored in for a ``weight_dtype`` choice; None for "default" (the compute dtype)."""
+    vocabulary.check_choice("weight_dtype", weight_dtype, vocabulary.WEIGHT_DTYPE_CHOICES)
+    return core_ops.storage_dtype(weight_dtype)
+
+
+def host_operations(weight_dtype: str, compute_dtype: torch.dtype, load_device):
+    """ComfyUI's layer classes for a model stored as ``weight_dtype`` and computed in ``compute_dtype``, picked as
+    core's diffusion-model loader picks them (comfy.ops.pick_operations: plain layers when both dtypes agree, cast
+    on use when they differ, fp8 matmuls for ``fp8_e4m3fn_fast`` where the card has them); None without comfy.ops."""
+    try:
+        import comfy.ops
+    except ImportError:
+        return None
+    storage = storage_dtype(weight_dtype) or compute_dtype
+    fast = weight_dtype == "fp8_e4m3fn_fast"
+    if fast:
+        import comfy.model_management as mm
+
+        supported = getattr(mm, "supports_fp8_compute", lambda device=None: False)(load_device)
+        if not supported:
+            log.info("Jodi: %s has no fp8 matmuls; fp8_e4m3fn_fast stores fp8 weights and computes in %s.",
+                     load_device, compute_dtype)
+    # Keywords only: the positional parameters after load_device differ between ComfyUI versions.
+    return comfy.ops.pick_operations(storage, compute_dtype, load_device=load_device, fp8_optimizations=fast)
+
+
+def load_patcher(load, path, dtype_choice: str, devices: tuple, auto_dtype: Callable, what: str,
+                 weight_dtype: str = "default"):
+    """A jodi_core module from ``load(path, dtype=, device=, weight_dtype=, operations=)``, on ``devices`` = (load
+    device, offload device), in a ModelPatcher: ComfyUI moves it to the load device when a node uses it.
+    ``auto_dtype(load_device)``: the compute dtype the 'auto' choice means for this model; ``weight_dtype``: how the
+    weights are stored; ``what``: the model's name in the log.
+
+    Built from comfy.ops, the model is managed like core's models: loaded
+    partially when VRAM is short, the rest cast on use, and on hosts with dynamic VRAM (0.33) through its patcher."""
     import comfy.model_patcher
 
     load_device, offload_device = devices
     dtype = _pick_dtype(dtype_choice, lambda: auto_dtype(load_device))
-    module = load(path, dtype=dtype, device=offload_device).eval()
-    log.info("%s: loaded %s (%s) for %s", what, os.path.basename(path), dtype, load_device)
-    return comfy.model_patcher.ModelPatcher(ManagedModule(module), load_device=load_device,
-                                            offload_device=offload_device)
+    storage = storage_dtype(weight_dtype)
+    ops = host_operations(weight_dtype, dtype, load_device)
+    module = load(path, dtype=dtype, device=offload_device, weight_dtype=weight_dtype, operations=ops).eval()
+    managed = ManagedModule(module, host_ops=ops is not None,
+                            manual_cast_dtype=dtype if storage not in (None, dtype) else None)
+    log.info("%s: loaded %s (%s%s%s) for %s", what, os.path.basename(path), dtype,
+             f", weights {storage}" if storage is not None else "", ", comfy.ops" if ops is not None else "",
+             load_device)
+    if ops is None:
+        return comfy.model_patcher.ModelPatcher(managed, load_device=load_device, offload_device=offload_device)
+    # CoreModelPatcher is what core's own models get: the dynamic-VRAM patcher where the host enables it.
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(managed, load_device=load_device, offload_device=offload_device)
+    _add_on_load(patcher, _loose_weights_to_device)
+    return patcher
 
 
-def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
+def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str, weight_dtype: str = "default"):
     import comfy.model_management as mm
 
     from ..jodi_core.loading import load_jodi
@@ -176,7 +226,7 @@ def load_dit_patcher(ckpt_name: str, dtype_choice: str, attention: str):
         return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float32])
 
     return load_patcher(functools.partial(load_jodi, attention_backend=attention), path, dtype_choice,
-                        (mm.get_torch_device(), mm.unet_offload_device()), auto_dtype, "Jodi")
+                        (mm.get_torch_device(), mm.unet_offload_device()), auto_dtype, "Jodi", weight_dtype)
 
 
 def load_vae_patcher(vae_name: str, dtype_choice: str, attention: str = "auto"):
@@ -194,28 +244,72 @@ def load_vae_patcher(vae_name: str, dtype_choice: str, attention: str = "auto"):
                         (mm.vae_device(), mm.vae_offload_device()), auto_dtype, "Jodi DC-AE")
 
 
-def check_patcher(value, what: str, expected: str):
-    if value is None or not hasattr(value, "model") or not hasattr(value, "load_device"):
-        raise TypeError(f"{what} must come from {expected}, got {type(value).__name__}.")
-    return value
+def _add_on_load(patcher, callback) -> None:
+    try:
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:
+        return
+    patcher.add_callback(CallbacksMP.ON_LOAD, callback)
 
 
-def load_fully(patchers, memory_required: int = 0) -> None:
-    """Load the patchers' models whole onto their device. Our modules are plain torch (no ComfyUI weight casting), so
-    a partial ("lowvram") load would leave some weights on the CPU and fail mid-run; ask for a full load, and turn
-    running out of memory into an error that says what to do."""
+def _loose_weights_to_device(patcher, device_to, lowvram_model_memory=0, force_patch_weights=False,
+                             full_load=False) -> None:
+    """After a partial load, the weights that comfy.ops cannot cast on use go to the load device whole.
+
+    ComfyUI's (non-dynamic) partial load moves only leaf layers, and leaves on the offload device what fits no
+    budget: parameters of modules with children (the DiT's scale_shift_table and domain_embedding), buffers and
+    plain torch layers (norms). Core's models cast those on use; jodi_core reads them directly, so they are moved
+    here (a few MB for the 1.6 B DiT). A full load moved everything already, and dynamic VRAM moves them itself."""
+    if device_to is None or full_load or getattr(patcher, "is_dynamic", lambda: False)():
+        return
+    device_to = torch.device(device_to)
+
+    def elsewhere(t: torch.Tensor) -> bool:  # "cuda" means the current card, as torch.device("cuda") does
+        return t.device.type != device_to.type or (device_to.index is not None and t.device.index != device_to.index)
+
+    moved = 0
+    for module in patcher.model.modules():
+        castable = hasattr(module, "comfy_cast_weights")
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not castable and elsewhere(param):
+                module._parameters[name] = torch.nn.Parameter(param.to(device_to), requires_grad=False)
+                moved += param.numel() * param.element_size()
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if elsewhere(buf):
+                module._buffers[name] = buf.to(device_to)
+                moved += buf.numel() * buf.element_size()
+    if moved:
+        patcher.model.model_loaded_weight_memory += moved  # ComfyUI's count of what the load device holds
+        log.debug("Jodi: %.1f MB of weights that are not cast on use moved to %s", moved / 2**20, device_to)
+
+
+def uses_host_ops(patcher) -> bool:
+    return bool(getattr(patcher.model, "host_ops", False))
+
+
+def load_models(patchers, memory_required: int = 0) -> None:
+    """Load the patchers' models onto their device with room for ``memory_required`` bytes of activations.
+
+    Models built from comfy.ops load as core's do: whole when they fit, else partially, the rest of their weights
+    cast on use. A model of plain torch layers (a loader without the ``operations`` hook) is loaded whole
+    (force_full_load): a partial load would leave some of its weights on the CPU and fail mid-run. Running out of
+    memory becomes an error that says what to do."""
     import comfy.model_management as mm
 
+    patchers = list(patchers)
+    whole = not all(uses_host_ops(p) for p in patchers)
     try:
-        mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=True)
+        mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=whole)
     except mm.OOM_EXCEPTION as e:
         names = ", ".join(type(unwrap(p)).__name__ for p in patchers)
-        raise RuntimeError(f"Not enough GPU memory to load {names} whole ({e}). Choose a smaller dtype (bf16 or "
-                           f"fp16) in the loader, a smaller batch or size, or start ComfyUI with --cpu.") from e
+        raise RuntimeError(f"Not enough GPU memory to load {names} ({e}). Choose fp8 weights (weight_dtype) or a "
+                           f"smaller dtype (bf16 or fp16) in the loader, a smaller batch or size, or start ComfyUI "
+                           f"with --lowvram or --cpu.") from e
 
 
 def load_for_run(model_patcher, vae_patcher, memory_required: int = 0) -> None:
-    load_fully([p for p in (model_patcher, vae_patcher) if p is not None], memory_required)
+    """Both Jodi models at once (runs that alternate between them, such as Annotate Folder)."""
+    load_models([p for p in (model_patcher, vae_patcher) if p is not None], memory_required)
 
 
 def device_need(needs: dict, *patchers) -> int:
@@ -224,27 +318,58 @@ def device_need(needs: dict, *patchers) -> int:
     return max([int(n) for d, n in needs.items() if torch.device(d) in devices], default=0)
 
 
-def check_memory(needs: dict, what: str, host_only: bool = False) -> None:
-    """Refuse a run whose estimated peak (JodiPipeline.memory_needs) exceeds what ComfyUI reports free
-    (get_free_memory: available RAM, or VRAM including torch's cache), with a clear error instead of an OOM kill.
-    ``host_only``: check the RAM alone (GPU memory is only known once the models are loaded)."""
+def merge_needs(*needs: dict) -> dict:
+    """Per device, the largest of several phases' needs (the phases run one after the other)."""
+    merged: dict = {}
+    for need in needs:
+        for device, n in need.items():
+            device = torch.device(device)
+            merged[device] = max(merged.get(device, 0), int(n))
+    return merged
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes free on ``device`` as ComfyUI reports them (available RAM, or VRAM including torch's cache), capped for
+    RAM by a container's limit, which psutil (ComfyUI's source) does not see; None where unknown."""
     import comfy.model_management as mm
 
     from ..jodi_core import memory
 
+    device = torch.device(device)
+    own = memory.available_memory(device)
     get_free = getattr(mm, "get_free_memory", None)
+    if get_free is None:
+        return own
+    free = int(get_free(device))
+    return min(free, own) if device.type == "cpu" and own is not None else free
 
-    def available(device: torch.device) -> Optional[int]:
-        own = memory.available_memory(device)
-        if get_free is None:
-            return own
-        free = int(get_free(device))
-        # psutil (ComfyUI's source for RAM) does not see a container's memory limit; ours does.
-        return min(free, own) if device.type == "cpu" and own is not None else free
+
+def fits(needs: dict) -> bool:
+    """Whether every device's need (CPU and CUDA) is at most what is free there."""
+    for device, need in needs.items():
+        device = torch.device(device)
+        if device.type in ("cpu", "cuda"):
+            free = free_memory(device)
+            if free is not None and need > free:
+                return False
+    return True
+
+
+def check_memory(needs: dict, what: str, host_only: bool = False) -> None:
+    """Refuse a run whose estimated peak (JodiPipeline.memory_needs) exceeds what is free (:func:`free_memory`),
+    with a clear error instead of an OOM kill. ``host_only``: check the RAM alone (GPU memory is only known once the
+    models are loaded)."""
+    from ..jodi_core import memory
 
     # Other backends (DirectML reports a fixed 1 GB) would be refused at random: CPU and CUDA only.
     kinds = ("cpu",) if host_only else ("cpu", "cuda")
-    memory.check_fits({d: n for d, n in needs.items() if torch.device(d).type in kinds}, what, available)
+    memory.check_fits({d: n for d, n in needs.items() if torch.device(d).type in kinds}, what, free_memory)
+
+
+def check_patcher(value, what: str, expected: str):
+    if value is None or not hasattr(value, "model") or not hasattr(value, "load_device"):
+        raise TypeError(f"{what} must come from {expected}, got {type(value).__name__}.")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from . import common, layouts, vocabulary
+from .loaders import weight_dtype_input
 
 JanusModelType = io.Custom("JANUS_MODEL")
 
@@ -107,14 +108,14 @@ def _auto_dtype(load_device) -> torch.dtype:
     return torch.float32
 
 
-def load_janus_patcher(model_name: str, dtype_choice: str):
+def load_janus_patcher(model_name: str, dtype_choice: str, weight_dtype: str = "default"):
     import comfy.model_management as mm
 
     from ..jodi_core.janus import load_janus
 
     path = resolve_janus_path(model_name)
     return common.load_patcher(load_janus, path, dtype_choice, (mm.get_torch_device(), mm.unet_offload_device()),
-                               _auto_dtype, "Janus")
+                               _auto_dtype, "Janus", weight_dtype)
 
 
 def _ready(model_patcher, working_memory=None):
@@ -127,7 +128,12 @@ def _ready(model_patcher, working_memory=None):
     if not isinstance(model, JanusModel):
         raise TypeError(f"model must come from Janus Loader, got a {type(model).__name__}.")
     need = int(working_memory(model)) if working_memory is not None else 0
-    common.load_fully([model_patcher], need)
+    common.load_models([model_patcher], need)
+    # A CUDA graph replays the copies it captured; weights cast on use from the offload device are new tensors each
+    # step, so decode eagerly unless every weight is resident.
+    held_apart = bool(getattr(model_patcher.model, "model_lowvram", False)) or bool(
+        getattr(model_patcher, "is_dynamic", lambda: False)())
+    model.decode_mode = "eager" if held_apart else "auto"
     return model
 
 
@@ -192,6 +198,7 @@ class JanusLoader(io.ComfyNode):
                             "the checkpoint's weights, config.json, tokenizer.json and preprocessor_config.json, "
                             "e.g. Janus-Pro-1B downloaded from deepseek-ai/Janus-Pro-1B."),
                 io.Combo.Input("dtype", options=list(vocabulary.DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP),
+                weight_dtype_input(),
             ],
             outputs=[JanusModelType.Output(
                 display_name="janus_model",
@@ -199,7 +206,7 @@ class JanusLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name=None, dtype=None):
+    def validate_inputs(cls, model_name=None, dtype=None, weight_dtype=None):
         def check_model():
             if model_name is None:
                 return
@@ -210,17 +217,21 @@ class JanusLoader(io.ComfyNode):
                                  "folder with weights, config.json and tokenizer.json) and refresh.")
             vocabulary.check_choice("model_name", model_name, choices)
 
-        return vocabulary.validation([check_model, lambda: dtype is None or vocabulary.check_choice(
-            "dtype", dtype, vocabulary.DTYPE_CHOICES)])
+        return vocabulary.validation([
+            check_model,
+            lambda: dtype is None or vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES),
+            lambda: weight_dtype is None or vocabulary.check_choice("weight_dtype", weight_dtype,
+                                                                    vocabulary.WEIGHT_DTYPE_CHOICES),
+        ])
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, dtype="auto"):
-        return (common.file_fingerprint(resolve_janus_path, model_name, _MODEL_FILE_SUFFIXES), dtype)
+    def fingerprint_inputs(cls, model_name, dtype="auto", weight_dtype="default"):
+        return (common.file_fingerprint(resolve_janus_path, model_name, _MODEL_FILE_SUFFIXES), dtype, weight_dtype)
 
     @classmethod
-    def execute(cls, model_name, dtype="auto") -> io.NodeOutput:
+    def execute(cls, model_name, dtype="auto", weight_dtype="default") -> io.NodeOutput:
         vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES)
-        return io.NodeOutput(load_janus_patcher(model_name, dtype))
+        return io.NodeOutput(load_janus_patcher(model_name, dtype, weight_dtype))
 
 
 class JanusCaption(io.ComfyNode):

@@ -11,15 +11,28 @@ _DTYPE_TIP = (
     "Weight and compute precision. auto: what ComfyUI picks for this device (bf16 on recent GPUs, fp32 on CPU and "
     "with --cpu). fp16 may overflow with Jodi; use it only on GPUs without bf16."
 )
+WEIGHT_DTYPE_TIP = (
+    "How the weights are stored, as in core's Load Diffusion Model. default: in the dtype above. fp8_e4m3fn / "
+    "fp8_e5m2: in 8 bits (half of bf16's memory), cast to the dtype above when used; outputs differ slightly. "
+    "fp8_e4m3fn_fast: also multiplies in fp8 on GPUs that can (Ada, Hopper and newer), else as fp8_e4m3fn."
+)
 
 
-def _validate(name: str, value, choices, dtype, attention) -> "bool | str":
+def _validate(name: str, value, choices, dtype, attention, weight_dtype=None) -> "bool | str":
     """validate_inputs of both loaders; None is a linked input, checked when the node runs."""
     return vocabulary.validation([
         lambda: value is None or vocabulary.check_choice(name, value, choices()),
         lambda: dtype is None or vocabulary.check_choice("dtype", dtype, vocabulary.DTYPE_CHOICES),
         lambda: attention is None or vocabulary.check_choice("attention", attention, vocabulary.ATTENTION_CHOICES),
+        lambda: weight_dtype is None or vocabulary.check_choice("weight_dtype", weight_dtype,
+                                                                vocabulary.WEIGHT_DTYPE_CHOICES),
     ])
+
+
+def weight_dtype_input() -> "io.Combo.Input":
+    """Optional, so that workflows saved before it existed load with the default."""
+    return io.Combo.Input("weight_dtype", options=list(vocabulary.WEIGHT_DTYPE_CHOICES), default="default",
+                          optional=True, tooltip=WEIGHT_DTYPE_TIP)
 
 
 class JodiModelLoader(io.ComfyNode):
@@ -45,22 +58,23 @@ class JodiModelLoader(io.ComfyNode):
                     tooltip="Linear-attention kernels. auto: fused Triton kernels on CUDA when Triton works, else "
                             "plain PyTorch. torch: always PyTorch (any device). triton: ask for the Triton kernels "
                             "(falls back to PyTorch with a warning where they cannot run)."),
+                weight_dtype_input(),
             ],
             outputs=[common.JodiModel.Output(
                 display_name="jodi_model", tooltip="The Jodi DiT, managed by ComfyUI (moved to the GPU when used).")],
         )
 
     @classmethod
-    def validate_inputs(cls, ckpt_name=None, dtype=None, attention=None):
-        return _validate("ckpt_name", ckpt_name, common.dit_choices, dtype, attention)
+    def validate_inputs(cls, ckpt_name=None, dtype=None, attention=None, weight_dtype=None):
+        return _validate("ckpt_name", ckpt_name, common.dit_choices, dtype, attention, weight_dtype)
 
     @classmethod
-    def fingerprint_inputs(cls, ckpt_name, dtype="auto", attention="auto"):
-        return (common.file_fingerprint(common.resolve_dit_path, ckpt_name), dtype, attention)
+    def fingerprint_inputs(cls, ckpt_name, dtype="auto", attention="auto", weight_dtype="default"):
+        return (common.file_fingerprint(common.resolve_dit_path, ckpt_name), dtype, attention, weight_dtype)
 
     @classmethod
-    def execute(cls, ckpt_name, dtype="auto", attention="auto") -> io.NodeOutput:
-        return io.NodeOutput(common.load_dit_patcher(ckpt_name, dtype, attention))
+    def execute(cls, ckpt_name, dtype="auto", attention="auto", weight_dtype="default") -> io.NodeOutput:
+        return io.NodeOutput(common.load_dit_patcher(ckpt_name, dtype, attention, weight_dtype))
 
 
 class JodiVAELoader(io.ComfyNode):

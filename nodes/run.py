@@ -13,6 +13,7 @@ import torch
 
 from ..jodi_core import imaging
 from ..jodi_core.domains import DOMAIN_NAMES, SEG12_CLASSES, plan_roles
+from ..jodi_core.memory import format_bytes
 from . import common, layouts, map_conventions, payloads, vocabulary
 
 log = logging.getLogger(__name__)
@@ -110,16 +111,27 @@ def sample(model_patcher, vae_patcher, roles: payloads.RolesPayload, settings: R
                                             roles.first_condition_size(), pipe.base_size, pipe.compression)
     # Only what the run made is decoded: condition slots would be the VAE round trip of the user's own input.
     wanted = list(plan.generated)
-    needs = pipe.memory_needs(
-        batch, plan, height, width, plan.use_cfg, decode=decode, tiled_decode=tiled, decode_rows=1,
-        decoded=wanted, dit_device=model_patcher.load_device, vae_device=vae_patcher.load_device,
-        extra_host_bytes=node_copies(batch, height, width, len(wanted), len(conditions)) if decode else 0)
+    # The step (with the condition images' encoding before it) and the decode are separate phases, each with its own
+    # load: ComfyUI makes room for the DiT's activations, then for the decoder's, offloading the DiT if it must.
+    step_needs = pipe.memory_needs(batch, plan, height, width, plan.use_cfg, decode=False,
+                                   dit_device=model_patcher.load_device, vae_device=vae_patcher.load_device)
     what = f"{width}x{height} output, {len(wanted)} maps, batch {batch}"
-    common.check_memory(needs, what, host_only=True)  # before anything is loaded or allocated
-    common.load_for_run(model_patcher, vae_patcher, common.device_need(needs, model_patcher, vae_patcher))
-    common.check_memory(needs, what)  # the GPU's free memory is known once the models are in place
-
+    # Before anything is loaded or allocated; the decode counts its smallest tiles, which it falls back to.
+    decode_floor = (decode_needs(vae_patcher, batch, plan, height, width, pipe.working_size(height, width), wanted,
+                                 tiled=True, conditions=len(conditions), tile_size=tile_sizes()[-1])
+                    if decode else {})
+    common.check_memory(common.merge_needs(step_needs, decode_floor), what, host_only=True)
     reporter = common.StepReporter(settings.steps, pipe, plan.roles[0])
+    step_models = [model_patcher]
+    if plan.conditioned or reporter.preview_domain is not None:  # encoding conditions, decoding previews
+        step_models.append(vae_patcher)
+    if reporter.preview_domain is not None:  # one map of one sample, between steps
+        step_needs = common.merge_needs(step_needs, decode_needs(
+            vae_patcher, 1, plan.roles[:1], height, width, pipe.working_size(height, width), [reporter.preview_domain],
+            tiled=False))
+    common.load_models(step_models, common.device_need(step_needs, *step_models))
+    common.check_memory(step_needs, what)  # the GPU's free memory is known once the models are in place
+
     result = pipe(
         plan, height, width, conditions=conditions, prompt_embeds=emb, prompt_mask=mask,
         negative_embeds=neg, steps=settings.steps, cfg_scale=settings.cfg, flow_shift=settings.flow_shift,
@@ -129,7 +141,7 @@ def sample(model_patcher, vae_patcher, roles: payloads.RolesPayload, settings: R
     latent = payloads.LatentPayload(result.latents.float().cpu(), result.roles.cpu(), height, width)
     if decode:
         result.images, result.seg_index = decode_samples(vae_patcher, latent, tiled=tiled, domains=wanted,
-                                                         checked=True)
+                                                         conditions=len(conditions))
         for name, image in conditions.items():
             fitted = imaging.fit_condition(image, height, width, settings.condition_fit)
             result.images[name] = fitted.expand(latent.batch, -1, -1, -1)
@@ -156,38 +168,89 @@ def node_copies(batch: int, height: int, width: int, maps: int, conditions: int 
     return pixels * (12 * len(DOMAIN_NAMES) + 16 + 12 * joined + 24 * conditions)
 
 
-def decode_samples(vae_patcher, latent: payloads.LatentPayload, tiled: bool = False, domains=None,
-                   checked: bool = False):
-    """The decode loop of Jodi Decode and the shortcuts: one sample at a time (bounds the decoder's memory), with a
-    progress bar and interrupt between samples. ``domains``: indices to decode (default: every present one).
-    ``checked``: the caller has already checked that the decode fits in memory."""
+def decode_needs(vae_patcher, batch: int, roles, height: int, width: int, work_size: tuple[int, int], domains,
+                 tiled: bool, conditions: int = 0, tile_size: Optional[int] = None) -> dict:
+    """Estimated peak per device of decoding ``domains`` of ``batch`` samples whose latents have ``work_size``
+    pixels, one sample and one domain at a time, to ``height x width`` maps, with the nodes' copies of them."""
     from ..jodi_core.pipeline import JodiPipeline
 
     pipe = JodiPipeline(None, common.unwrap(vae_patcher))
-    if checked:
-        common.load_fully([vae_patcher])
-    else:
-        decoded = [DOMAIN_NAMES.index(n) for n in latent.present()] if domains is None else list(domains)
-        needs = pipe.memory_needs(
-            latent.batch, latent.roles, latent.height, latent.width, False, tiled_decode=tiled, decode_rows=1,
-            decoded=decoded, vae_device=vae_patcher.load_device,
-            extra_host_bytes=node_copies(latent.batch, latent.height, latent.width, len(decoded)))
-        what = f"{latent.width}x{latent.height} output, {len(decoded)} maps, batch {latent.batch}"
-        common.check_memory(needs, what, host_only=True)
-        common.load_fully([vae_patcher], common.device_need(needs, vae_patcher))
-        common.check_memory(needs, what)
+    return pipe.memory_needs(
+        batch, roles, height, width, False, decode=True, encode=False, tiled_decode=tiled, decode_rows=1,
+        decoded=list(domains), work_size=tuple(work_size), vae_device=vae_patcher.load_device,
+        extra_host_bytes=node_copies(batch, height, width, len(domains), conditions), tile_size=tile_size)
+
+
+def tile_sizes() -> tuple[int, ...]:
+    """Tile sides (pixels) a decode short of memory goes down through: the DC-AE's own (1024), then halves, as core's
+    VAE Decode falls back to tiles of 512 px."""
+    from ..jodi_core.dcae.model import DEFAULT_TILE_SIZE
+
+    return DEFAULT_TILE_SIZE, DEFAULT_TILE_SIZE // 2, DEFAULT_TILE_SIZE // 4
+
+
+def decode_samples(vae_patcher, latent: payloads.LatentPayload, tiled: bool = False, domains=None,
+                   conditions: int = 0):
+    """The decode loop of Jodi Decode and the shortcuts: one sample and one domain at a time (bounds the decoder's
+    memory), with a progress bar and interrupt between samples. ``domains``: indices to decode (default: every
+    present one); ``conditions``: condition images the caller keeps beside the maps (for the RAM estimate).
+
+    Like core's VAE Decode, a decode that does not fit runs in tiles, smaller ones until it fits: when its estimate
+    exceeds what is free once the DC-AE is loaded, or when it runs out of memory anyway. ``tiled`` starts at tiles."""
+    from ..jodi_core.pipeline import JodiPipeline
+
+    pipe = JodiPipeline(None, common.unwrap(vae_patcher))
+    decoded = [DOMAIN_NAMES.index(n) for n in latent.present()] if domains is None else list(domains)
+    work_size = tuple(d * pipe.compression for d in latent.samples.shape[-2:])
+    ways = ([] if tiled else [None]) + list(tile_sizes())  # None: whole; else the tiles' side
+
+    def needs(way: Optional[int]) -> dict:
+        return decode_needs(vae_patcher, latent.batch, latent.roles, latent.height, latent.width, work_size,
+                            decoded, way is not None, conditions, tile_size=way)
+
+    what = f"{latent.width}x{latent.height} output, {len(decoded)} maps, batch {latent.batch}"
+    common.check_memory(needs(ways[-1]), what, host_only=True)  # the smallest tiles are the least it can take
+    common.load_models([vae_patcher], common.device_need(needs(ways[0]), vae_patcher))
+    vae_device = torch.device(vae_patcher.load_device)
+    fitting = [w for w in ways if common.fits({vae_device: needs(w).get(vae_device, 0)})]  # the decoder's device
+    way = fitting[0] if fitting else ways[-1]
+    if way != ways[0]:
+        log.info("Jodi: decoding %s in %d px tiles: %s needs about %s on %s, more than is free.", what, way,
+                 "an untiled decode" if ways[0] is None else f"one in {ways[0]} px tiles",
+                 format_bytes(common.device_need(needs(ways[0]), vae_patcher)), vae_device)
+    common.check_memory(needs(way), what)
     progress = common.Progress(interruptible=False)  # checked before each sample instead
     parts: list[tuple[dict, Optional[torch.Tensor]]] = []
     for b in range(latent.batch):
         common.interrupt_check()
-        parts.append(pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
-                                         tiled=tiled, domains=domains))
+        part = _decode_one(pipe, latent, b, way, domains)
+        while part is None:  # out of memory: the next smaller tiles
+            way = ways[ways.index(way) + 1]
+            log.warning("Jodi: ran out of memory decoding %s; decoding in %d px tiles.", what, way)
+            part = _decode_one(pipe, latent, b, way, domains)
+        parts.append(part)
         progress(b + 1, latent.batch)
     if len(parts) == 1:  # torch.cat would copy every map
         return parts[0]
     images = {name: torch.cat([p[0][name] for p in parts]) for name in parts[0][0]}
     seg = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
     return images, seg
+
+
+def _decode_one(pipe, latent: payloads.LatentPayload, b: int, way: Optional[int], domains):
+    """Sample ``b`` decoded whole (``way`` None) or in tiles of side ``way``; None when it ran out of memory and
+    smaller tiles are left to try."""
+    import comfy.model_management as mm
+
+    try:
+        return pipe.decode_latents(latent.samples[b:b + 1], latent.roles[b:b + 1], latent.height, latent.width,
+                                   tiled=way is not None, domains=domains, tile_size=way)
+    except mm.OOM_EXCEPTION:
+        if way == tile_sizes()[-1]:
+            raise
+    # Outside the except block, so that the tensors its traceback holds can be freed first (as core's VAE does).
+    getattr(mm, "soft_empty_cache", lambda: None)()
+    return None
 
 
 def map_outputs(images: dict, seg_index: Optional[torch.Tensor], batch: int, height: int, width: int,

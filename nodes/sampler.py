@@ -93,7 +93,8 @@ def _fit_input():
 def _decode_inputs():
     return [
         io.Boolean.Input("tiled_decode", default=False,
-                         tooltip="Decode in tiles: slower, less memory, for large sizes on small GPUs."),
+                         tooltip="Decode in tiles from the start: slower, less memory. Without it a decode that does not fit in "
+                                 "free memory goes to tiles by itself (said in the log)."),
         io.Combo.Input("mask_class", options=list(SEG12_CLASSES), default="person",
                        tooltip="Segmentation class whose pixels form the seg_mask output."),
     ]

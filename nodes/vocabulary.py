@@ -17,6 +17,7 @@ ROLE_AUTO = "auto"
 ROLE_CHOICES: tuple[str, ...] = (ROLE_AUTO, "generate", "condition", "ignore")
 SAMPLERS: dict[str, str] = {"dpm++2m-flow": "dpmpp_2m", "euler-flow": "euler"}  # node label -> jodi_core name
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+from ..jodi_core.ops import WEIGHT_DTYPES as WEIGHT_DTYPE_CHOICES  # how weights are stored (core UNETLoader's choices)
 ATTENTION_CHOICES: tuple[str, ...] = backend_names()  # the registry of jodi_core.dit.attention
 ASPECT_AUTO = "auto (condition image, else width x height)"
 ASPECT_CUSTOM = "width x height"

@@ -331,6 +331,8 @@ class TinyAE(nn.Module):
         super().__init__()
         self.config = _Cfg(scaling_factor=0.41407)
         self.tiled_calls = []  # (encode|decode, tiled) per call
+        self.tile_sizes = []  # tile_size per decode call
+        self.out_of_memory_untiled = False
         self.enc = nn.Conv2d(3, channels, 8, 8)
         self.dec = nn.ConvTranspose2d(channels, 3, 8, 8)
 
@@ -338,8 +340,11 @@ class TinyAE(nn.Module):
         self.tiled_calls.append(("encode", tiled))
         return self.enc(x)
 
-    def decode(self, z, tiled=False):
+    def decode(self, z, tiled=False, tile_size=None, overlap=None):
         self.tiled_calls.append(("decode", tiled))
+        self.tile_sizes.append(tile_size)
+        if self.out_of_memory_untiled and not tiled:
+            raise MemoryError("CUDA out of memory (stand-in)")  # the stand-in's OOM_EXCEPTION
         return torch.tanh(self.dec(z))
 
 
@@ -360,12 +365,12 @@ def pack(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     loading = types.ModuleType(name + ".jodi_core.loading")
     loading.__dict__.update({k: v for k, v in vars(real_loading).items() if not k.startswith("__")})
-    def load_jodi(path, dtype=None, device="cpu", attention_backend="auto"):
+    def load_jodi(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
         events.dit_loads.append({"path": path, "dtype": dtype, "attention_backend": attention_backend})
         return TinyDiT().to(device, dtype)
 
     loading.load_jodi = load_jodi
-    def load_dcae(path, dtype=None, device="cpu", attention_backend="auto"):
+    def load_dcae(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
         events.vae_loads.append({"path": path, "dtype": dtype, "attention_backend": attention_backend})
         return TinyAE().to(device, dtype)
 
@@ -568,6 +573,159 @@ def test_tiled_decode_reaches_the_autoencoder(pack):
     pack.nodes["JodiPerception"].execute(model, vae, torch.rand(1, 64, 64, 3), steps=1, seed=0,
                                          sampler="euler-flow", flow_shift=3.0, tiled_decode=True, mask_class="person")
     assert ae.tiled_calls[-1] == ("decode", True)  # the maps (a step preview before them may decode untiled)
+
+
+def _run_module(pack):
+    return sys.modules[pack.module.__name__ + ".nodes.run"]
+
+
+def test_step_and_decode_each_load_with_their_own_estimate(pack):
+    """ComfyUI makes room for the DiT's step before sampling and for the decoder's before decoding, in two loads:
+    the decode may offload the DiT, and neither phase is asked to reserve the other's peak."""
+    model, vae = _load(pack)
+    run = _run_module(pack)
+    pack.events.loaded.clear()
+    pack.nodes["JodiJointGeneration"].execute(model, vae, aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64,
+                                              batch_size=2, tiled_decode=False, mask_class="person", **SAMPLING)
+    (step_models, step_need), (decode_models, decode_need) = pack.events.loaded
+    assert step_models == [model, vae]  # the stand-in host has previews on: the DC-AE decodes one map per step
+    assert decode_models == [vae]
+    pipe = sys.modules[pack.module.__name__ + ".jodi_core.pipeline"].JodiPipeline(model.model.module, vae.model.module)
+    plan = sys.modules[pack.module.__name__ + ".jodi_core.domains"].plan_roles(("generate",) * 8, 2)
+    step = pipe.memory_needs(2, plan, 64, 64, False, decode=False)[torch.device("cpu")]
+    assert step_need >= step and step_need < step + pipe._dcae_activations(1, 64, 64, False) + (1 << 20)
+    work = pipe.working_size(64, 64)
+    expected = run.decode_needs(vae, 2, plan, 64, 64, work, plan.generated, tiled=False)[torch.device("cpu")]
+    assert decode_need == expected
+
+
+def _big_latent(pack, size=1024):
+    """A latent of 8 decoded maps at ``size`` px for the stand-in autoencoder (x8: ``size / 8`` latent pixels)."""
+    return pack.payloads.LatentPayload(torch.zeros(1, 8, 4, size // 8, size // 8), torch.zeros(1, 8, dtype=torch.long),
+                                       size, size)
+
+
+def test_decode_goes_to_tiles_when_its_estimate_does_not_fit(pack, monkeypatch, caplog):
+    _, vae = _load(pack)
+    run, mm = _run_module(pack), sys.modules["comfy.model_management"]
+    ae, latent = vae.model.module, _big_latent(pack, 2048)
+    cpu = torch.device("cpu")
+
+    def need(tile):
+        return run.decode_needs(vae, 1, latent.roles, 2048, 2048, (2048, 2048), range(8), tile is not None,
+                                tile_size=tile)[cpu]
+
+    whole, tiles, half = need(None), need(1024), need(512)
+    assert whole > tiles > half  # smaller tiles, fewer activations at once
+    for free, expected in (((whole + tiles) // 2, 1024), ((tiles + half) // 2, 512)):
+        monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: free, raising=False)
+        ae.tiled_calls.clear(), ae.tile_sizes.clear()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            pack.nodes["JodiDecode"].execute(vae, latent, tiled_decode=False, mask_class="person")
+        assert ae.tiled_calls == [("decode", True)] * 8 and set(ae.tile_sizes) == {expected}
+        assert f"in {expected} px tiles" in caplog.text and "an untiled decode needs about" in caplog.text
+    # What fits nowhere is refused before it starts, naming what to change.
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 1 << 20, raising=False)
+    with pytest.raises(MemoryError, match="Not enough RAM"):
+        pack.nodes["JodiDecode"].execute(vae, latent, tiled_decode=False, mask_class="person")
+
+
+def test_decode_that_runs_out_of_memory_retries_in_tiles(pack, caplog):
+    _, vae = _load(pack)
+    ae = vae.model.module
+    ae.out_of_memory_untiled = True
+    with caplog.at_level("WARNING"):
+        outs = pack.nodes["JodiDecode"].execute(vae, _big_latent(pack, 256), tiled_decode=False,
+                                                mask_class="person").result
+    assert outs[0].shape == (1, 256, 256, 3)
+    assert ae.tiled_calls[:2] == [("decode", False), ("decode", True)]  # the first map failed, then tiles for all
+    assert all(t for _, t in ae.tiled_calls[1:]) and "ran out of memory decoding" in caplog.text
+
+
+def test_loaders_build_from_host_ops_and_load_like_core_models(pack, monkeypatch):
+    """Where jodi_core's loaders take ``operations``, the models are built from comfy.ops (picked as core's
+    UNETLoader picks them), wrapped in the host's CoreModelPatcher and loaded without force_full_load."""
+    picked, built = [], []
+    ops = types.SimpleNamespace(name="host ops")
+
+    def pick_operations(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False,
+                        fp8_optimizations=False, model_config=None):
+        picked.append((weight_dtype, compute_dtype, load_device, fp8_optimizations))
+        return ops
+
+    class CoreModelPatcher(sys.modules["comfy.model_patcher"].ModelPatcher):
+        pass
+
+    comfy_ops = types.ModuleType("comfy.ops")
+    comfy_ops.pick_operations = pick_operations
+    monkeypatch.setitem(sys.modules, "comfy.ops", comfy_ops)
+    monkeypatch.setattr(sys.modules["comfy"], "ops", comfy_ops, raising=False)
+    monkeypatch.setattr(sys.modules["comfy.model_patcher"], "CoreModelPatcher", CoreModelPatcher, raising=False)
+    loading = sys.modules[pack.module.__name__ + ".jodi_core.loading"]
+
+    def load_jodi(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
+        built.append(("dit", weight_dtype, operations))
+        return TinyDiT().to(device, dtype)
+
+    def load_dcae(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
+        built.append(("vae", operations))
+        return TinyAE().to(device, dtype)
+
+    monkeypatch.setattr(loading, "load_jodi", load_jodi)
+    monkeypatch.setattr(loading, "load_dcae", load_dcae)
+    model, vae = _load(pack)
+    assert built == [("dit", "default", ops), ("vae", ops)]
+    assert picked == [(torch.float32, torch.float32, torch.device("cpu"), False)] * 2  # compute == storage dtype
+    assert type(model) is CoreModelPatcher and model.model.host_ops and model.model.manual_cast_dtype is None
+    pack.events.full_loads.clear()
+    pack.nodes["JodiJointGeneration"].execute(model, vae, aspect=vocabulary.ASPECT_CUSTOM, width=64, height=64,
+                                              batch_size=1, tiled_decode=False, mask_class="person", **SAMPLING)
+    assert pack.events.full_loads == [False, False]  # ComfyUI may load them partially
+    # A workflow saved before weight_dtype existed loads with the default; a bad value is named.
+    assert pack.nodes["JodiModelLoader"].validate_inputs(ckpt_name="tiny.pth", weight_dtype="default") is True
+    assert "weight_dtype must be one of" in pack.nodes["JodiModelLoader"].validate_inputs(weight_dtype="int4")
+
+
+def test_fp8_weight_dtype_reaches_jodi_core(pack, monkeypatch):
+    loading = sys.modules[pack.module.__name__ + ".jodi_core.loading"]
+    seen = []
+
+    def load_jodi(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
+        seen.append((dtype, weight_dtype))
+        return TinyDiT().to(device, dtype)
+
+    monkeypatch.setattr(loading, "load_jodi", load_jodi)
+    from jodi_core import ops as core_ops
+
+    patcher = pack.nodes["JodiModelLoader"].execute("tiny.pth", "auto", "torch", "fp8_e5m2").result[0]
+    assert seen[-1] == (torch.float32, "fp8_e5m2")  # computed in the dtype choice, stored as weight_dtype says
+    assert patcher.model.manual_cast_dtype in (None, torch.float32)  # set where the host's ops cast on use
+    assert core_ops.storage_dtype("fp8_e5m2") == torch.float8_e5m2
+
+
+def test_weights_comfy_ops_cannot_cast_follow_a_partial_load(pack):
+    """After a partial load the parameters of modules with children, buffers and plain torch layers go to the load
+    device (jodi_core reads them directly); comfy.ops layers stay where the patcher put them (cast on use)."""
+    common = sys.modules[pack.module.__name__ + ".nodes.common"]
+    cast = nn.Linear(4, 4)
+    cast.comfy_cast_weights = True  # what comfy.ops layers carry
+    root = nn.Module()
+    root.cast, root.norm = cast, nn.LayerNorm(4)
+    root.table = nn.Parameter(torch.zeros(6, 4))
+    root.register_buffer("y", torch.zeros(3))
+    patcher = types.SimpleNamespace(model=types.SimpleNamespace(modules=root.modules, model_loaded_weight_memory=0))
+    common._loose_weights_to_device(patcher, "meta", 1000, False, True)  # a full load moved everything itself
+    assert root.table.device.type == "cpu"
+    common._loose_weights_to_device(patcher, "meta", 1000, False, False)
+    assert {n: p.device.type for n, p in root.named_parameters()} == {
+        "table": "meta", "cast.weight": "cpu", "cast.bias": "cpu", "norm.weight": "meta", "norm.bias": "meta"}
+    assert root.y.device.type == "meta"
+    assert patcher.model.model_loaded_weight_memory == (24 + 8 + 3) * 4
+    patcher.is_dynamic = lambda: True  # dynamic VRAM places them itself
+    root.table = nn.Parameter(torch.zeros(6, 4))
+    common._loose_weights_to_device(patcher, "meta", 1000, False, False)
+    assert root.table.device.type == "cpu"
 
 
 def test_shortcuts(pack):

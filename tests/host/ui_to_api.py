@@ -5,6 +5,7 @@ in comfyui_host.md §G, driven by the server's /object_info:
 - widget inputs (INT, FLOAT, STRING, BOOLEAN, COMBO, list types) take the next ``widgets_values`` item in input
   order; an input with ``control_after_generate`` consumes one extra item, an upload combo too;
 - a widget turned into a socket takes its link, but still consumes its ``widgets_values`` slot;
+- optional widgets at the end that a workflow saved before they existed lacks keep their defaults (left out);
 - muted nodes (mode 2) are dropped, bypassed nodes (mode 4) are wired through (first input of the same type),
   Reroute nodes are followed, PrimitiveNode values are pushed into their targets, Note/MarkdownNote are dropped.
 """
@@ -75,12 +76,15 @@ def convert(workflow: dict, object_info: dict) -> dict:
         order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
         values = node.get("widgets_values", [])
-        inputs, pos = {}, 0
+        optional = set(info["input_order"].get("optional", []))
+        inputs, pos, unsaved = {}, 0, []
         for name in order:
             spec = specs[name]
             widget = _is_widget(spec)
             if widget and not isinstance(values, dict):
                 value = values[pos] if pos < len(values) else None
+                if pos >= len(values):
+                    unsaved.append(name)
                 pos += 1 + _extra_values(spec)
             elif widget:
                 value = values.get(name)
@@ -91,7 +95,8 @@ def convert(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = src[1] if src[0] == "value" else [src[0], src[1]]
             elif widget and value is not None:
                 inputs[name] = value
-        if not isinstance(values, dict) and pos != len(values):
+        # A workflow saved before an optional widget was added lacks its value: the front end gives it its default.
+        if not isinstance(values, dict) and pos != len(values) and not (unsaved and set(unsaved) <= optional):
             raise ConversionError(
                 f"node {node_id} ({kind}): {len(values)} widget values for {pos} widget slots; the workflow does "
                 "not match this node's inputs (renamed, added or removed widget?)")

@@ -3,6 +3,10 @@
 * ``JodiTestSaveTensors``: an output node that writes whatever reaches it (a tensor, a dict of tensors, a
   CONDITIONING list, a dataclass such as the Jodi latent, ...) to ``<output>/jodi_probe/<name>.safetensors``
   so a test can compare numbers.
+* ``JodiTestLowVram``: clones of the Jodi / Janus model patchers whose loads get at most ``budget_mb`` MB, so
+  ComfyUI's own partial ("lowvram") load runs as on a GPU short of memory, on any device: layers beyond the budget
+  stay on the offload device and are cast on use. Its ui output is the size of each model, so a test can check
+  that the budget really is below it.
 * If ``JODI_TEST_GEMMA_CONFIG`` holds a JSON dict, the size defaults of ComfyUI's Gemma-2-2B text encoder are
   replaced by it. ComfyUI's ``CLIPLoader`` builds Gemma-2 with a fixed config, so this is what lets a tiny
   random-weight Gemma-2 go through the real loading and encoding code instead of a 2.6 B-parameter model.
@@ -70,9 +74,49 @@ class JodiTestSaveTensors(io.ComfyNode):
         return io.NodeOutput(ui={"text": [name, ",".join(sorted(tensors))]})
 
 
+def _with_budget(patcher, budget: int):
+    """A clone of ``patcher`` whose partial loads never hold more than ``budget`` bytes of weights."""
+    clone = patcher.clone()
+    partially_load = clone.partially_load
+
+    def limited(device_to, extra_memory=0, force_patch_weights=False):
+        room = max(0, budget - clone.model.model_loaded_weight_memory)
+        return partially_load(device_to, min(extra_memory, room), force_patch_weights=force_patch_weights)
+
+    clone.partially_load = limited
+    return clone
+
+
+_TYPES = (("model", "JODI_MODEL"), ("vae", "JODI_VAE"), ("janus", "JANUS_MODEL"))
+
+
+class JodiTestLowVram(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JodiTestLowVram",
+            category="testing",
+            inputs=[io.Custom(t).Input(n, optional=True) for n, t in _TYPES]
+            + [io.Float.Input("budget_mb", default=0.01, min=0.0, max=1e6)],
+            outputs=[io.Custom(t).Output(display_name=n) for n, t in _TYPES],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, budget_mb, model=None, vae=None, janus=None):
+        import comfy.model_management
+
+        patchers = [model, vae, janus]
+        # A clone shares its model's weights: were they loaded whole already, ComfyUI would keep them so.
+        comfy.model_management.unload_all_models()
+        sizes = [str(p.model_size()) if p is not None else "" for p in patchers]
+        out = [_with_budget(p, int(budget_mb * 2**20)) if p is not None else None for p in patchers]
+        return io.NodeOutput(*out, ui={"text": sizes})
+
+
 class _ProbeExtension(ComfyExtension):
     async def get_node_list(self):
-        return [JodiTestSaveTensors]
+        return [JodiTestSaveTensors, JodiTestLowVram]
 
 
 async def comfy_entrypoint():
