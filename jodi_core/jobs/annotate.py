@@ -723,7 +723,7 @@ class Annotator:
 
     def _decode(self, latents: torch.Tensor, domains, sizes) -> dict[str, list[torch.Tensor]]:
         """Decode each domain as one batch, then resize each sample to its own image size and post-process."""
-        from .ops import compute_dtype  # an fp8-stored VAE computes in its norms' dtype
+        from ..ops import compute_dtype  # an fp8-stored VAE computes in its norms' dtype
 
         vae, pipe = self.pipe.vae, self.pipe
         p = next(vae.parameters())
