@@ -112,9 +112,8 @@ class JodiSegClassMask(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, class_name=None):
-        if class_name is not None and class_name not in SEG12_CLASSES:
-            return f"class_name must be one of {', '.join(SEG12_CLASSES)}; got {class_name!r}."
-        return True
+        return vocabulary.validation([lambda: class_name is None or vocabulary.check_choice("class_name", class_name,
+                                                                                            SEG12_CLASSES)])
 
     @classmethod
     def execute(cls, segmentation, class_name="person") -> io.NodeOutput:
@@ -149,9 +148,7 @@ class JodiLatentSplit(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, domain=None):
-        if domain is not None and domain not in DOMAIN_NAMES:
-            return f"domain must be one of {', '.join(DOMAIN_NAMES)}; got {domain!r}."
-        return True
+        return vocabulary.validation([lambda: domain is None or vocabulary.check_choice("domain", domain, DOMAIN_NAMES)])
 
     @classmethod
     def execute(cls, jodi_latent, domain="image") -> io.NodeOutput:

@@ -544,16 +544,19 @@ class DCAE(nn.Module):
                 f"cast the input with .to({weight.dtype}) or the model with .to({t.dtype})."
             )
 
-    def _check_image(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"DC-AE encode expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}.")
-        if x.ndim != 4:
-            raise ValueError(f"DC-AE encode expects (B, C, H, W) images, got shape {tuple(x.shape)}.")
-        if x.shape[1] != self.config.in_channels:
+    def _check_input(self, t: torch.Tensor, op: str, layout: str, channels: int, unit: str) -> None:
+        """Type, rank and channel checks shared by encode (images) and decode (latents)."""
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"DC-AE {op} expects a floating-point tensor, got {getattr(t, 'dtype', type(t))}.")
+        if t.ndim != 4:
+            raise ValueError(f"DC-AE {op} expects {layout}, got shape {tuple(t.shape)}.")
+        if t.shape[1] != channels:
             raise ValueError(
-                f"DC-AE encode expects {self.config.in_channels}-channel images, got {x.shape[1]} channels "
-                f"(shape {tuple(x.shape)})."
+                f"DC-AE {op} expects {channels}{unit}, got {t.shape[1]} channels (shape {tuple(t.shape)})."
             )
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        self._check_input(x, "encode", "(B, C, H, W) images", self.config.in_channels, "-channel images")
         f = self.spatial_compression
         H, W = x.shape[-2:]
         if H % f or W % f or H == 0 or W == 0:
@@ -566,15 +569,7 @@ class DCAE(nn.Module):
             raise ValueError(f"DC-AE {op} got {what} with NaN or infinite values.")
 
     def _check_latent(self, z: torch.Tensor) -> None:
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"DC-AE decode expects a floating-point tensor, got {getattr(z, 'dtype', type(z))}.")
-        if z.ndim != 4:
-            raise ValueError(f"DC-AE decode expects (B, C, h, w) latents, got shape {tuple(z.shape)}.")
-        if z.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"DC-AE decode expects {self.config.latent_channels} latent channels, got {z.shape[1]} "
-                f"(shape {tuple(z.shape)})."
-            )
+        self._check_input(z, "decode", "(B, C, h, w) latents", self.config.latent_channels, " latent channels")
         if z.shape[-1] == 0 or z.shape[-2] == 0:
             raise ValueError(f"DC-AE decode got an empty latent of shape {tuple(z.shape)}.")
         self._check_dtype(z, "decode")

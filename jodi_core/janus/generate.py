@@ -195,26 +195,12 @@ def janus_understand_tokens(
     return rows_out
 
 
-def janus_understand(
-    model: JanusModel,
-    images,
-    questions: "str | Sequence[str]",
-    max_new_tokens: int = 512,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
-    callback: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    top_k: int = 50,
-) -> list[str]:
-    """Answer ``questions`` about ``images``; returns one string per row (special tokens removed)."""
-    rows = janus_understand_tokens(
-        model, images, questions, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, callback=callback, should_stop=should_stop,
-        top_k=top_k,
-    )  # fmt: skip
+def janus_understand(model: JanusModel, images, questions: "str | Sequence[str]", **options) -> list[str]:
+    """Answer ``questions`` about ``images``; returns one string per row (special tokens removed).
+
+    ``options`` are those of :func:`janus_understand_tokens` (max_new_tokens, sampling, seed, callback, should_stop).
+    """
+    rows = janus_understand_tokens(model, images, questions, **options)
     return [model.processor.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
