@@ -7,6 +7,7 @@ exists, then the peak (``ru_maxrss``) after the pipeline's post-processing of de
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,9 +58,15 @@ print(json.dumps({"extra": peak - base, "kept": kept, "map": image.numel() * ima
 """
 
 
+# glibc's dynamic mmap threshold lets freed temporaries of up to 32 MiB stay in per-thread heaps, so the peak RSS
+# then depends on the machine's thread count and history (CI once saw 87 bytes per pixel where a workstation saw 37).
+# A fixed threshold returns every large temporary at once: the peak is what the code holds, not what malloc keeps.
+_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+
+
 def measure(domains: list[int], side: int = SIDE, repo: Path = REPO) -> dict:
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(repo), str(side), json.dumps(domains)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **_ALLOCATOR})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
