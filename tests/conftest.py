@@ -47,3 +47,12 @@ def example_data_dir() -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the fixtures were made with one, and more threads change float32 sums by ~1e-5."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ from jodi_core.dcae.model import (
 from jodi_core.dcae.keys import KEY_RULES, detect_key_format, diffusers_to_original, original_to_diffusers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the fixtures were generated with one intra-op thread; more threads change float32 sums by ~1e-5
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

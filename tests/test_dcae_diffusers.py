@@ -59,12 +59,7 @@ def _tiny_diffusers(widths, enc_depths, dec_depths, head_dim, multiscales, seed=
     return model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

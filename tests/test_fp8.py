@@ -28,12 +28,7 @@ DIT_REL = {"fp8_e4m3fn": 0.06, "fp8_e5m2": 0.10}
 DCAE_REL = {"fp8_e4m3fn": 0.10, "fp8_e5m2": 0.20}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

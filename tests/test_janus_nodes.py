@@ -7,8 +7,6 @@ layout conversions, presets, batching and seeds are checked, not the model's qua
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
 import os
 import shutil
 import sys
@@ -20,7 +18,7 @@ import torch
 
 from janus_tiny import write_tiny_janus
 from jodi_core.janus import UNDERSTAND_CHUNK, janus_generate, janus_understand, load_janus
-from test_nodes_unit import REPO, _Events, _make_stubs
+from test_nodes_unit import _Events, install_pack, pack_nodes, unload_pack
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +43,10 @@ def pack(tmp_path, monkeypatch, tiny_folder):
     (janus_root / "not-a-model").mkdir()
     (janus_root / "not-a-model" / "readme.txt").write_text("x")
     events = _Events()
-    for name, mod in _make_stubs(models, events).items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    name = str(tmp_path / "custom_nodes" / "ComfyUI-Jodi")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    ext = asyncio.run(module.comfy_entrypoint())
-    nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
-    yield types.SimpleNamespace(nodes=nodes, events=events, root=janus_root,
+    name, module = install_pack(tmp_path, monkeypatch, models, events)
+    yield types.SimpleNamespace(nodes=pack_nodes(module), events=events, root=janus_root,
                                 mm=sys.modules["comfy.model_management"], janus=sys.modules[name + ".nodes.janus"])
-    for key in [k for k in sys.modules if k.startswith(name)]:
-        sys.modules.pop(key, None)
+    unload_pack(name)
 
 
 def _load(pack, name="Janus-Tiny", dtype="auto"):

@@ -348,6 +348,29 @@ class TinyAE(nn.Module):
         return torch.tanh(self.dec(z))
 
 
+def install_pack(tmp_path: Path, monkeypatch, models: Path, events: _Events) -> tuple[str, types.ModuleType]:
+    """Import the pack as ComfyUI does (a package named by its path) against stand-ins of ComfyUI's modules."""
+    for stub_name, stub in _make_stubs(models, events).items():
+        monkeypatch.setitem(sys.modules, stub_name, stub)
+    name = str(tmp_path / "custom_nodes" / "ComfyUI-Jodi")
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return name, module
+
+
+def pack_nodes(module: types.ModuleType) -> dict:
+    """node_id -> node class, from the pack's comfy_entrypoint."""
+    ext = asyncio.run(module.comfy_entrypoint())
+    return {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
+
+
+def unload_pack(name: str) -> None:
+    for key in [k for k in sys.modules if k.startswith(name)]:
+        sys.modules.pop(key, None)
+
+
 @pytest.fixture
 def pack(tmp_path, monkeypatch):
     """The pack loaded like ComfyUI loads it (module named by its path), against the stand-ins."""
@@ -356,13 +379,7 @@ def pack(tmp_path, monkeypatch):
     (tmp_path / "models" / "jodi" / "tiny.pth").write_bytes(b"x")
     (tmp_path / "models" / "vae" / "tiny-ae.safetensors").write_bytes(b"x")
     events = _Events()
-    for name, mod in _make_stubs(tmp_path / "models", events).items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    name = str(tmp_path / "custom_nodes" / "ComfyUI-Jodi")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
+    name, module = install_pack(tmp_path, monkeypatch, tmp_path / "models", events)
     loading = types.ModuleType(name + ".jodi_core.loading")
     loading.__dict__.update({k: v for k, v in vars(real_loading).items() if not k.startswith("__")})
     def load_jodi(path, dtype=None, device="cpu", attention_backend="auto", weight_dtype="default", operations=None):
@@ -376,13 +393,10 @@ def pack(tmp_path, monkeypatch):
 
     loading.load_dcae = load_dcae
     monkeypatch.setitem(sys.modules, loading.__name__, loading)
-    ext = asyncio.run(module.comfy_entrypoint())
-    nodes = {cls.define_schema().node_id: cls for cls in asyncio.run(ext.get_node_list())}
     payloads = sys.modules[name + ".nodes.payloads"]  # the pack's own copy: its classes are what the nodes accept
-    yield types.SimpleNamespace(module=module, nodes=nodes, events=events, models=tmp_path / "models",
+    yield types.SimpleNamespace(module=module, nodes=pack_nodes(module), events=events, models=tmp_path / "models",
                                 payloads=payloads)
-    for key in [k for k in sys.modules if k.startswith(name)]:
-        sys.modules.pop(key, None)
+    unload_pack(name)
 
 
 
