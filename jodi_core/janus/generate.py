@@ -269,25 +269,10 @@ def janus_generate_codes(
 
 
 @torch.inference_mode()
-def janus_generate(
-    model: JanusModel,
-    prompt: str,
-    cfg_weight: float = 5.0,
-    temperature: float = 1.0,
-    parallel_size: int = 1,
-    seed: int = 0,
-    callback: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """Generate ``parallel_size`` images for ``prompt``: (P, 3, S, S) float32 in [0, 1] (S = 384 for Janus)."""
-    codes = janus_generate_codes(
-        model,
-        prompt,
-        cfg_weight=cfg_weight,
-        temperature=temperature,
-        parallel_size=parallel_size,
-        seed=seed,
-        callback=callback,
-        should_stop=should_stop,
-    )
+def janus_generate(model: JanusModel, prompt: str, **options) -> torch.Tensor:
+    """Generate images for ``prompt``: (P, 3, S, S) float32 in [0, 1] (S = 384 for Janus).
+
+    ``options`` are those of :func:`janus_generate_codes` (cfg_weight, temperature, parallel_size = P, seed, ...).
+    """
+    codes = janus_generate_codes(model, prompt, **options)  # checks the model before its decoder is looked up
     return model.decode_image_codes(codes)
