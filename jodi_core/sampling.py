@@ -39,67 +39,60 @@ def flow_timesteps(steps: int, flow_shift: float = 3.0, device: "torch.device | 
     return shifted.flip(0).to(device)
 
 
-def _check_stop(should_stop: Optional[Callable[[], bool]]) -> None:
-    if should_stop is not None and should_stop():
-        raise Interrupted("Sampling was interrupted.")
+def _log_snr(t: torch.Tensor) -> torch.Tensor:
+    """lambda_t = log(alpha_t / sigma_t); +inf at t = 0."""
+    return torch.log1p(-t) - torch.log(t)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
-    velocity: VelocityFn,
-    x: torch.Tensor,
-    timesteps: torch.Tensor,
-    *,
-    callback: Optional[StepCallback] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> torch.Tensor:
-    """Multistep DPM-Solver++ of order 2, first order on the first and the last step (``lower_order_final``)."""
+def _integrate(update, velocity: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+               callback: Optional[StepCallback] = None,
+               should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """The one sampler loop: ``update(i, t, x, x0, x0_prev, v)`` gives ``x_{i+1}``; stop checks and progress here."""
     t = timesteps.to(device=x.device, dtype=torch.float32)
     steps = t.numel() - 1
-    lam = torch.log1p(-t) - torch.log(t)  # lambda_t = log(alpha_t / sigma_t); +inf at t = 0
     x0_prev = None
     for i in range(steps):
-        _check_stop(should_stop)
-        t_cur, t_next = t[i], t[i + 1]
-        x0 = x - t_cur * velocity(x, t_cur)
-        if t_next == 0:
-            # lambda = +inf: the update reduces to the data prediction itself.
-            x_next = x0
-        else:
-            h = lam[i + 1] - lam[i]
-            phi = torch.expm1(-h)
-            alpha_next = 1 - t_next
-            x_next = (t_next / t_cur) * x - alpha_next * phi * x0
-            if x0_prev is not None and i < steps - 1:
-                r = (lam[i] - lam[i - 1]) / h
-                x_next = x_next - 0.5 * alpha_next * phi * (x0 - x0_prev) / r
-        x0_prev = x0
-        x = x_next
-        if callback is not None:
-            callback(i, x0, x, steps)
-    return x
-
-
-@torch.no_grad()
-def sample_euler(
-    velocity: VelocityFn,
-    x: torch.Tensor,
-    timesteps: torch.Tensor,
-    *,
-    callback: Optional[StepCallback] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> torch.Tensor:
-    """Flow Euler: ``x_{i+1} = x_i + (t_{i+1} - t_i) v``."""
-    t = timesteps.to(device=x.device, dtype=torch.float32)
-    steps = t.numel() - 1
-    for i in range(steps):
-        _check_stop(should_stop)
+        if should_stop is not None and should_stop():
+            raise Interrupted("Sampling was interrupted.")
         v = velocity(x, t[i])
         x0 = x - t[i] * v
-        x = x + (t[i + 1] - t[i]) * v
+        x = update(i, t, x, x0, x0_prev, v)
+        x0_prev = x0
         if callback is not None:
             callback(i, x0, x, steps)
     return x
+
+
+def _dpmpp_2m_update(i, t, x, x0, x0_prev, v):
+    t_cur, t_next = t[i], t[i + 1]
+    if t_next == 0:
+        return x0  # lambda = +inf: the update reduces to the data prediction itself
+    h = _log_snr(t_next) - _log_snr(t_cur)
+    phi = torch.expm1(-h)
+    alpha_next = 1 - t_next
+    x_next = (t_next / t_cur) * x - alpha_next * phi * x0
+    if x0_prev is not None and i < t.numel() - 2:  # first order on the first and the last step
+        r = (_log_snr(t_cur) - _log_snr(t[i - 1])) / h
+        x_next = x_next - 0.5 * alpha_next * phi * (x0 - x0_prev) / r
+    return x_next
+
+
+def _euler_update(i, t, x, x0, x0_prev, v):
+    return x + (t[i + 1] - t[i]) * v
+
+
+def sample_dpmpp_2m(velocity: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, **hooks) -> torch.Tensor:
+    """Multistep DPM-Solver++ of order 2, first order on the first and the last step (``lower_order_final``).
+
+    ``hooks``: ``callback(step, x0_pred, x_next, total_steps)`` after each step, ``should_stop()`` before each.
+    """
+    return _integrate(_dpmpp_2m_update, velocity, x, timesteps, **hooks)
+
+
+def sample_euler(velocity: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, **hooks) -> torch.Tensor:
+    """Flow Euler: ``x_{i+1} = x_i + (t_{i+1} - t_i) v``; ``hooks`` as for :func:`sample_dpmpp_2m`."""
+    return _integrate(_euler_update, velocity, x, timesteps, **hooks)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
