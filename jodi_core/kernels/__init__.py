@@ -18,6 +18,8 @@ import importlib.util
 import logging
 import os
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,8 +55,6 @@ def triton_available() -> bool:
             return False
         if interpreter_enabled():
             return True
-        import torch
-
         return bool(torch.cuda.is_available())
     except Exception:  # never let a probe break the caller
         return False
@@ -71,6 +71,31 @@ def runs_here(*tensors) -> bool:
     """Whether the kernels can run on these tensors: Triton imports, and they are CUDA tensors (or the interpreter is
     on)."""
     return triton_available() and tensors_supported(*tensors)
+
+
+# The row kernels (layernorm_modulate, gate_residual): one program per token row of C channels, one modulation vector
+# per group of T rows, the whole row in one block.
+ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_ROW_CHANNELS = 16384
+
+
+def row_kernel_fits(x) -> bool:
+    """Whether a row kernel takes this dtype and width."""
+    return x.dtype in ROW_DTYPES and x.shape[-1] <= MAX_ROW_CHANNELS
+
+
+def row_launch(x, op: str) -> tuple[int, int, int, int, int]:
+    """``(groups, T, C, BLOCK_C, num_warps)`` of a row kernel over ``x (..., T, C)``; a clear error where it does not
+    fit."""
+    if not row_kernel_fits(x):
+        raise TypeError(f"{op} takes float16/bfloat16/float32 with C <= {MAX_ROW_CHANNELS}; got {x.dtype}, "
+                        f"C = {x.shape[-1]}.")
+    T, C = x.shape[-2], x.shape[-1]
+    groups = 1
+    for n in x.shape[:-2]:
+        groups *= n
+    block = 1 << max(C - 1, 0).bit_length()  # next power of two
+    return groups, T, C, block, 8 if block >= 2048 else 4
 
 
 def triton_kernels():

@@ -22,11 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..dit.attention import run_kernel
-from . import runs_here
+from . import row_kernel_fits, row_launch, runs_here
 
 _OP = "triton gate_residual"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_C = 16384
 
 
 def gate_residual_torch(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -43,11 +41,9 @@ def _grouped(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _kernel():
     # The kernel module imports Triton, so it is imported on first use. (No lru_cache: dynamo would warn on it.)
-    import triton
-
     from ._gate_residual_kernel import kernel
 
-    return triton, kernel
+    return kernel
 
 
 def gate_residual_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,18 +52,14 @@ def gate_residual_triton(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -
             f"gate_residual_triton needs x and y of one shape and gate of shape x.shape[:-2] + (1, C), one dtype; got "
             f"x {tuple(x.shape)}, gate {tuple(gate.shape)}, y {tuple(y.shape)}."
         )
-    if x.dtype not in _DTYPES or x.shape[-1] > _MAX_C:
-        raise TypeError(f"gate_residual_triton takes float16/bfloat16/float32 with C <= {_MAX_C}.")
-    triton, kernel = _kernel()
-    T, C = x.shape[-2], x.shape[-1]
+    groups, T, C, block, warps = row_launch(x, "gate_residual_triton")
+    kernel = _kernel()
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    groups = x.numel() // (T * C)
     gate = gate.reshape(groups, C).contiguous()  # (groups, C): small
-    block = triton.next_power_of_2(C)
-    kernel[(groups * T,)](x, gate, y, out, T, C, BLOCK_C=block, num_warps=8 if block >= 2048 else 4)
+    kernel[(groups * T,)](x, gate, y, out, T, C, BLOCK_C=block, num_warps=warps)
     return out
 
 
@@ -76,8 +68,7 @@ def gate_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch
     if (
         isinstance(x, torch.Tensor)
         and isinstance(y, torch.Tensor)
-        and x.dtype in _DTYPES
-        and x.shape[-1] <= _MAX_C
+        and row_kernel_fits(x)
         and _grouped(x, gate, y)
         and runs_here(x, y)
     ):

@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..dit.attention import run_kernel
-from . import runs_here
+from . import row_kernel_fits, row_launch, runs_here
 
 _OP = "triton layernorm_modulate"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_C = 16384
 
 
 def layernorm_modulate_torch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
@@ -50,11 +48,9 @@ def _grouped(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> bool:
 
 def _kernel():
     # The kernel module imports Triton, so it is imported on first use. (No lru_cache: dynamo would warn on it.)
-    import triton
-
     from ._layernorm_modulate_kernel import kernel
 
-    return triton, kernel
+    return kernel
 
 
 def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
@@ -63,19 +59,15 @@ def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch
             f"layernorm_modulate_triton needs shift/scale of shape x.shape[:-2] + (1, C); got x {tuple(x.shape)}, "
             f"shift {tuple(shift.shape)}, scale {tuple(scale.shape)}."
         )
-    if x.dtype not in _DTYPES or x.shape[-1] > _MAX_C:
-        raise TypeError(f"layernorm_modulate_triton takes float16/bfloat16/float32 with C <= {_MAX_C}.")
-    triton, kernel = _kernel()
-    T, C = x.shape[-2], x.shape[-1]
+    groups, T, C, block, warps = row_launch(x, "layernorm_modulate_triton")
+    kernel = _kernel()
     x = x.contiguous()
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    groups = x.numel() // (T * C)
     shift = shift.reshape(groups, C).contiguous()  # (groups, C): small
     scale = scale.reshape(groups, C).contiguous()
-    block = triton.next_power_of_2(C)
-    kernel[(groups * T,)](x, shift, scale, out, T, C, float(eps), BLOCK_C=block, num_warps=8 if block >= 2048 else 4)
+    kernel[(groups * T,)](x, shift, scale, out, T, C, float(eps), BLOCK_C=block, num_warps=warps)
     return out
 
 
@@ -83,8 +75,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     """LayerNorm + adaLN modulate on Triton where it runs and the layout fits, else in PyTorch."""
     if (
         isinstance(x, torch.Tensor)
-        and x.dtype in _DTYPES
-        and x.shape[-1] <= _MAX_C
+        and row_kernel_fits(x)
         and _grouped(x, shift, scale)
         and runs_here(x)
     ):
