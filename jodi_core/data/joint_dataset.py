@@ -38,6 +38,7 @@ from ..imaging import center_crop, load_rgb8, resize
 logger = logging.getLogger(__name__)
 
 _NEAREST_DOMAINS = frozenset({"segmentation"})
+_WARNED_KEYS: set = set()  # (dataset folder, caption_key) already warned about
 
 
 def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -178,10 +179,12 @@ class JointDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def _warn_missing_key(self) -> None:
-        """One warning for the records that lack ``caption_key`` (a plain string caption counts as having it)."""
+        """One warning (per dataset and key in a process: a run opens the dataset once per stage) for the records
+        that lack ``caption_key`` (a plain string caption counts as having it)."""
         missing = [r for r in self.records if not isinstance(r.get("caption"), str)
                    and not (isinstance(r.get("caption"), dict) and isinstance(r["caption"].get(self.caption_key), str))]
-        if missing:
+        if missing and (str(self.root.resolve()), self.caption_key) not in _WARNED_KEYS:
+            _WARNED_KEYS.add((str(self.root.resolve()), self.caption_key))
             logger.warning("%s: caption_key %r is missing from %d of %d records (e.g. %s); they use a caption picked "
                            "at random among their others, or an empty prompt when they have none.",
                            self.root / "metadata.jsonl", self.caption_key, len(missing), len(self.records),
