@@ -344,6 +344,18 @@ def test_captions_do_not_depend_on_batch_size_or_shards(janus_folder, images, tm
     assert captions[0] == captions[1] == captions[2] and len(captions[0]) == 3
 
 
+def test_torchrun_two_ranks_write_the_in_process_captions(janus_folder, images, tmp_path):
+    from test_annotate import tree
+    from test_annotate_scale import TORCHRUN, _cli, _run
+
+    reference = tmp_path / "reference"
+    run(images, reference, janus_folder, domains=["depth"])
+    out = tmp_path / "torchrun"
+    _run(TORCHRUN + ["-m", "jodi_core"] + _cli(images, out, 1) + [
+        "--domains", "depth", "--caption-model", str(janus_folder), "--caption-max-tokens", str(TOKENS)])
+    assert tree(out) == tree(reference)  # captions, maps and records: batches of one, seeds from the paths
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Where the models sit (one GPU): both stay, or they take turns
 # ---------------------------------------------------------------------------------------------------------------------
