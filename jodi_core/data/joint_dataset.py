@@ -181,8 +181,11 @@ class JointDataset(torch.utils.data.Dataset):
     def _warn_missing_key(self) -> None:
         """One warning (per dataset and key in a process: a run opens the dataset once per stage) for the records
         that lack ``caption_key`` (a plain string caption counts as having it)."""
-        missing = [r for r in self.records if not isinstance(r.get("caption"), str)
-                   and not (isinstance(r.get("caption"), dict) and isinstance(r["caption"].get(self.caption_key), str))]
+        def has_key(captions) -> bool:
+            return isinstance(captions, str) or (isinstance(captions, dict)
+                                                 and isinstance(captions.get(self.caption_key), str))
+
+        missing = [r for r in self.records if not has_key(r.get("caption"))]
         if missing and (str(self.root.resolve()), self.caption_key) not in _WARNED_KEYS:
             _WARNED_KEYS.add((str(self.root.resolve()), self.caption_key))
             logger.warning("%s: caption_key %r is missing from %d of %d records (e.g. %s); they use a caption picked "

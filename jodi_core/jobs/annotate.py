@@ -1262,8 +1262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also caption every image with this Janus / Janus-Pro model folder: each record gets "
                         "\"caption\": {\"<folder name>\": \"<text>\"} (captions of other models are kept)")
     p.add_argument("--caption-style", default=DEFAULT_STYLE, type=_style_arg, metavar="STYLE",
-                   help=f"brief (one sentence), detailed (default) or jodi-prompt (one paragraph for a "
-                        f"text-to-image prompt; also spelt \"for a Jodi prompt\"); the Janus Caption node's presets")
+                   help="brief (one sentence), detailed (default) or jodi-prompt (one paragraph for a "
+                        "text-to-image prompt; also spelt \"for a Jodi prompt\"); the Janus Caption node's presets")
     p.add_argument("--caption-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"longest caption in tokens (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--captions-only", action="store_true",
