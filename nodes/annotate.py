@@ -8,9 +8,11 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io
 
+from ..jodi_core.captioning import CAPTION_STYLES, DEFAULT_MAX_TOKENS, DEFAULT_STYLE
 from ..jodi_core.jobs.annotate import ROOTS_ENV, extra_roots, resolve_inside
 from ..jodi_core.domains import LABEL_NAMES, get_domain, perception_roles
 from . import common, vocabulary
+from .janus import MAX_NEW_TOKENS, JanusModelType
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -53,7 +55,8 @@ class JodiAnnotateFolder(io.ComfyNode):
                 "Labels every image in a folder (jpg, png, webp, recursively) with Jodi perception and writes a "
                 "dataset in the Joint-1.6M layout: image/, annotation_<domain>/ and metadata.jsonl, ready for "
                 "training. Unreadable images are listed in errors.jsonl. Interrupting keeps what is done; running "
-                "again resumes and skips finished images. The folders must lie inside ComfyUI's input and output "
+                "again resumes and skips finished images. With a Janus model connected, every image is captioned "
+                "too. The folders must lie inside ComfyUI's input and output "
                 f"directories (or a folder listed in {ROOTS_ENV} on the server)."
             ),
             inputs=[
@@ -73,6 +76,17 @@ class JodiAnnotateFolder(io.ComfyNode):
                              tooltip="Images per batch (images are batched by aspect bucket)."),
                 io.Int.Input("seed", default=0, min=0, max=2**62,
                              tooltip="Mixed into each image's seed, which is derived from its path."),
+                JanusModelType.Input(
+                    "caption_model", optional=True,
+                    tooltip="Optional Janus model from Janus Loader: every image is also captioned, and its record "
+                            "gets \"caption\": {\"<model folder name>\": \"<text>\"} (captions of other models "
+                            "are kept). Images that have a caption of this model are not captioned again."),
+                io.Combo.Input("caption_style", options=list(CAPTION_STYLES), default=DEFAULT_STYLE, optional=True,
+                               tooltip="Janus Caption's presets. brief: one sentence. detailed: a long description. "
+                                       "for a Jodi prompt: one paragraph for a text-to-image prompt."),
+                io.Int.Input("caption_max_tokens", default=DEFAULT_MAX_TOKENS, min=1, max=MAX_NEW_TOKENS,
+                             optional=True,
+                             tooltip="Upper limit on a caption's length in tokens (a token is about 3/4 of a word)."),
             ],
             outputs=[io.String.Output(display_name="summary",
                                       tooltip="Done, skipped and failed counts and the output folder.")],
@@ -84,13 +98,33 @@ class JodiAnnotateFolder(io.ComfyNode):
         return float("nan")  # the folders change outside the graph: run every time (finished images are skipped)
 
     @classmethod
+    def validate_inputs(cls, caption_style=None, caption_max_tokens=None):
+        return vocabulary.validation([
+            lambda: caption_style is None or vocabulary.check_choice("caption_style", caption_style, CAPTION_STYLES),
+            lambda: caption_max_tokens is None or vocabulary.check_number(
+                "caption_max_tokens", caption_max_tokens, 1, MAX_NEW_TOKENS, integer=True),
+        ])
+
+    @classmethod
     def execute(cls, model, vae, input_folder, output_folder, domains="all", steps=20, batch_size=4,
-                seed=0) -> io.NodeOutput:
+                seed=0, caption_model=None, caption_style=DEFAULT_STYLE,
+                caption_max_tokens=DEFAULT_MAX_TOKENS) -> io.NodeOutput:
         from ..jodi_core.jobs.annotate import AnnotateConfig, annotate
         from ..jodi_core.pipeline import JodiPipeline
 
         common.check_patcher(model, "model", "Load Jodi Model")
         common.check_patcher(vae, "vae", "Load Jodi DC-AE")
+        janus = None
+        if caption_model is not None:
+            from ..jodi_core.janus import JanusModel
+
+            common.check_patcher(caption_model, "caption_model", "Janus Loader")
+            janus = common.unwrap(caption_model)
+            if not isinstance(janus, JanusModel):
+                raise TypeError(f"caption_model must come from Janus Loader, got a {type(janus).__name__}.")
+            vocabulary.check_choice("caption_style", caption_style, CAPTION_STYLES)
+            caption_max_tokens = vocabulary.check_number("caption_max_tokens", caption_max_tokens, 1,
+                                                         MAX_NEW_TOKENS, integer=True)
         src = _folder(input_folder, "input_folder", "get_input_directory")
         if not src.is_dir():
             raise FileNotFoundError(f"input_folder {src} is not a folder.")
@@ -101,18 +135,45 @@ class JodiAnnotateFolder(io.ComfyNode):
             batch_size=vocabulary.check_number("batch_size", batch_size, 1, MAX_BATCH, integer=True),
             seed=vocabulary.check_number("seed", seed, 0, 2**62, integer=True), progress=False,
         )
+        if janus is not None:
+            cfg.caption_name = janus.folder_name or "Janus"
+            cfg.caption_style, cfg.caption_max_tokens = caption_style, caption_max_tokens
         pipe = JodiPipeline(common.unwrap(model), common.unwrap(vae))
         size = pipe.base_size  # the resolution annotate buckets to
         need = pipe.working_memory(cfg.batch_size, perception_roles(cfg.domains), size, size, use_cfg=False)
-        common.load_for_run(model, vae, need)
+        placement = None
+        if janus is None:
+            common.load_for_run(model, vae, need)
+        else:  # captions and maps take turns at asking for their models
+            placement = _ComfyPlacement(model, vae, need, caption_model, cfg)
 
         def should_stop() -> bool:
             common.interrupt_check()  # raises ComfyUI's interrupt; finished images stay recorded
             return False
 
-        summary = annotate(cfg, models=(common.unwrap(model), common.unwrap(vae)), should_stop=should_stop,
-                           on_progress=common.Progress(interruptible=False))
+        summary = annotate(cfg, models=(common.unwrap(model), common.unwrap(vae)), janus=janus, placement=placement,
+                           should_stop=should_stop, on_progress=common.Progress(interruptible=False))
         return io.NodeOutput(f"{summary} -> {out}")
+
+
+class _ComfyPlacement:
+    """The caption and map phases ask ComfyUI's model management for their models: it keeps both loaded when they
+    fit and offloads the idle one when they do not (as between any two nodes)."""
+
+    def __init__(self, model, vae, maps_need: int, janus_patcher, cfg):
+        self.model, self.vae, self.maps_need = model, vae, maps_need
+        self.janus_patcher, self.cfg = janus_patcher, cfg
+
+    def captions(self) -> None:
+        from ..jodi_core.captioning import CAPTION_PRESETS
+        from .janus import _ready
+
+        question = CAPTION_PRESETS[self.cfg.caption_style][0]
+        _ready(self.janus_patcher, lambda m: m.kv_cache_bytes(
+            1, m.prompt_length(question, 1) + self.cfg.caption_max_tokens))
+
+    def maps(self) -> None:
+        common.load_for_run(self.model, self.vae, self.maps_need)
 
 
 NODES = [JodiAnnotateFolder]

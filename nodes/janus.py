@@ -9,12 +9,12 @@ is offloaded when ComfyUI needs the room and is dropped by 'Free model and node 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..jodi_core.captioning import CAPTION_PRESETS, one_line as _one_line
 from . import common, layouts, vocabulary
 from .loaders import weight_dtype_input
 
@@ -27,18 +27,6 @@ _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json")  # a change to one of t
 MAX_NEW_TOKENS = 4096
 MAX_PARALLEL = 16  # the reference's parallel_size
 MAX_CFG = 50.0
-
-# Caption presets: (question, whether the answer is folded into one line). The "Jodi prompt" wording asks for what
-# a text-to-image caption holds (subjects, setting, light, style) and nothing else, so it can go to Jodi Text Encode.
-CAPTION_PRESETS: dict[str, tuple[str, bool]] = {
-    "brief": ("Describe this image in one sentence.", True),
-    "detailed": ("Describe this image in detail.", False),
-    "for a Jodi prompt": (
-        "Describe this image as a prompt for a text-to-image model, in one paragraph: the main subjects and their "
-        "appearance, the setting, the lighting, the colours and the style. Reply with the description only.",
-        True,
-    ),
-}
 
 _DTYPE_TIP = (
     "Weight and compute precision. auto: bf16 where the GPU supports it (Janus was trained in bf16), fp16 on older "
@@ -153,10 +141,6 @@ def _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty, seed
 def _image_rows(image, what: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) -> (B, 3, H, W) in [0, 1] on the CPU (the processor resizes on the CPU)."""
     return layouts.image_to_bchw(image, what).cpu()
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().strip('"').strip()
 
 
 def _understand(model_patcher, images, questions, *, max_new_tokens: int, **sampling) -> list[str]:

@@ -157,3 +157,49 @@ def test_symlinked_files_out_of_the_input_folder_are_skipped(pack, comfy_dirs, t
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert [e["image"] for e in errors] == ["image/outside.png"] and "outside the input folder" in errors[0]["error"]
     assert "outside the input folder" in caplog.text  # logged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions with a Janus model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_annotate_folder_node_captions_with_a_janus_model(pack, comfy_dirs):  # noqa: F811
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from janus_tiny import write_tiny_janus
+
+    write_tiny_janus(pack.models / "Janus-Pro" / "Janus-Tiny", layout="original", seed=0)
+    janus = pack.nodes["JanusLoader"].execute("Janus-Tiny", "auto").result[0]
+    node = pack.nodes["JodiAnnotateFolder"]
+    model, vae = _models(pack)
+    src, out = comfy_dirs["input"] / "in", comfy_dirs["output"] / "out"
+    _write_image(src / "a.png")
+    _write_image(src / "b.png", (20, 160, 40))
+    pack.events.loaded.clear()
+    summary = node.execute(model, vae, str(src), str(out), "depth", 2, 1, 0, janus, "brief", 5).result[0]
+    assert "2 done, 0 skipped, 0 failed" in summary and "2 captioned" in summary
+    recs = {r["image"]: r for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    for name in ("a.png", "b.png"):  # the Janus Caption node's caption of the same picture, under the folder name
+        with Image.open(src / name) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255)[None]
+        caption = pack.nodes["JanusCaption"].execute(janus, image, "brief", 5).result[0][0]
+        assert recs[f"image/{name}"]["caption"] == {"Janus-Tiny": caption}
+        assert (out / recs[f"image/{name}"]["annotation_depth"]).is_file()
+    # ComfyUI was asked for Janus (with room for a caption's KV cache) before captions, for Jodi before maps.
+    loads = [(patchers, need) for patchers, need in pack.events.loaded]
+    assert loads[0][0] == [janus] and loads[0][1] > 0 and [model, vae] in [p for p, _ in loads]
+    # Everything is done: nothing is captioned or labelled again; without a Janus model nothing changes.
+    assert "0 done, 2 skipped" in node.execute(model, vae, str(src), str(out), "depth", 2, 1, 0, janus).result[0]
+    assert "0 done, 2 skipped" in node.execute(model, vae, str(src), str(out), "depth", 2, 1, 0).result[0]
+    # Inputs: checked like the Janus Caption node's; optional, so workflows saved without them still run.
+    inputs = {i.id: i for i in node.define_schema().inputs}
+    assert all(inputs[k].kwargs.get("optional") for k in ("caption_model", "caption_style", "caption_max_tokens"))
+    assert inputs["caption_style"].kwargs["default"] == "detailed"
+    assert "caption_style must be one of" in node.validate_inputs(caption_style="poem")
+    assert "caption_max_tokens" in node.validate_inputs(caption_max_tokens=0)
+    assert node.validate_inputs(caption_style="for a Jodi prompt", caption_max_tokens=64) is True
+    with pytest.raises(TypeError, match="Janus Loader"):
+        node.execute(model, vae, str(src), str(out), "depth", 2, 1, 0, model)

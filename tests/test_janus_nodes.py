@@ -159,6 +159,21 @@ def test_caption_presets_differ_and_fold_to_one_line(pack, reference):
         node.execute(patcher, image, "verbose", 8)
 
 
+def test_caption_presets_come_from_jodi_core_and_match_the_captioner(pack, reference):
+    """One set of presets (jodi_core.captioning), shared with the folder annotator, whose Captioner gives the node's
+    caption for the same picture."""
+    from jodi_core.captioning import CAPTION_PRESETS, Captioner
+
+    assert pack.janus.CAPTION_PRESETS == CAPTION_PRESETS
+    assert CAPTION_PRESETS["brief"][0] not in Path(pack.janus.__file__).read_text()  # imported, not defined again
+    patcher = _load(pack)
+    image = _image(batch=2, seed=6)
+    for style in CAPTION_PRESETS:
+        captions = pack.nodes["JanusCaption"].execute(patcher, image, style, 10).result[0]
+        assert captions == [Captioner(reference, style, 10).caption(image[i].permute(2, 0, 1), f"k{i}")
+                            for i in range(2)], style
+
+
 def test_caption_batches_in_chunks_like_single_images(pack, reference):
     patcher = _load(pack)
     n = UNDERSTAND_CHUNK + 1

@@ -38,6 +38,7 @@ from ..imaging import center_crop, load_rgb8, resize
 logger = logging.getLogger(__name__)
 
 _NEAREST_DOMAINS = frozenset({"segmentation"})
+_WARNED_KEYS: set = set()  # (dataset folder, caption_key) already warned about
 
 
 def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -132,13 +133,18 @@ class JointDataset(torch.utils.data.Dataset):
 
         pixels     (8, 3, H, W) float in [-1, 1], domains in the official order, zeros where missing
         available  (8,) bool
-        caption    str, one captioner's text (chosen by ``caption_weights``; '' when the record has none)
+        caption    str, one captioner's text (chosen by ``caption_key`` or ``caption_weights``; '' when the
+                   record has none)
         captions   dict captioner -> text
         index      int
 
-    ``domains`` restricts which labels are read (the others are reported missing). ``caption_weights`` maps
-    captioner names to sampling weights (unlisted captioners get weight 0 when any are listed); the choice is
-    deterministic per ``(seed, epoch, index)``; call :meth:`set_epoch` to vary it between epochs.
+    ``domains`` restricts which labels are read (the others are reported missing). ``caption_key`` picks that
+    captioner's caption (``python -m jodi_core annotate --caption-model`` writes them under the model folder's name);
+    a record without it (one warning for the dataset) falls back to a random choice among its captions. Otherwise
+    ``caption_weights`` maps captioner names to sampling weights (unlisted captioners get weight 0 when any are
+    listed), or every captioner is equally likely, as in the reference training. A plain string ``caption`` is
+    always that string. The choice is deterministic per ``(seed, epoch, index)``: index the dataset with
+    ``(index, epoch)`` (what the trainer's sampler does) or call :meth:`set_epoch` to vary it between epochs.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class JointDataset(torch.utils.data.Dataset):
         *,
         domains: Optional[Sequence[str]] = None,
         caption_weights: Optional[Mapping[str, float]] = None,
+        caption_key: Optional[str] = None,
         seed: int = 0,
     ):
         self.root = Path(root)
@@ -163,8 +170,28 @@ class JointDataset(torch.utils.data.Dataset):
         self.caption_weights = dict(caption_weights) if caption_weights else None
         if self.caption_weights and any(w < 0 for w in self.caption_weights.values()):
             raise ValueError(f"caption_weights must be non-negative, got {self.caption_weights}.")
+        if caption_key is not None and (not isinstance(caption_key, str) or not caption_key):
+            raise ValueError(f"caption_key must be a captioner name (a non-empty string), got {caption_key!r}.")
+        self.caption_key = caption_key
+        if caption_key is not None:
+            self._warn_missing_key()
         self.seed = seed
         self.epoch = 0
+
+    def _warn_missing_key(self) -> None:
+        """One warning (per dataset and key in a process: a run opens the dataset once per stage) for the records
+        that lack ``caption_key`` (a plain string caption counts as having it)."""
+        def has_key(captions) -> bool:
+            return isinstance(captions, str) or (isinstance(captions, dict)
+                                                 and isinstance(captions.get(self.caption_key), str))
+
+        missing = [r for r in self.records if not has_key(r.get("caption"))]
+        if missing and (str(self.root.resolve()), self.caption_key) not in _WARNED_KEYS:
+            _WARNED_KEYS.add((str(self.root.resolve()), self.caption_key))
+            logger.warning("%s: caption_key %r is missing from %d of %d records (e.g. %s); they use a caption picked "
+                           "at random among their others, or an empty prompt when they have none.",
+                           self.root / "metadata.jsonl", self.caption_key, len(missing), len(self.records),
+                           missing[0]["image"])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -186,11 +213,13 @@ class JointDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.root / 'metadata.jsonl'} refers to a missing file: {path}")
         return path
 
-    def choose_caption(self, captions, index: int) -> str:
+    def choose_caption(self, captions, index: int, epoch: Optional[int] = None) -> str:
         if isinstance(captions, str):
             return captions
         if not isinstance(captions, dict) or not captions:
             return ""
+        if self.caption_key is not None and isinstance(captions.get(self.caption_key), str):
+            return captions[self.caption_key]
         names = sorted(k for k, v in captions.items() if isinstance(v, str))
         if not names:
             return ""
@@ -200,10 +229,14 @@ class JointDataset(torch.utils.data.Dataset):
                 weights = np.ones(len(names))
         else:
             weights = np.ones(len(names))
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), index])
         return captions[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: "int | tuple[int, int]") -> dict:
+        """Item ``index``; ``(index, epoch)``: with the caption drawn for that epoch."""
+        epoch = None
+        if isinstance(index, (tuple, list)):
+            index, epoch = index
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)}")
         index = index % len(self)
@@ -218,7 +251,7 @@ class JointDataset(torch.utils.data.Dataset):
         return {
             "pixels": pixels,
             "available": available,
-            "caption": self.choose_caption(captions, index),
+            "caption": self.choose_caption(captions, index, epoch),
             "captions": captions if isinstance(captions, dict) else {"caption": captions},
             "index": index,
         }

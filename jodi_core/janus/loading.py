@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def load_janus(
     model.processor = JanusProcessor(
         tokenizer, image_cfg, cfg.vision.num_patches, roles=roles or _default_roles(folder)
     )
+    model.folder_name = Path(os.path.abspath(folder)).name  # names its captions in a dataset (jodi_core.captioning)
     log.info(
         "Loaded Janus (%s layout) from %s: LM %d layers x %d, dtype %s, weights %s.",
         layout, folder, cfg.language.num_layers, cfg.language.hidden_size, dtype, weight_dtype,

@@ -46,6 +46,7 @@ class JanusModel(nn.Module):
         self.gen_embed = operations.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_dim, dtype=dtype, device=device)
         # Set by load_janus: the text tokenizer / prompt formatter and the image preprocessor.
         self.processor = None
+        self.folder_name = None  # the model folder's name, set by load_janus
         # How decode steps run (decode.py): "auto" replays a CUDA graph on CUDA and runs eagerly elsewhere;
         # "eager", "static" (fixed-shape steps without a graph) and "graph" force one way.
         self.decode_mode = "auto"

@@ -29,6 +29,14 @@ changed since (size, mtime, then SHA-256: ``source_fingerprint``). The part file
 at the end (idempotently: records are keyed by image path). An OUTPUT that cannot be written (read-only, full) stops
 the run with an :class:`OutputError` that names the folder and the cause; what is finished stays recorded.
 
+With ``--caption-model JANUS_FOLDER`` every image is also captioned by Janus (jodi_core.captioning: the Janus Caption
+node's presets, greedy decoding, one image per call, so a caption does not depend on the batch or the shard); the
+record gets ``"caption": {"<folder name>": "<text>"}`` beside the captions of other models already there. An image
+whose caption under that name exists is done for captions; ``--captions-only`` fills in captions alone, without
+loading Jodi. A window of images is captioned first (each caption recorded at once), then labelled; a caption that
+fails goes to ``errors.jsonl`` (with ``caption_model``) and the image's maps are written all the same. On one GPU the
+two models stay loaded together when they fit, else take turns (:class:`ModelPlacement`).
+
 With several workers (torchrun ranks on several nodes, Ray workers on a cluster) OUTPUT must be one shared folder:
 every worker writes its own files and part file there.
 """
@@ -57,6 +65,7 @@ import torch
 
 from .. import imaging
 from ..atomic import copy_atomic, write_atomic
+from ..captioning import DEFAULT_MAX_TOKENS, DEFAULT_STYLE, CaptionStopped, caption_style
 from ..data.joint_dataset import RootGuard, is_inside
 from ..domains import DOMAINS, LABEL_NAMES, get_domain, perception_roles
 from ..sampling import Interrupted
@@ -161,6 +170,17 @@ class AnnotateConfig:
     stop_after: Optional[int] = None  # stop (without merging) once this many images are done, per rank or Ray worker
     progress: bool = True
     threads: Optional[int] = None  # torch CPU threads per process
+    # Captions by Janus: each record gets "caption": {caption_name: text}, other captioners' entries are kept.
+    caption_model: Optional[str] = None  # a Janus / Janus-Pro model folder
+    caption_name: Optional[str] = None  # the key under "caption"; None: the caption model folder's name
+    caption_style: str = DEFAULT_STYLE  # a jodi_core.captioning preset (or alias, e.g. "jodi-prompt")
+    caption_max_tokens: int = DEFAULT_MAX_TOKENS
+    captions_only: bool = False  # fill in captions only: no Jodi model is loaded, the maps are left as they are
+
+    @property
+    def captions(self) -> bool:
+        """Whether this run writes captions."""
+        return bool(self.caption_name or self.caption_model)
 
     def validate(self) -> "AnnotateConfig":
         self.domains = tuple(dict.fromkeys(get_domain(d).name for d in self.domains))
@@ -182,7 +202,30 @@ class AnnotateConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality!r}.")
         if (self.dit is None) != (self.vae is None):
             raise ValueError("Give both --dit and --vae, or neither (the embedded demo model).")
+        self._validate_captions()
         return self
+
+    def _validate_captions(self) -> None:
+        from ..captioning import caption_name, check_janus_folder
+
+        self.caption_style = caption_style(self.caption_style)
+        v = self.caption_max_tokens
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+            raise ValueError(f"caption_max_tokens must be a positive integer, got {v!r}.")
+        self.caption_max_tokens = int(v)
+        if self.caption_model is not None:
+            if not isinstance(self.caption_model, (str, os.PathLike)) or not str(self.caption_model).strip():
+                raise ValueError(f"caption_model must be a Janus model folder, got {self.caption_model!r}.")
+            folder = check_janus_folder(self.caption_model, "--caption-model")
+            if folder == Path(os.path.realpath(self.output)) or is_inside(folder, self.output):
+                raise ValueError(f"--caption-model {self.caption_model!r} lies inside the output folder "
+                                 f"{self.output}; keep models outside the dataset.")
+            self.caption_model = str(self.caption_model)
+            self.caption_name = self.caption_name or caption_name(self.caption_model)
+        if self.caption_name is not None and (not isinstance(self.caption_name, str) or not self.caption_name.strip()):
+            raise ValueError(f"caption_name must be a non-empty string, got {self.caption_name!r}.")
+        if self.captions_only and not self.captions:
+            raise ValueError("--captions-only needs a caption model (--caption-model JANUS_FOLDER).")
 
 
 @dataclass
@@ -192,12 +235,16 @@ class AnnotateSummary:
     failed: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    captioned: int = 0  # captions written
+    captions_failed: int = 0  # captions that failed (in errors.jsonl; the image's maps were still written)
 
     def __str__(self) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         tail = " (stopped early; run again to finish)" if self.stopped else ""
+        captions = (f"; {self.captioned} captioned, {self.captions_failed} captions failed"
+                    if self.captioned or self.captions_failed else "")
         return (f"annotate: {self.done} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f} s "
-                f"({rate:.2f} images/s){tail}")
+                f"({rate:.2f} images/s){captions}{tail}")
 
 
 @dataclass
@@ -211,15 +258,18 @@ class WorkItem:
     copies: list = field(default_factory=list)  # (source file, output-relative path) to copy into the output
     error: str = ""  # refused when planned (a path outside its folder): recorded in errors.jsonl, nothing read
     fingerprint: Optional[dict] = None  # of the source as read (set when it is read)
+    caption: bool = False  # needs a caption from the run's caption model
 
     def to_row(self) -> dict:
         return {"key": self.key, "source": self.source, "record": json.dumps(self.record),
-                "domains": list(self.domains), "copies": json.dumps(self.copies), "error": self.error}
+                "domains": list(self.domains), "copies": json.dumps(self.copies), "error": self.error,
+                "caption": bool(self.caption)}
 
     @classmethod
     def from_row(cls, row) -> "WorkItem":
         return cls(str(row["key"]), str(row["source"]), json.loads(row["record"]), tuple(row["domains"]),
-                   [tuple(c) for c in json.loads(row["copies"])], str(row["error"]))
+                   [tuple(c) for c in json.loads(row["copies"])], str(row["error"]),
+                   caption=bool(row["caption"]) if "caption" in row else False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,6 +291,23 @@ def image_seed(key: str, seed: int = 0) -> int:
     """A stable 63-bit seed from the image's output path (independent of the process, batch and shard)."""
     digest = hashlib.sha256(f"{int(seed)}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def has_caption(record: dict, name: Optional[str]) -> bool:
+    """Whether the record holds a caption under ``name`` (its ``caption`` is a dict of captioner -> text)."""
+    captions = record.get("caption")
+    return bool(name) and isinstance(captions, dict) and isinstance(captions.get(name), str)
+
+
+def with_caption(record: dict, name: str, text: str) -> dict:
+    """The record with ``caption[name] = text``; other captioners' captions are kept (a plain string caption, as
+    some datasets have, is kept under ``"original"``)."""
+    captions = record.get("caption")
+    if isinstance(captions, str):
+        captions = {"original": captions}
+    elif not isinstance(captions, dict):
+        captions = {}
+    return {**record, "caption": {**captions, name: text}}
 
 
 def _has_label(record: dict, domain: str, root: Path) -> bool:
@@ -416,14 +483,23 @@ def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[
         if refusal:
             items.append(WorkItem(key, str(path), record, (), [], error=refusal))
             continue
-        if source_changed(record, path):  # every map of the old source is stale: make them all again
+        # Captions-only runs do not look at source changes: they leave the maps (and the fingerprint) to a run
+        # that makes maps, which then makes the caption again too.
+        changed = not cfg.captions_only and source_changed(record, path)
+        caption = cfg.captions and (changed or not has_caption(record, cfg.caption_name))
+        if cfg.captions_only:
+            todo, recopy = (), False
+            if not caption and (out / key).is_file():
+                complete += 1
+                continue
+        elif changed:  # every map of the old source is stale: make them all again
             named = [d.name for d in DOMAINS[1:] if isinstance(record.get(d.metadata_key), str)]
             todo = tuple(cfg.domains) + tuple(n for n in named if n not in cfg.domains)
             recopy = Path(path).resolve() != (out / key).resolve()
         else:
             todo = tuple(d for d in cfg.domains if not _has_label(record, d, record_root))
             recopy = False
-            if not todo and (out / key).is_file():
+            if not todo and not caption and (out / key).is_file():
                 complete += 1
                 continue
         copies = []
@@ -434,7 +510,7 @@ def plan_work(cfg: AnnotateConfig, rank: int = 0, world: int = 1) -> tuple[list[
                     copies.append((str(Path(record_root) / record[d.metadata_key]), record[d.metadata_key]))
         elif recopy or not (out / key).is_file():
             copies.append((str(path), key))
-        items.append(WorkItem(key, str(path), record, todo, copies))
+        items.append(WorkItem(key, str(path), record, todo, copies, caption=caption))
     items.sort(key=lambda it: it.key)
     return items, complete
 
@@ -490,8 +566,15 @@ class PartWriter:
     def done(self, record: dict) -> None:
         self._append(self.part, record)
 
-    def failed(self, key: str, source: str, reason: str) -> None:
-        self._append(self.errors, {"image": key, "source": source, "error": reason})
+    def failed(self, key: str, source: str, reason: str, **extra) -> None:
+        self._append(self.errors, {"image": key, "source": source, "error": reason, **extra})
+
+
+def _clears(error: dict, record: dict) -> bool:
+    """Whether a record written after an error resolves it: a caption error (``caption_model`` set) only by a record
+    with that caption; any other error by any record."""
+    name = error.get("caption_model")
+    return name is None or has_caption(record, name)
 
 
 def _rewrite_jsonl(path: Path, records: dict[str, dict], keys: Sequence[str]) -> None:
@@ -540,8 +623,8 @@ def merge_outputs(out: "str | Path", order: Optional[Sequence[str]] = None) -> i
     for name in launches:
         errors.update({e["image"]: e for e in _read_jsonl(state / f"errors-{name}") if _is_record(e)})
         for r in _read_jsonl(state / f"part-{name}"):
-            if _is_record(r):
-                errors.pop(r["image"], None)
+            if _is_record(r) and r["image"] in errors and _clears(errors[r["image"]], r):
+                errors.pop(r["image"])
     if errors or (out / "errors.jsonl").exists():
         _rewrite_jsonl(out / "errors.jsonl", errors, sorted(errors))
     # Everything is in the merged files now; the parts are redundant.
@@ -573,6 +656,80 @@ def load_models(cfg: AnnotateConfig, device: torch.device):
 
     return (load_jodi(cfg.dit, dtype=dtype, device=device).eval(),
             load_dcae(cfg.vae, dtype=dtype, device=device).eval())
+
+
+def load_caption_model(cfg: AnnotateConfig, device: torch.device):
+    """The Janus model of ``--caption-model`` on the CPU, in the run's dtype for ``device`` (ModelPlacement moves
+    it)."""
+    from ..janus import load_janus
+
+    return load_janus(cfg.caption_model, dtype=resolve_dtype(cfg.dtype, device), device="cpu")
+
+
+def weight_bytes(*modules) -> int:
+    """Bytes of the modules' parameters and buffers."""
+    return sum(t.numel() * t.element_size() for m in modules if m is not None
+               for t in [*m.parameters(), *m.buffers()])
+
+
+class ModelPlacement:
+    """Where the Jodi models (DiT and DC-AE) and Janus sit during a run's caption and map phases on one device (the
+    command line and torchrun; the ComfyUI node leaves this to ComfyUI's model management). Decided once, logged:
+
+    - on a device other than CUDA (the CPU), every model stays on it;
+    - with one of the two only (no captions, or ``captions_only``), it stays on the device;
+    - with both on CUDA, both stay on the device when its free memory, with the Jodi models loaded, holds Janus's
+      weights plus ``margin`` (the larger working memory of the two phases); otherwise they take turns: Janus waits
+      on the CPU while maps are made, the Jodi models while captions are written.
+    """
+
+    def __init__(self, device: torch.device, jodi: Sequence, janus, margin: int = 0):
+        from ..memory import available_memory, format_bytes
+
+        self.device = torch.device(device)
+        self.jodi = [m for m in jodi if m is not None]
+        self.janus = janus
+        self.turns = False
+        self.on_device = "jodi"
+        if janus is None:
+            return
+        if self.device.type != "cuda" or not self.jodi:
+            janus.to(self.device)
+            self.on_device = "both"
+            why = "captions only" if not self.jodi else f"{self.device.type}: nothing to move"
+            log.info("annotate: %s on %s (%s)", "Janus" if not self.jodi else "Jodi and Janus", self.device, why)
+            return
+        need = weight_bytes(janus) + int(margin)
+        free = available_memory(self.device)
+        if free is None or free >= need:
+            janus.to(self.device)
+            self.on_device = "both"
+            log.info("annotate: Jodi and Janus both stay on %s (%s free with Jodi loaded >= Janus %s + working "
+                     "memory %s)", self.device, "?" if free is None else format_bytes(free),
+                     format_bytes(weight_bytes(janus)), format_bytes(margin))
+        else:
+            self.turns = True
+            log.info("annotate: Jodi and Janus take turns on %s (%s free with Jodi loaded < Janus %s + working "
+                     "memory %s): the idle one waits on the CPU between the caption and map phases", self.device,
+                     format_bytes(free), format_bytes(weight_bytes(janus)), format_bytes(margin))
+
+    def _swap(self, to_cpu: Sequence, to_device: Sequence, name: str) -> None:
+        if not self.turns or self.on_device == name:
+            return
+        for m in to_cpu:
+            m.to("cpu")
+        torch.cuda.empty_cache()
+        for m in to_device:
+            m.to(self.device)
+        self.on_device = name
+
+    def captions(self) -> None:
+        """Before captions: Janus on the device."""
+        self._swap(self.jodi, [self.janus], "janus")
+
+    def maps(self) -> None:
+        """Before maps: the Jodi models on the device."""
+        self._swap([self.janus], self.jodi, "jodi")
 
 
 def read_image(path: "str | Path") -> torch.Tensor:
@@ -612,7 +769,7 @@ class Annotator:
     MAX_PENDING_BATCHES = 2  # bounds the maps held in memory while the writer catches up
 
     def __init__(self, cfg: AnnotateConfig, writer_name: str, *, models=None, device: Optional[torch.device] = None,
-                 should_stop: Optional[Callable[[], bool]] = None):
+                 should_stop: Optional[Callable[[], bool]] = None, janus=None, placement=None):
         from ..pipeline import JodiPipeline
 
         self.cfg = cfg
@@ -620,14 +777,24 @@ class Annotator:
         from ..loading import resolve_device  # on use: the ComfyUI node imports this module for its path checks
 
         self.device = device or resolve_device(cfg.device)
-        dit, vae = models if models is not None else load_models(cfg, self.device)
-        self.pipe = JodiPipeline(dit, vae)
-        self.resolution = int(cfg.resolution or self.pipe.base_size)
+        self.pipe = self.resolution = None
+        if not cfg.captions_only:
+            dit, vae = models if models is not None else load_models(cfg, self.device)
+            self.pipe = JodiPipeline(dit, vae)
+            self.resolution = int(cfg.resolution or self.pipe.base_size)
+        self.captioner = None
+        if cfg.captions:
+            self._setup_captions(janus, placement, should_stop)
+        elif placement is not None:
+            self.placement = placement
+        else:
+            self.placement = ModelPlacement(self.device, [], None)
         with _writing_to(self.out):
             self.writer = PartWriter(self.out, writer_name)
         self._out_guard = RootGuard(self.out)
         self.should_stop = should_stop
         self.done = self.failed = 0
+        self.captioned = self.captions_failed = 0
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: collections.deque = collections.deque()
 
@@ -636,6 +803,100 @@ class Annotator:
         self.writer.failed(item.key, item.source, reason)
         self.failed += 1
 
+    # ---- captions ---------------------------------------------------------------------------------------------------
+
+    CAPTION_WINDOW = 64  # images captioned before their maps are made (at least 16 batches)
+
+    def _setup_captions(self, janus, placement, should_stop) -> None:
+        from ..captioning import Captioner
+
+        cfg = self.cfg
+        if janus is None:
+            janus = load_caption_model(cfg, self.device)
+        self.captioner = Captioner(janus, cfg.caption_style, cfg.caption_max_tokens, seed=cfg.seed,
+                                   should_stop=should_stop)
+        if placement is None:
+            margin = 1 << 30
+            margin += janus.kv_cache_bytes(1, janus.prompt_length(self.captioner.question, 1) + cfg.caption_max_tokens)
+            if self.pipe is not None:
+                margin = max(margin, (1 << 30) + self.pipe.working_memory(
+                    cfg.batch_size, perception_roles(cfg.domains), self.resolution, self.resolution, use_cfg=False))
+            jodi = [] if self.pipe is None else [self.pipe.transformer, self.pipe.vae]
+            placement = ModelPlacement(self.device, jodi, janus, margin)
+        self.placement = placement
+
+    def _windows(self, items: Sequence[WorkItem]) -> Iterator[Sequence[WorkItem]]:
+        """All items at once, or with captions to write, windows of them: their captions, then their maps."""
+        if self.captioner is None or not any(it.caption for it in items):
+            yield items
+            return
+        size = max(self.CAPTION_WINDOW, 16 * self.cfg.batch_size)
+        for i in range(0, len(items), size):
+            yield items[i : i + size]
+
+    def _caption_window(self, items: Sequence[WorkItem],
+                        on_progress: Optional[Callable[[int], None]]) -> list[WorkItem]:
+        """Caption the items that need it and record each caption at once (a record with the caption; the maps
+        follow in the map phase). Returns the items that still need maps (or, unreadable, an error recorded)."""
+        if self.captioner is None or not any(it.caption and not it.error for it in items):
+            return list(items)
+        self.placement.captions()
+        rest = []
+        for item in items:
+            if not item.caption or item.error:
+                rest.append(item)
+                continue
+            self._check_stop()
+            try:
+                image, fp = read_source(item.source)
+            except (ValueError, OSError):
+                rest.append(item)  # the map phase reads it again and records why
+                continue
+            item.caption = False
+            try:
+                text = self.captioner.caption(image, item.key)
+            except CaptionStopped as e:  # the image is redone by the next run
+                raise Stopped() from e
+            except Exception as e:  # noqa: BLE001 (one image's failure must not end the run)
+                reason = f"caption by {self.cfg.caption_name} failed: {type(e).__name__}: {e}"
+                log.warning("annotate: %s: %s", item.source, reason)
+                self.writer.failed(item.key, item.source, reason, caption_model=self.cfg.caption_name)
+                self.captions_failed += 1
+                text = None
+            if text is not None:
+                item.record = with_caption(item.record, self.cfg.caption_name, text)
+                self.captioned += 1
+            if item.domains:
+                if text is not None:  # recorded now, so that a stopped run keeps it; the maps add to the record
+                    self._submit_write(self._caption_record(item, fp), tuple(image.shape[-2:]), {})
+                    item.copies = []
+                rest.append(item)
+                continue
+            if text is None and not item.copies:
+                self.failed += 1  # nothing to write for it
+            else:
+                self._submit_write(self._caption_record(item, fp), tuple(image.shape[-2:]), {})
+                self.done += 1
+            if on_progress:
+                on_progress(1)
+        return rest
+
+    @staticmethod
+    def _caption_record(item: WorkItem, fp: dict) -> WorkItem:
+        """A copy of ``item`` to write its record with the caption (before or without its maps). The source's
+        fingerprint is updated unless maps of an older source may be in the record: those keep the old one, so
+        that a later run still sees the change."""
+        old = item.record.get(FINGERPRINT_KEY)
+        stale = isinstance(old, dict) and (bool(item.domains) or (old.get("size"), old.get("sha256")) != (
+            fp["size"], fp["sha256"]))
+        return dataclasses.replace(item, record=dict(item.record), copies=list(item.copies),
+                                   fingerprint=None if stale else fp)
+
+    def _maps_window(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]]) -> None:
+        if any(it.domains for it in items):
+            self.placement.maps()
+        self._run(items, on_progress)
+
     def _check_stop(self) -> None:
         if self.cfg.stop_after is not None and self.done >= self.cfg.stop_after:
             raise Stopped()
@@ -643,9 +904,11 @@ class Annotator:
             raise Stopped()
 
     def run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> None:
-        """Label ``items``: read each, group by (bucket, maps to make), batch, sample, write."""
+        """Label ``items``: read each, group by (bucket, maps to make), batch, sample, write. With a caption model,
+        a window of items at a time is captioned first, then labelled."""
         try:
-            self._run(items, on_progress)
+            for window in self._windows(items):
+                self._maps_window(self._caption_window(window, on_progress), on_progress)
         finally:
             try:
                 self.flush()
@@ -804,6 +1067,8 @@ def annotate(
     cfg: AnnotateConfig,
     *,
     models=None,
+    janus=None,
+    placement=None,
     rank: int = 0,
     world: int = 1,
     device: Optional[torch.device] = None,
@@ -813,7 +1078,9 @@ def annotate(
 ) -> AnnotateSummary:
     """Label this rank's shard and (rank 0, once every rank is done and none stopped early) merge.
     ``any_stopped(stopped)``: waits for all ranks and says whether any of them stopped (torchrun); without it this is
-    the only rank. ``models``: preloaded (transformer, vae).
+    the only rank. ``models``: preloaded (transformer, vae); ``janus``: a preloaded caption model (a JanusModel),
+    with ``cfg.caption_name`` naming its captions; ``placement``: what moves the models between the caption and map
+    phases (default :class:`ModelPlacement`).
     ``on_progress(finished, total)`` after each batch (the ComfyUI node's progress bar)."""
     cfg.validate()
     t0 = time.perf_counter()
@@ -826,7 +1093,7 @@ def annotate(
     summary = AnnotateSummary(skipped=complete)
     if mine:
         annotator = Annotator(cfg, part_name(f"rank{rank}"), models=models, device=device,
-                              should_stop=should_stop)
+                              should_stop=should_stop, janus=janus, placement=placement)
         bar = _Progress(len(mine), cfg.progress and rank == 0)
 
         def progress(n: int) -> None:
@@ -842,6 +1109,7 @@ def annotate(
         finally:
             bar.close()
         summary.done, summary.failed = annotator.done, annotator.failed
+        summary.captioned, summary.captions_failed = annotator.captioned, annotator.captions_failed
     if any_stopped is not None:
         summary.stopped = any_stopped(summary.stopped)
     if rank == 0 and not summary.stopped:
@@ -875,9 +1143,11 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
             return bool(flag)
 
         summary = annotate(cfg, rank=rank, world=world, device=device, any_stopped=any_stopped)
-        totals = torch.tensor([summary.done, summary.failed, summary.skipped])
+        totals = torch.tensor([summary.done, summary.failed, summary.skipped, summary.captioned,
+                               summary.captions_failed])
         tdist.all_reduce(totals)
-        summary.done, summary.failed, summary.skipped = int(totals[0]), int(totals[1]), int(totals[2])
+        (summary.done, summary.failed, summary.skipped, summary.captioned,
+         summary.captions_failed) = (int(t) for t in totals)
         if summary.stopped and rank == 0:
             log.info("annotate: a rank stopped early; metadata.jsonl is merged by the next complete run")
         return summary
@@ -988,6 +1258,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stretch (default): each image is resized into its aspect bucket, so the maps line up with "
                         "it exactly; crop: cover and centre-crop as the reference app does (maps of images whose "
                         "aspect ratio is not a bucket's are then shifted near the borders)")
+    p.add_argument("--caption-model", metavar="JANUS_FOLDER",
+                   help="also caption every image with this Janus / Janus-Pro model folder: each record gets "
+                        "\"caption\": {\"<folder name>\": \"<text>\"} (captions of other models are kept)")
+    p.add_argument("--caption-style", default=DEFAULT_STYLE, type=_style_arg, metavar="STYLE",
+                   help="brief (one sentence), detailed (default) or jodi-prompt (one paragraph for a "
+                        "text-to-image prompt; also spelt \"for a Jodi prompt\"); the Janus Caption node's presets")
+    p.add_argument("--caption-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"longest caption in tokens (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--captions-only", action="store_true",
+                   help="only fill in captions (no Jodi model is loaded; the maps are left as they are)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--stop-after", type=int, help="stop after this many images without merging (tests resuming)")
     p.add_argument("--no-progress", action="store_true")
@@ -1000,13 +1280,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _style_arg(text: str) -> str:
+    try:
+        return caption_style(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     domains = LABEL_NAMES if args.domains.strip().lower() == "all" else [d for d in args.domains.split(",") if d]
     return AnnotateConfig(
         input=args.input, output=args.output, dit=args.dit, vae=args.vae, domains=domains, resolution=args.resolution,
         steps=args.steps, batch_size=args.batch_size, dtype=args.dtype, device=args.device, seed=args.seed,
         sampler=args.sampler, flow_shift=args.flow_shift, fit=args.fit, stop_after=args.stop_after,
-        progress=not args.no_progress, threads=args.threads,
+        progress=not args.no_progress, threads=args.threads, caption_model=args.caption_model,
+        caption_style=args.caption_style, caption_max_tokens=args.caption_max_tokens, captions_only=args.captions_only,
     ).validate()
 
 

@@ -28,13 +28,14 @@ class _SyntheticItems(torch.utils.data.Dataset):
 
 class _StepSampler(torch.utils.data.Sampler):
     """Indices for batches ``start, start + 1, ...``: this rank's share of each global batch, in a seeded
-    per-epoch permutation (or sequential for the endless synthetic world)."""
+    per-epoch permutation, as ``(index, epoch)`` (the epoch varies the caption drawn); plain positions for the
+    endless synthetic world."""
 
     def __init__(self, n: Optional[int], batch: int, start: int, seed: int, dist: Distributed, fixed: bool):
         self.n, self.batch, self.start, self.seed, self.dist, self.fixed = n, batch, start, seed, dist, fixed
         self._perm: dict[int, np.ndarray] = {}
 
-    def _index(self, position: int) -> int:
+    def _index(self, position: int) -> "int | tuple[int, int]":
         if self.n is None:
             return position
         epoch, i = divmod(position, self.n)
@@ -42,9 +43,9 @@ class _StepSampler(torch.utils.data.Sampler):
         if perm is None:
             self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
             perm = self._perm[epoch]
-        return int(perm[i])
+        return int(perm[i]), epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator["int | tuple[int, int]"]:
         step = self.start
         while True:
             b = 0 if self.fixed else step
@@ -67,7 +68,8 @@ def make_batches(cfg: TrainConfig, start_step: int, dist: Distributed) -> Iterat
                                                **cfg.data.synthetic))
         dataset, n = _SyntheticItems(world), None
     else:
-        dataset = JointDataset(cfg.data.root, cfg.data.size, domains=cfg.data.domains, seed=cfg.seed)
+        dataset = JointDataset(cfg.data.root, cfg.data.size, domains=cfg.data.domains, seed=cfg.seed,
+                               caption_key=cfg.caption_key)
         n = len(dataset)
     sampler = _StepSampler(n, cfg.batch_size, start_step, cfg.seed, dist, cfg.data.fixed_batch)
     if cfg.data.fixed_batch:  # one batch, loaded once

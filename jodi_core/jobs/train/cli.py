@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--data-root", help="train on a Joint-1.6M layout folder instead of the synthetic world")
+    p.add_argument("--caption-key", metavar="KEY",
+                   help="override caption_key: train on this captioner's captions (e.g. the Janus folder name "
+                        "annotate --caption-model wrote); default: one of each record's captions at random")
     p.add_argument("--dcae-steps", type=int)
     p.add_argument("--dit-steps", type=int)
     p.add_argument("--max-minutes", type=float,
@@ -37,6 +40,8 @@ def main_train(argv: Optional[Sequence[str]] = None) -> int:
         cfg.device = args.device
     if args.data_root:
         cfg.data.kind, cfg.data.root = "joint", args.data_root
+    if args.caption_key is not None:
+        cfg.caption_key = args.caption_key
     if args.dcae_steps is not None:
         cfg.dcae_steps = args.dcae_steps
     if args.dit_steps is not None:

@@ -68,6 +68,10 @@ class TrainConfig:
     flow_shift: float = 3.0
     task_probs: tuple = (1 / 3, 1 / 3, 1 / 3)  # joint, controllable, perception
     caption_dropout: float = 1.0  # 1.0: always the null caption (no text encoder needed)
+    # Which caption of a record ("caption": {captioner: text}) trains: None picks one at random each time a sample
+    # is drawn (seeded by seed, epoch and index); a name picks that captioner's (e.g. the Janus folder name that
+    # annotate --caption-model wrote), falling back to a random one, with a warning, where a record lacks it.
+    caption_key: Optional[str] = None
     attention_backend: str = "torch"  # linear attention with autograd
 
     def validate(self) -> "TrainConfig":
@@ -112,6 +116,8 @@ class TrainConfig:
         if len(self.task_probs) != 3 or min(self.task_probs) < 0 or sum(self.task_probs) <= 0:
             raise ValueError(f"task_probs must be 3 non-negative weights (joint, controllable, perception), "
                              f"got {self.task_probs!r}.")
+        if self.caption_key is not None and (not isinstance(self.caption_key, str) or not self.caption_key.strip()):
+            raise ValueError(f"caption_key must be a captioner name or null, got {self.caption_key!r}.")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}.")
         if self.flow_shift <= 0:
