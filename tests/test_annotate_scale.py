@@ -187,6 +187,51 @@ def test_ray_worker_samples_full_batches_keeps_one_writer_pool_and_records_each_
     worker.annotator.close()
 
 
+def test_ray_worker_two_calls_at_once_take_the_model_in_turn(tmp_path, monkeypatch):
+    """Two calls at once on one worker, as a Ray actor with two concurrent calls runs them (one samples while the
+    other waits for its files): the model takes one batch at a time, and each call returns with its records
+    written."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    _two_buckets(src)
+    cfg = ann.AnnotateConfig(input=str(src), output=str(out), **{**FAST, "batch_size": 4, "device": "cpu"})
+    items, _ = ann.plan_work(cfg)
+    rows = [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 4)]
+    stage = ann._perception_stage(cfg, False, 1, 1.0)
+    assert stage.concurrent_calls == 2
+    worker = ann.RayAnnotator(**stage.kwargs)
+    pipe_class = type(worker.annotator.pipe)
+    pipe_call = pipe_class.__call__
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def spy(self, *args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return pipe_call(self, *args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(pipe_class, "__call__", spy)
+
+    def call(row):
+        result = worker(row)
+        keys = {r["key"] for r in json.loads(row[ann.WORK_COLUMN][0])}
+        recorded = {json.loads(line)["image"] for p in (out / ann.STATE_DIR).glob("part-*.jsonl")
+                    for line in p.read_text().splitlines()}
+        assert keys <= recorded  # this call's records are written when it returns
+        return int(result["done"][0])
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sum(pool.map(call, rows)) == 10
+    assert most[0] == 1
+    worker.annotator.close()
+
+
 def test_ray_full_sampler_batches_and_one_writer_pool_per_worker(tmp_path):
     """10 images in 2 aspect buckets (6 + 4, interleaved by name), batch size 4, 2 Ray workers: every sampler call is
     a full batch of one bucket (4 + 2 and 4: 3 calls, not a call per bucket per Ray batch), each worker makes its

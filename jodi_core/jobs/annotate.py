@@ -20,7 +20,8 @@ are.
 Results do not depend on how the work is split: each image's noise seed is a hash of its path in the output, and
 images are batched by aspect bucket and by the set of maps they need. Work is split into deterministic shards
 (position ``i`` of the sorted list goes to rank ``i % world``) for torchrun, or spread by Ray Data
-(``--engine ray``).
+(``--engine ray``) as whole batches that the driver plans from the image headers (:func:`plan_batches`), streamed
+through a perception stage of model actors (:class:`RayStage`; a caption stage goes before it).
 
 Nothing is lost or written twice: each file is written to a temporary name and renamed; an image counts as done once
 its record is appended to the writer's part file (``.annotate/part-*.jsonl``), after all of its files exist. A run
@@ -657,6 +658,18 @@ class Annotator:
                 if close:
                     self._end_pool()
 
+    def submit(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> list:
+        """Label ``items`` as :meth:`run` does, but return the futures of their writes still running instead of
+        waiting for them (the caller waits before it counts the items as recorded): the next batch may sample
+        meanwhile. On an exception the writes of the items finished before it are waited for first."""
+        try:
+            self._run(items, on_progress)
+        except BaseException:
+            self.flush()
+            raise
+        pending, self._pending = list(self._pending), collections.deque()
+        return pending
+
     def flush(self) -> None:
         """Wait for the background writes; re-raise the first that failed."""
         while self._pending:
@@ -942,31 +955,43 @@ class RayAnnotator:
     """The perception stage (a Ray Data callable class): one model per actor, files written by the actor itself.
 
     Each call labels its work rows, one sampler batch each, and returns once their records are in the actor's part
-    file: a killed run loses at most the batches in flight. The writer thread is made once and lives as long as the
-    actor (Ray has no reliable destructor; after a call it has nothing left to write)."""
+    file: a killed run loses at most the batches in flight. Two calls may run at once (``concurrent_calls`` of the
+    stage, where Ray supports it): one samples while the other waits for its files, which keeps the writing of one
+    batch overlapped with the sampling of the next as in one process; the model takes one batch at a time. The writer
+    thread is made once and lives as long as the actor (Ray has no reliable destructor; after a call it has nothing
+    left to write)."""
 
     def __init__(self, cfg_dict: dict):
+        import threading
+
         cfg = AnnotateConfig(**cfg_dict).validate()
         cfg.progress = False
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.annotator = Annotator(cfg, part_name("ray"))
+        self._model = threading.Lock()  # one batch on the model (and on the annotator's state) at a time
 
     def __call__(self, batch: dict) -> dict:
         items = [WorkItem.from_row(row) for rows in batch[WORK_COLUMN] for row in json.loads(str(rows))]
-        done0, failed0 = self.annotator.done, self.annotator.failed
-        try:
-            self.annotator.run(items, close=False)
-        except Stopped:
-            pass
-        return {"done": np.array([self.annotator.done - done0]), "failed": np.array([self.annotator.failed - failed0])}
+        with self._model:
+            done0, failed0 = self.annotator.done, self.annotator.failed
+            try:
+                writes = self.annotator.submit(items)
+            except Stopped:
+                writes = []
+            done, failed = self.annotator.done - done0, self.annotator.failed - failed0
+        for write in writes:  # outside the lock: the next batch samples meanwhile
+            write.result()
+        return {"done": np.array([done]), "failed": np.array([failed])}
 
 
 @dataclass
 class RayStage:
     """One stage of the Ray pipeline: ``map_batches`` over the callable class ``fn`` on its own pool of ``workers``
     actors, each holding ``num_gpus`` (a share of a GPU when < 1) and ``num_cpus``; ``batch_size`` work rows per
-    call. A stage before perception takes work rows and gives work rows (the same items, records updated)."""
+    call; ``concurrent_calls`` calls at once on each actor (threads: ``fn`` must be thread-safe; 1 where this Ray's
+    ActorPoolStrategy cannot run calls concurrently). A stage before perception takes work rows and gives work rows
+    (the same items, records updated)."""
 
     name: str
     fn: type
@@ -975,12 +1000,19 @@ class RayStage:
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     batch_size: int = 1
+    concurrent_calls: int = 1
 
     def apply(self, ds):
+        import inspect
+
         import ray.data
 
+        pool = {"size": self.workers}
+        if self.concurrent_calls > 1 and "enable_true_multi_threading" in inspect.signature(
+                ray.data.ActorPoolStrategy).parameters:
+            pool.update(max_concurrent_calls_per_actor=self.concurrent_calls, enable_true_multi_threading=True)
         return ds.map_batches(self.fn, fn_constructor_kwargs=self.kwargs, batch_size=self.batch_size,
-                              compute=ray.data.ActorPoolStrategy(size=self.workers), num_gpus=self.num_gpus,
+                              compute=ray.data.ActorPoolStrategy(**pool), num_gpus=self.num_gpus,
                               num_cpus=self.num_cpus, batch_format="numpy")
 
 
@@ -995,7 +1027,7 @@ def _perception_stage(cfg: AnnotateConfig, gpu: bool, workers: int, gpus_per_wor
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["domains"] = list(cfg.domains)
     return RayStage("perception", RayAnnotator, {"cfg_dict": cfg_dict}, workers,
-                    num_gpus=gpus_per_worker if gpu else 0, num_cpus=0 if gpu else 1)
+                    num_gpus=gpus_per_worker if gpu else 0, num_cpus=0 if gpu else 1, concurrent_calls=2)
 
 
 def _start_local_ray(ray, num_cpus: int) -> None:
