@@ -1,15 +1,18 @@
 """Throughput of ``python -m jodi_core annotate`` (images/s). Not a test: ratios between engines, not pass/fail.
 
-CPU (default): the embedded demo model on synthetic scenes (64 px buckets), as one process, as 2 torchrun ranks
-(gloo, one thread each) and as Ray Data with 2 local workers. Each engine runs as its own command on a fresh output
-folder; reported are the wall time of the whole command (start-up, model load, Ray start included) and the rate in
-the run's own summary line, with ratios to the single process.
+CPU (default): the embedded demo model on synthetic scenes (64 px buckets, three aspect ratios in turn), as one
+process, as 2 torchrun ranks (gloo, one thread each) and as Ray Data with 2 local workers (one thread each), for each
+image count of ``--images`` (default 24 and 96). Each engine runs as its own command on a fresh output folder, the
+engines one after the other in one run (``--repeat N``: N rounds in turn, medians reported); reported are the wall
+time of the whole command (Python start, model load, Ray start and stop included) and the rate in the run's own
+summary line (from the start of the annotate call: Ray start included, Python start not), each as images/s and as a
+ratio to the single process of the same run.
 
 GPU (``--gpu``): the real 1.6B Jodi config (random bf16 weights) with the DC-AE f32c32, 512 px images, batch 8,
 all 7 labels, in-process on one device after a warm-up batch. Target on one H100: >= 4.5 images/s (the analytic
 floor, DiT steps plus decodes at the card's bf16 rate, is 6.1 images/s).
 
-    python benchmarks/annotate.py [--images 24] [--steps 4]
+    python benchmarks/annotate.py [--images 24 96] [--steps 4] [--batch-size 4] [--repeat 1]
     python benchmarks/annotate.py --gpu [--images 64] [--steps 20] [--batch-size 8]
     python benchmarks/annotate.py --gpu --tiny --size 64 --images 8 --steps 2     (CPU smoke run of the GPU path)
 """
@@ -63,33 +66,45 @@ def _timed(cmd: list[str]) -> dict:
             "wall_images_per_s": int(done) / wall}
 
 
+ENGINES = {
+    "1 process": [sys.executable, "-m", "jodi_core"],
+    "torchrun x2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "jodi_core"],
+    "ray x2": [sys.executable, "-m", "jodi_core"],
+}
+
+
 def bench_cpu(args) -> dict:
-    results = {}
+    results: dict = {}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "in"
-        make_scenes(src, args.images)
-        common = ["annotate", str(src), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--threads", "1", "--no-progress", "--device", "cpu"]
-        engines = {
-            "1 process": [sys.executable, "-m", "jodi_core"],
-            "torchrun x2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "jodi_core"],
-            "ray x2": [sys.executable, "-m", "jodi_core"],
-        }
-        for name, head in engines.items():
-            out = Path(tmp) / name.replace(" ", "_")
-            cmd = head + common[:2] + [str(out)] + common[2:]
-            if name.startswith("ray"):
-                cmd += ["--engine", "ray", "--ray-workers", "2"]
-            results[name] = _timed(cmd)
-    base = results["1 process"]
-    print(f"CPU, demo model, {args.images} images, {args.steps} steps, batch {args.batch_size}, 1 thread/process")
-    print(f"{'engine':<14}{'wall s':>9}{'img/s (wall)':>14}{'img/s (run)':>13}{'ratio (wall)':>14}{'ratio (run)':>13}")
-    for name, r in results.items():
-        print(f"{name:<14}{r['wall_s']:9.1f}{r['wall_images_per_s']:14.2f}{r['run_images_per_s']:13.2f}"
-              f"{r['wall_images_per_s'] / base['wall_images_per_s']:14.2f}"
-              f"{r['run_images_per_s'] / base['run_images_per_s']:13.2f}")
-    return results
+        for n in args.images:
+            src = Path(tmp) / f"in{n}"
+            make_scenes(src, n)
+            runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
+            for round_ in range(args.repeat):  # the engines in turn, so a change in the machine's load hits all
+                for name, head in ENGINES.items():
+                    out = Path(tmp) / f"{n}_{name.replace(' ', '_')}_{round_}"
+                    cmd = head + ["annotate", str(src), str(out), "--steps", str(args.steps), "--batch-size",
+                                  str(args.batch_size), "--threads", "1", "--no-progress", "--device", "cpu"]
+                    if name.startswith("ray"):
+                        cmd += ["--engine", "ray", "--ray-workers", "2"]
+                    r = _timed(cmd)
+                    assert r["done"] == n, (name, r)
+                    runs[name].append(r)
+            results[n] = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in runs.items()}
+            load.append(os.getloadavg()[0])
+    print(f"CPU, demo model, {args.steps} steps, batch {args.batch_size}, 1 thread per process, {os.cpu_count()} "
+          f"cores, median of {args.repeat} round(s); 1-minute load average {' -> '.join(f'{x:.1f}' for x in load)}")
+    print(f"{'images':>6}  {'engine':<13}{'wall s':>8}{'img/s (wall)':>14}{'img/s (run)':>13}{'ratio (wall)':>14}"
+          f"{'ratio (run)':>13}")
+    for n, by_engine in results.items():
+        base = by_engine["1 process"]
+        for name, r in by_engine.items():
+            print(f"{n:>6}  {name:<13}{r['wall_s']:8.1f}{r['wall_images_per_s']:14.2f}{r['run_images_per_s']:13.2f}"
+                  f"{r['wall_images_per_s'] / base['wall_images_per_s']:14.2f}"
+                  f"{r['run_images_per_s'] / base['run_images_per_s']:13.2f}")
+    return {"images": results, "load_average": load, "steps": args.steps, "batch_size": args.batch_size}
 
 
 def bench_gpu(args) -> dict:
@@ -161,16 +176,22 @@ def bench_gpu(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="the real config on CUDA (see the module docstring)")
-    p.add_argument("--images", type=int, help="images to label (default 24 on CPU, 64 on GPU)")
+    p.add_argument("--images", type=int, nargs="+",
+                   help="images to label; on CPU one or more counts, each run with every engine (default 24 96 on "
+                        "CPU, 64 on GPU)")
     p.add_argument("--steps", type=int, help="sampling steps (default 4 on CPU, 20 on GPU)")
-    p.add_argument("--batch-size", type=int, help="default 2 on CPU, 8 on GPU")
+    p.add_argument("--batch-size", type=int, help="default 4 on CPU (the annotate default), 8 on GPU")
+    p.add_argument("--repeat", type=int, default=1, help="CPU: rounds of all engines, medians reported")
     p.add_argument("--size", type=int, default=512, help="GPU image size and bucket resolution")
     p.add_argument("--tiny", action="store_true", help="with --gpu: tiny random models on the CPU (smoke run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-    args.images = args.images or (64 if args.gpu else 24)
+    if args.gpu:
+        args.images = (args.images or [64])[0]
+    else:
+        args.images = args.images or [24, 96]
     args.steps = args.steps or (20 if args.gpu else 4)
-    args.batch_size = args.batch_size or (8 if args.gpu else 2)
+    args.batch_size = args.batch_size or (8 if args.gpu else 4)
     results = bench_gpu(args) if args.gpu else bench_cpu(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

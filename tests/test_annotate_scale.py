@@ -3,6 +3,7 @@ DDP fine-tuning under torchrun keeps the ranks' weights identical while the loss
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -115,6 +116,147 @@ def test_ray_local_gives_the_in_process_maps(inputs, reference, tmp_path):
     _run([sys.executable, "-m", "jodi_core"] + _cli(inputs, tmp_path, 1) + ["--engine", "ray", "--ray-workers", "2"],
          timeout=300)
     _assert_same(reference, tmp_path)
+
+
+def _two_buckets(folder: Path, square: int = 6, wide: int = 4) -> None:
+    """``square`` 64 x 64 and ``wide`` 32 x 64 scenes, interleaved in name order (two aspect buckets)."""
+    import torch
+    from PIL import Image
+
+    from jodi_core.jobs.demo import demo_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = [(32, 64) if i % 2 == 1 and i < 2 * wide else (64, 64) for i in range(square + wide)]
+    assert shapes.count((32, 64)) == wide
+    for i, (h, w) in enumerate(shapes):
+        x = torch.nn.functional.interpolate(demo_scene(200 + i, 64)["image"], (h, w), mode="bilinear")[0]
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"b{i:02d}.png")
+
+
+def test_plan_batches_one_bucket_and_one_set_of_maps_per_batch(tmp_path):
+    """The driver's plan: each batch holds images of one aspect bucket and one set of maps to make, in key order, cut
+    at the batch size; images that will fail are batched apart and never mixed into a sampled batch."""
+    src = tmp_path / "in"
+    _two_buckets(src)
+    (src / "b99_broken.png").write_bytes(b"not a png")
+    cfg = ann.AnnotateConfig(input=str(src), output=str(tmp_path / "out"), **{**FAST, "batch_size": 4})
+    items, _ = ann.plan_work(cfg)
+    items[0].domains = ("depth",)  # b00 needs other maps than the rest of its bucket
+    batches = [[it.key[len("image/"):-len(".png")] for it in b] for b in ann.plan_batches(items, 4)]
+    assert batches == [["b00"], ["b01", "b03", "b05", "b07"], ["b02", "b04", "b06", "b08"], ["b09"], ["b99_broken"]]
+    assert sorted(it.key for b in ann.plan_batches(items, 4) for it in b) == sorted(it.key for it in items)
+
+
+def test_ray_worker_samples_full_batches_keeps_one_writer_pool_and_records_each_call(tmp_path, monkeypatch):
+    """The perception stage's callable class, called in this process as a Ray actor would call it, one work row
+    (one planned batch) per call: every call samples one full batch, every record of a call is in the part file
+    when the call returns (a killed actor loses at most the batch in flight), and the writer pool is made once."""
+    pools = []
+
+    class CountingPool(ann.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs.get("thread_name_prefix"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ann, "ThreadPoolExecutor", CountingPool)
+    src, out = tmp_path / "in", tmp_path / "out"
+    _two_buckets(src)
+    cfg = ann.AnnotateConfig(input=str(src), output=str(out), **{**FAST, "batch_size": 4, "device": "cpu"})
+    items, _ = ann.plan_work(cfg)
+    rows = [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 4)]
+    pools.clear()  # planning reads the headers on a pool of its own
+    worker = ann.RayAnnotator(**ann._perception_stage(cfg, False, 1, 1.0).kwargs)
+    sampled = []
+    pipe_class = type(worker.annotator.pipe)
+    pipe_call = pipe_class.__call__
+
+    def spy(self, *args, **kwargs):
+        sampled.append(len(kwargs["seeds"]))
+        return pipe_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipe_class, "__call__", spy)
+    recorded = []
+    for row in rows:
+        result = worker(row)
+        assert int(result["done"][0]) == len(json.loads(row[ann.WORK_COLUMN][0]))
+        part = next((out / ann.STATE_DIR).glob("part-*.jsonl"))
+        recorded.append(len(part.read_text().splitlines()))
+    assert sampled == [4, 2, 4]  # the squares (4 + 2), then the wide ones
+    assert recorded == [4, 6, 10]
+    assert pools == ["jodi-annotate-write"]
+    worker.annotator.close()
+
+
+def test_ray_worker_two_calls_at_once_take_the_model_in_turn(tmp_path, monkeypatch):
+    """Two calls at once on one worker, as a Ray actor with two concurrent calls runs them (one samples while the
+    other waits for its files): the model takes one batch at a time, and each call returns with its records
+    written."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    _two_buckets(src)
+    cfg = ann.AnnotateConfig(input=str(src), output=str(out), **{**FAST, "batch_size": 4, "device": "cpu"})
+    items, _ = ann.plan_work(cfg)
+    rows = [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 4)]
+    stage = ann._perception_stage(cfg, False, 1, 1.0)
+    assert stage.concurrent_calls == 2
+    worker = ann.RayAnnotator(**stage.kwargs)
+    pipe_class = type(worker.annotator.pipe)
+    pipe_call = pipe_class.__call__
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def spy(self, *args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return pipe_call(self, *args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(pipe_class, "__call__", spy)
+
+    def call(row):
+        result = worker(row)
+        keys = {r["key"] for r in json.loads(row[ann.WORK_COLUMN][0])}
+        recorded = {json.loads(line)["image"] for p in (out / ann.STATE_DIR).glob("part-*.jsonl")
+                    for line in p.read_text().splitlines()}
+        assert keys <= recorded  # this call's records are written when it returns
+        return int(result["done"][0])
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sum(pool.map(call, rows)) == 10
+    assert most[0] == 1
+    worker.annotator.close()
+
+
+def test_ray_full_sampler_batches_and_one_writer_pool_per_worker(tmp_path):
+    """10 images in 2 aspect buckets (6 + 4, interleaved by name), batch size 4, 2 Ray workers: every sampler call is
+    a full batch of one bucket (4 + 2 and 4: 3 calls, not a call per bucket per Ray batch), each worker makes its
+    writer pool once however many batches it gets, and the maps equal the in-process run's bitwise (the same
+    batches). A worker set-up hook (tests/ray_spy.py) records the calls inside the Ray workers."""
+    ray = pytest.importorskip("ray")
+    src = tmp_path / "in"
+    _two_buckets(src)
+    cfg = dict(steps=2, batch_size=4, threads=1, progress=False, device="cpu")
+    ann.annotate(ann.AnnotateConfig(input=str(src), output=str(tmp_path / "ref"), **cfg))
+    spy = tmp_path / "spy.jsonl"
+    env = {"JODI_TEST_SPY": str(spy), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "ray_spy.install", "env_vars": env})
+    try:
+        summary = ann._annotate_ray(ann.AnnotateConfig(input=str(src), output=str(tmp_path / "out"), **cfg), None, 2)
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.failed) == (10, 0)
+    events = [json.loads(line) for line in spy.read_text().splitlines()]
+    assert sorted(e["batch"] for e in events if e["event"] == "sample") == [2, 4, 4]
+    pools = collections.Counter(e["pid"] for e in events if e["event"] == "writer_pool")
+    assert pools and set(pools.values()) == {1}, pools
+    _assert_same(tmp_path / "ref", tmp_path / "out")
 
 
 def test_ray_is_not_imported_by_jodi_core_or_annotate():

@@ -20,7 +20,8 @@ are.
 Results do not depend on how the work is split: each image's noise seed is a hash of its path in the output, and
 images are batched by aspect bucket and by the set of maps they need. Work is split into deterministic shards
 (position ``i`` of the sorted list goes to rank ``i % world``) for torchrun, or spread by Ray Data
-(``--engine ray``).
+(``--engine ray``) as whole batches that the driver plans from the image headers (:func:`plan_batches`), streamed
+through a perception stage of model actors (:class:`RayStage`; a caption stage goes before it).
 
 Nothing is lost or written twice: each file is written to a temporary name and renamed; an image counts as done once
 its record is appended to the writer's part file (``.annotate/part-*.jsonl``), after all of its files exist. A run
@@ -763,7 +764,8 @@ class Annotator:
     Used as is by the single-process and torchrun engines, and wrapped by the Ray engine's per-worker class.
     ``on_progress(n)`` is called after each batch with the number of images finished (done or failed). Encoding and
     writing the maps runs on one background thread (in order), overlapping the next batch's sampling; :meth:`run`
-    returns only once every record is written.
+    returns only once every record of its items is written. The thread is made once and lives until :meth:`close`
+    (``run(..., close=False)`` keeps it for the next call: a Ray worker runs one batch per call).
     """
 
     MAX_PENDING_BATCHES = 2  # bounds the maps held in memory while the writer catches up
@@ -903,9 +905,11 @@ class Annotator:
         if self.should_stop is not None and self.should_stop():
             raise Stopped()
 
-    def run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> None:
+    def run(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None, *,
+            close: bool = True) -> None:
         """Label ``items``: read each, group by (bucket, maps to make), batch, sample, write. With a caption model,
-        a window of items at a time is captioned first, then labelled."""
+        a window of items at a time is captioned first, then labelled. Every record of ``items`` is in the part file
+        when this returns (or raises); ``close=False`` keeps the writer thread for the next call."""
         try:
             for window in self._windows(items):
                 self._maps_window(self._caption_window(window, on_progress), on_progress)
@@ -913,14 +917,37 @@ class Annotator:
             try:
                 self.flush()
             finally:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=True)
-                    self._pool = None
+                if close:
+                    self._end_pool()
+
+    def submit(self, items: Sequence[WorkItem], on_progress: Optional[Callable[[int], None]] = None) -> list:
+        """Label ``items`` as :meth:`run` does, but return the futures of their writes still running instead of
+        waiting for them (the caller waits before it counts the items as recorded): the next batch may sample
+        meanwhile. On an exception the writes of the items finished before it are waited for first."""
+        try:
+            self._run(items, on_progress)
+        except BaseException:
+            self.flush()
+            raise
+        pending, self._pending = list(self._pending), collections.deque()
+        return pending
 
     def flush(self) -> None:
         """Wait for the background writes; re-raise the first that failed."""
         while self._pending:
             self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Finish the background writes and end the writer thread (a later :meth:`run` starts a new one)."""
+        try:
+            self.flush()
+        finally:
+            self._end_pool()
+
+    def _end_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _submit_write(self, item: WorkItem, size: tuple[int, int], maps: dict[str, torch.Tensor]) -> None:
         if self._pool is None:
@@ -1155,33 +1182,153 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
         tdist.destroy_process_group()
 
 
+# Ray Data: the driver plans the work as rows of one sampler batch each (plan_batches) and streams them through stages,
+# each a map_batches over its own pool of actors: captioning (later: _caption_stages), then perception (RayAnnotator,
+# which writes the files and records). The driver merges the part files at the end.
+
+WORK_COLUMN = "items"  # a work row: one sampler batch, the JSON list of its WorkItem rows
+
+
+def _aspect_key(item: WorkItem) -> Optional[float]:
+    """The aspect bucket of the item's image (a key of ``imaging.ASPECT_BUCKETS``) read from its header; None when
+    the item is refused or its header unreadable (it fails in the worker, without sampling)."""
+    if item.error:
+        return None
+    try:
+        h, w = imaging.header_size(item.source)
+    except (ValueError, OSError):
+        return None
+    if h <= 0 or w <= 0:
+        return None
+    return min(imaging.ASPECT_BUCKETS, key=lambda r: abs(r - h / w))
+
+
+def plan_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """``items`` cut into sampler batches for workers that get one batch per call: grouped by aspect bucket (read
+    from the image headers on a few threads, without the model) and by the maps to make, each group in key order cut
+    into runs of ``batch_size``, groups in the order of their first image. These are the batches
+    :meth:`Annotator.run` makes of the whole list at once, except that two aspect buckets which round to one bucket
+    size (small resolutions) stay apart here. Images that fail (refused, unreadable) and images with nothing to
+    sample (only files to copy) are batched apart."""
+    items = sorted(items, key=lambda it: it.key)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(items))), thread_name_prefix="jodi-annotate-plan") as pool:
+        aspects = list(pool.map(_aspect_key, items))
+    groups: dict[tuple, list[WorkItem]] = {}
+    for item, aspect in zip(items, aspects):
+        key = ("fail",) if aspect is None else ("copy",) if not item.domains else ("sample", aspect, item.domains)
+        groups.setdefault(key, []).append(item)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
 class RayAnnotator:
-    """The Ray Data callable class: one model per worker, files written by the worker itself."""
+    """The perception stage (a Ray Data callable class): one model per actor, files written by the actor itself.
+
+    Each call labels its work rows, one sampler batch each, and returns once their records are in the actor's part
+    file: a killed run loses at most the batches in flight. Two calls may run at once (``concurrent_calls`` of the
+    stage, where Ray supports it): one samples while the other waits for its files, which keeps the writing of one
+    batch overlapped with the sampling of the next as in one process; the model takes one batch at a time. The writer
+    thread is made once and lives as long as the actor (Ray has no reliable destructor; after a call it has nothing
+    left to write)."""
 
     def __init__(self, cfg_dict: dict):
+        import threading
+
         cfg = AnnotateConfig(**cfg_dict).validate()
         cfg.progress = False
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.annotator = Annotator(cfg, part_name("ray"))
+        self._model = threading.Lock()  # one batch on the model (and on the annotator's state) at a time
 
     def __call__(self, batch: dict) -> dict:
-        items = [WorkItem.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))]
-        done0, failed0 = self.annotator.done, self.annotator.failed
-        try:
-            self.annotator.run(items)
-        except Stopped:
-            pass
-        return {"done": np.array([self.annotator.done - done0]), "failed": np.array([self.annotator.failed - failed0])}
+        items = [WorkItem.from_row(row) for rows in batch[WORK_COLUMN] for row in json.loads(str(rows))]
+        with self._model:
+            done0, failed0 = self.annotator.done, self.annotator.failed
+            try:
+                writes = self.annotator.submit(items)
+            except Stopped:
+                writes = []
+            done, failed = self.annotator.done - done0, self.annotator.failed - failed0
+        for write in writes:  # outside the lock: the next batch samples meanwhile
+            write.result()
+        return {"done": np.array([done]), "failed": np.array([failed])}
 
 
-def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional[int]) -> AnnotateSummary:
-    """Ray Data: a dataset of work rows, ``map_batches`` over :class:`RayAnnotator` actors (one model each);
-    ``workers`` actors (default: one per GPU of the cluster, or 1 on CPU). The driver merges at the end."""
+@dataclass
+class RayStage:
+    """One stage of the Ray pipeline: ``map_batches`` over the callable class ``fn`` on its own pool of ``workers``
+    actors, each holding ``num_gpus`` (a share of a GPU when < 1) and ``num_cpus``; ``batch_size`` work rows per
+    call; ``concurrent_calls`` calls at once on each actor (threads: ``fn`` must be thread-safe; 1 where this Ray's
+    ActorPoolStrategy cannot run calls concurrently). A stage before perception takes work rows and gives work rows
+    (the same items, records updated)."""
+
+    name: str
+    fn: type
+    kwargs: dict
+    workers: int
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 1
+    concurrent_calls: int = 1
+
+    def apply(self, ds):
+        import inspect
+
+        import ray.data
+
+        pool = {"size": self.workers}
+        if self.concurrent_calls > 1 and "enable_true_multi_threading" in inspect.signature(
+                ray.data.ActorPoolStrategy).parameters:
+            pool.update(max_concurrent_calls_per_actor=self.concurrent_calls, enable_true_multi_threading=True)
+        return ds.map_batches(self.fn, fn_constructor_kwargs=self.kwargs, batch_size=self.batch_size,
+                              compute=ray.data.ActorPoolStrategy(**pool), num_gpus=self.num_gpus,
+                              num_cpus=self.num_cpus, batch_format="numpy")
+
+
+def _caption_stages(cfg: AnnotateConfig, gpu: bool) -> list[RayStage]:
+    """The stages that run on the work rows before perception, each with its own actor pool and GPU share: where
+    captioning plugs in (a stage that writes each item's caption into its record and passes the rows on). None
+    yet."""
+    return []
+
+
+def _perception_stage(cfg: AnnotateConfig, gpu: bool, workers: int, gpus_per_worker: float) -> RayStage:
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict["domains"] = list(cfg.domains)
+    return RayStage("perception", RayAnnotator, {"cfg_dict": cfg_dict}, workers,
+                    num_gpus=gpus_per_worker if gpu else 0, num_cpus=0 if gpu else 1, concurrent_calls=2)
+
+
+def _start_local_ray(ray, num_cpus: int) -> None:
+    """A Ray for this run alone: ``num_cpus`` worker slots (the raylet starts that many workers ahead, which become
+    the actors), no dashboard, a small object store (the rows are small; the files go straight to OUTPUT). Its
+    workers run at the priority of this process: Ray lowers them to niceness 15 to keep its drivers responsive, but
+    here they do all the work while the driver only waits, and the single-process and torchrun engines run at normal
+    priority too."""
+    niceness = "RAY_worker_niceness"  # read by the raylet and the workers it starts, which inherit this environment
+    saved = os.environ.get(niceness)
+    os.environ.setdefault(niceness, "0")
+    try:
+        ray.init(num_cpus=num_cpus, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    finally:
+        if saved is None:
+            os.environ.pop(niceness, None)
+
+
+def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: Optional[int] = None, *,
+                  gpus_per_worker: float = 1.0) -> AnnotateSummary:
+    """Ray Data: the work rows (:func:`plan_batches`) stream through the caption stages (none yet) and the
+    perception stage, ``workers`` :class:`RayAnnotator` actors with a model each (default: one per
+    ``gpus_per_worker`` of the cluster's GPUs, or 1 on CPU). A Ray already started in this process, or the cluster
+    at ``address``, is used as it is; else a local Ray is started for the run. The driver merges at the end."""
     try:
         import ray
+        import ray.data
     except ImportError:
         raise ValueError("--engine ray needs Ray: install the [scale] extra (ray[data]).") from None
+    if not (0 < gpus_per_worker <= 1 or (gpus_per_worker > 1 and gpus_per_worker == int(gpus_per_worker))):
+        raise ValueError(f"gpus_per_worker must be a share of one GPU (0 < x <= 1) or a whole number, "
+                         f"got {gpus_per_worker!r}.")
     t0 = time.perf_counter()
     out = Path(cfg.output)
     with _writing_to(out):
@@ -1190,13 +1337,18 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional
     summary = AnnotateSummary(skipped=complete)
     if items:
         started_here = not ray.is_initialized()
+        address = address or os.environ.get("RAY_ADDRESS") or None  # a running cluster: join it
         if started_here:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(workers or 1, 1), object_store_memory=256 * 2**20, include_dashboard=False,
-                         log_to_driver=False)
+                _start_local_ray(ray, max(workers or 1, 1))
+        context = ray.data.DataContext.get_current()
+        quiet = {"enable_progress_bars": False, "print_on_execution_start": False}  # this draws its own bar
+        saved = {k: getattr(context, k) for k in quiet if hasattr(context, k)}
         try:
+            for k in saved:
+                setattr(context, k, quiet[k])
             if cfg.device == "auto":
                 gpu = bool(ray.cluster_resources().get("GPU", 0))
             else:
@@ -1204,22 +1356,21 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str], workers: Optional
             # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so "auto" resolves, in the worker, to its GPU.
             cfg = dataclasses.replace(cfg, device="auto" if gpu else "cpu")
             if workers is None:
-                workers = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
-            cfg_dict = dataclasses.asdict(cfg)
-            cfg_dict["domains"] = list(cfg.domains)
-            ds = ray.data.from_items([it.to_row() for it in items])
-            results = ds.map_batches(
-                RayAnnotator, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=cfg.batch_size,
-                concurrency=max(workers, 1), num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1,
-                batch_format="numpy",
-            )
+                workers = max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_worker)) if gpu else 1
+            stages = _caption_stages(cfg, gpu) + [_perception_stage(cfg, gpu, max(workers, 1), gpus_per_worker)]
+            ds = ray.data.from_items([{WORK_COLUMN: json.dumps([it.to_row() for it in batch])}
+                                      for batch in plan_batches(items, cfg.batch_size)])
+            for stage in stages:
+                ds = stage.apply(ds)
             bar = _Progress(len(items), cfg.progress)
-            for row in results.iter_rows():
+            for row in ds.iter_rows():
                 summary.done += int(row["done"])
                 summary.failed += int(row["failed"])
                 bar(int(row["done"]) + int(row["failed"]))
             bar.close()
         finally:
+            for k, v in saved.items():
+                setattr(context, k, v)
             if started_here:
                 ray.shutdown()
     summary.stopped = cfg.stop_after is not None and summary.done + summary.failed < len(items)
@@ -1276,6 +1427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="an existing Ray cluster (default: a local Ray started in-process)")
     p.add_argument("--ray-workers", type=int,
                    help="model replicas, one GPU each on GPU clusters (default: every GPU of the cluster; 1 on CPU)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per model replica on GPU clusters: a share such as 0.5 puts two on each GPU (default 1)")
     p.add_argument("--merge-only", action="store_true", help="only merge the part files into metadata.jsonl")
     return p
 
@@ -1308,7 +1461,8 @@ def main_annotate(argv: Optional[Sequence[str]] = None) -> int:
             log.info("annotate: merged %d records into %s", n, Path(cfg.output) / "metadata.jsonl")
             return 0
         if args.engine == "ray":
-            summary = _annotate_ray(cfg, args.ray_address, args.ray_workers)
+            summary = _annotate_ray(cfg, args.ray_address, args.ray_workers,
+                                    gpus_per_worker=args.ray_gpus_per_worker)
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             summary = _annotate_torchrun(cfg)
         else:
