@@ -1,6 +1,6 @@
 """A Ray worker set-up hook for tests/test_annotate_scale.py (``runtime_env={"worker_process_setup_hook":
-"ray_spy.install"}``): from inside every Ray worker process it records each sampler call (its batch size) and each
-annotate writer pool made, one JSON line per event with the worker's pid, in the file ``JODI_TEST_SPY`` names."""
+"ray_spy.install"}``): from inside every Ray worker process it records each sampler call (its batch size), each
+annotate writer pool made, each Jodi pipeline and Janus model loaded and each caption written, one JSON line per event with the worker's pid, in the file ``JODI_TEST_SPY`` names."""
 
 from __future__ import annotations
 
@@ -42,3 +42,28 @@ def install() -> None:
         return call(self, *args, **kwargs)
 
     JodiPipeline.__call__ = spy_call
+    init = JodiPipeline.__init__
+
+    def spy_init(self, *args, **kwargs):
+        _record(path, event="jodi_load")
+        init(self, *args, **kwargs)
+
+    JodiPipeline.__init__ = spy_init
+
+    import jodi_core.janus
+    from jodi_core.captioning import Captioner
+
+    load_janus = jodi_core.janus.load_janus
+
+    def spy_load_janus(*args, **kwargs):
+        _record(path, event="janus_load")
+        return load_janus(*args, **kwargs)
+
+    jodi_core.janus.load_janus = spy_load_janus  # annotate imports it from the package when it loads Janus
+    caption = Captioner.caption
+
+    def spy_caption(self, image, key):
+        _record(path, event="caption", key=key)
+        return caption(self, image, key)
+
+    Captioner.caption = spy_caption

@@ -356,6 +356,119 @@ def test_torchrun_two_ranks_write_the_in_process_captions(janus_folder, images, 
     assert tree(out) == tree(reference)  # captions, maps and records: batches of one, seeds from the paths
 
 
+def _stage_rows(cfg) -> list[dict]:
+    items, _ = ann.plan_work(cfg)
+    return [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 1)]
+
+
+def test_ray_stages_in_process_write_the_in_process_records(janus_folder, images, tmp_path, monkeypatch):
+    """The Ray engine's caption and perception stages called in this process as their actors would be: the caption
+    stage records each caption and passes the rows on with the captions in the records, the perception stage (whose
+    config has no caption model: it never loads Janus) adds the maps, and the merged output is the in-process run's,
+    whichever of the two part files was made first."""
+    from test_annotate import tree
+
+    reference = tmp_path / "reference"
+    run(images, reference, janus_folder, domains=["depth"])
+    out = tmp_path / "out"
+    cfg = ann.AnnotateConfig(input=str(images), output=str(out), **FAST, caption_model=str(janus_folder),
+                             caption_max_tokens=TOKENS, domains=["depth"], device="cpu").validate()
+    stamp = 1
+    perception = ann._perception_stage(cfg, False, 1, 1.0, stamp)
+    assert perception.kwargs["cfg_dict"]["caption_model"] is None
+    real_load = ann.load_caption_model
+    monkeypatch.setattr(ann, "load_caption_model", lambda *a: pytest.fail("the perception stage loaded Janus"))
+    maps = ann.RayAnnotator(**perception.kwargs)  # made first: its part file is older than the caption stage's
+    monkeypatch.setattr(ann, "load_caption_model", real_load)
+    [stage] = ann._caption_stages(cfg, False, 1, 1.0, stamp)
+    captioner = stage.fn(**stage.kwargs)
+    totals = dict.fromkeys(ann.COUNT_COLUMNS, 0)
+    for row in _stage_rows(cfg):
+        passed = captioner(row)
+        [item] = [ann.WorkItem.from_row(r) for r in json.loads(passed[ann.WORK_COLUMN][0])]
+        assert not item.caption and NAME in item.record["caption"]  # captioned, and the caption travels on
+        result = maps(passed)
+        for c in totals:
+            totals[c] += int(result[c][0])
+    maps.annotator.close()
+    assert totals == {"done": 3, "failed": 0, "captioned": 3, "captions_failed": 0}
+    parts = sorted(p.name for p in (out / ann.STATE_DIR).glob("part-*.jsonl"))
+    assert [p.split("-")[2] for p in parts] == ["ray1", "ray2"]  # one launch: captions sort before maps
+    ann.merge_outputs(out)
+    assert tree(out) == tree(reference)
+
+
+@pytest.fixture(scope="module")
+def ray_spy(tmp_path_factory):
+    """A local Ray (2 CPUs) whose workers record their model loads, sampler calls and captions (tests/ray_spy.py);
+    yields the spy file, emptied before each use by the test."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    repo = Path(__file__).resolve().parents[1]
+    spy = tmp_path_factory.mktemp("spy") / "spy.jsonl"
+    env = {"JODI_TEST_SPY": str(spy), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "ray_spy.install", "env_vars": env})
+    try:
+        yield spy
+    finally:
+        ray.shutdown()
+
+
+def _events(spy: Path) -> list[dict]:
+    events = [json.loads(line) for line in spy.read_text().splitlines()] if spy.exists() else []
+    spy.unlink(missing_ok=True)
+    return events
+
+
+def _pids(events, event: str) -> set:
+    return {e["pid"] for e in events if e["event"] == event}
+
+
+def test_ray_caption_and_perception_stages(janus_folder, images, tmp_path, ray_spy):
+    """Under Ray Data the captions are a stage of their own: Janus is loaded once, in the caption actor, and never
+    where the Jodi model is; the output equals the in-process run's (captions, maps, records); captions-only runs
+    the caption stage alone (no Jodi); a run resumed under Ray does not caption again."""
+    from test_annotate import tree
+
+    reference = tmp_path / "reference"
+    run(images, reference, janus_folder, domains=["depth"])
+    caption = dict(caption_model=str(janus_folder), caption_max_tokens=TOKENS, domains=["depth"], device="cpu")
+
+    def ray_run(out, **kw):
+        cfg = ann.AnnotateConfig(input=str(images), output=str(out), **{**FAST, **caption, **kw})
+        return ann._annotate_ray(cfg, None, 1)
+
+    _events(ray_spy)
+    out = tmp_path / "ray"
+    summary = ray_run(out)
+    assert (summary.done, summary.failed, summary.captioned, summary.captions_failed) == (3, 0, 3, 0)
+    events = _events(ray_spy)
+    janus, jodi = _pids(events, "janus_load"), _pids(events, "jodi_load")
+    assert len([e for e in events if e["event"] == "janus_load"]) == 1 and len(jodi) == 1 and not janus & jodi
+    assert _pids(events, "caption") == janus and _pids(events, "sample") == jodi
+    assert tree(out) == tree(reference)
+
+    # Captions only: the caption stage alone, no Jodi; stopped after 2, then resumed with maps: 1 more caption.
+    resumed = tmp_path / "resumed"
+    first = ray_run(resumed, captions_only=True, stop_after=2)
+    assert first.stopped and (first.done, first.captioned) == (2, 2)
+    events = _events(ray_spy)
+    assert not _pids(events, "jodi_load") and len([e for e in events if e["event"] == "caption"]) == 2
+    second = ray_run(resumed)
+    assert (second.done, second.captioned) == (3, 1)
+    events = _events(ray_spy)
+    assert len([e for e in events if e["event"] == "caption"]) == 1
+    assert tree(resumed) == tree(reference)
+    # Everything captioned: a run that makes more maps loads no Janus at all.
+    third = ray_run(resumed, domains=["depth", "edge"])
+    assert (third.done, third.captioned) == (3, 0)
+    assert not _pids(_events(ray_spy), "janus_load")
+    assert all("annotation_edge" in r and NAME in r["caption"] for r in records(resumed).values())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Where the models sit (one GPU): both stay, or they take turns
 # ---------------------------------------------------------------------------------------------------------------------

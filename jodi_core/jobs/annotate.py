@@ -400,9 +400,12 @@ def source_changed(record: dict, path: "str | os.PathLike") -> bool:
         return False
 
 
-def part_name(worker: str) -> str:
-    """Name of one launch's part and error files: the launch time first, so that sorting the names sorts by age."""
-    return f"{time.time_ns():020d}-{worker}-{uuid.uuid4().hex[:6]}"
+def part_name(worker: str, stamp: Optional[int] = None) -> str:
+    """Name of one launch's part and error files: the launch time first (``stamp``, ns; default now), so that sorting
+    the names sorts by age. Writers of one launch given the same ``stamp`` sort by ``worker`` (the Ray engine: the
+    caption stage's records before the perception stage's, as they are written in one process)."""
+    stamp = time.time_ns() if stamp is None else int(stamp)
+    return f"{stamp:020d}-{worker}-{uuid.uuid4().hex[:6]}"
 
 
 def _list_images(folder: Path, skip: Optional[Path]) -> list[Path]:
@@ -1183,8 +1186,8 @@ def _annotate_torchrun(cfg: AnnotateConfig) -> AnnotateSummary:
 
 
 # Ray Data: the driver plans the work as rows of one sampler batch each (plan_batches) and streams them through stages,
-# each a map_batches over its own pool of actors: captioning (later: _caption_stages), then perception (RayAnnotator,
-# which writes the files and records). The driver merges the part files at the end.
+# each a map_batches over its own pool of actors: captioning (RayCaptioner, _caption_stages), then perception
+# (RayAnnotator, which writes the files and records). The driver merges the part files at the end.
 
 WORK_COLUMN = "items"  # a work row: one sampler batch, the JSON list of its WorkItem rows
 
@@ -1220,6 +1223,55 @@ def plan_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkIt
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
+COUNT_COLUMNS = ("done", "failed", "captioned", "captions_failed")  # counts a stage passes on with its rows
+
+
+def _row_items(batch: dict) -> list[WorkItem]:
+    return [WorkItem.from_row(row) for rows in batch[WORK_COLUMN] for row in json.loads(str(rows))]
+
+
+def _carried(batch: dict) -> dict[str, int]:
+    """The counts the stages before this one passed on with the rows of ``batch`` (0 where none)."""
+    return {c: int(np.sum(batch[c])) if c in batch else 0 for c in COUNT_COLUMNS}
+
+
+class RayCaptioner:
+    """The caption stage (a Ray Data callable class): Janus loaded once per actor, no Jodi model. Each call captions
+    the items of its work rows that need a caption, appends each caption record to the actor's own part file (a
+    killed run loses at most the row in flight; a caption that fails goes to the actor's error log and the item's maps
+    are still made) and returns once they are written: the rows go on with the items' records holding their caption
+    (caption flag cleared, files already copied), plus the counts so far. Items with no maps to make are finished
+    here (as in one process); with ``captions_only`` this is the only stage and finishes every item."""
+
+    def __init__(self, cfg_dict: dict, stamp: Optional[int] = None):
+        cfg = AnnotateConfig(**cfg_dict).validate()
+        cfg.progress = False
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.captions_only = cfg.captions_only
+        # captions_only: the Annotator loads no Jodi model; the items' maps are left to the perception stage
+        self.annotator = Annotator(dataclasses.replace(cfg, captions_only=True), part_name("ray1-caption", stamp))
+
+    def __call__(self, batch: dict) -> dict:
+        ann = self.annotator
+        counts = _carried(batch)
+        before = {c: getattr(ann, c) for c in COUNT_COLUMNS}
+        rows = []
+        for text in batch[WORK_COLUMN]:
+            items = [WorkItem.from_row(row) for row in json.loads(str(text))]
+            try:
+                rest = ann._caption_window(items, None)
+                if self.captions_only:  # unreadable and copy-only items: recorded here, no maps to make
+                    ann._run(rest, None)
+                    rest = []
+            except Stopped:  # stop_after: the row's remaining items are left to the next run
+                rest = []
+            ann.flush()  # the row's records are in the part file before its items go on
+            rows.append(json.dumps([it.to_row() for it in rest]))
+        out = {c: np.array([counts[c] + getattr(ann, c) - before[c]] + [0] * (len(rows) - 1)) for c in COUNT_COLUMNS}
+        return {WORK_COLUMN: np.array(rows), **out}
+
+
 class RayAnnotator:
     """The perception stage (a Ray Data callable class): one model per actor, files written by the actor itself.
 
@@ -1228,20 +1280,21 @@ class RayAnnotator:
     stage, where Ray supports it): one samples while the other waits for its files, which keeps the writing of one
     batch overlapped with the sampling of the next as in one process; the model takes one batch at a time. The writer
     thread is made once and lives as long as the actor (Ray has no reliable destructor; after a call it has nothing
-    left to write)."""
+    left to write). The counts of the stages before it (captions) are added to its own."""
 
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, cfg_dict: dict, stamp: Optional[int] = None):
         import threading
 
         cfg = AnnotateConfig(**cfg_dict).validate()
         cfg.progress = False
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        self.annotator = Annotator(cfg, part_name("ray"))
+        self.annotator = Annotator(cfg, part_name("ray2-perception" if stamp is not None else "ray", stamp))
         self._model = threading.Lock()  # one batch on the model (and on the annotator's state) at a time
 
     def __call__(self, batch: dict) -> dict:
-        items = [WorkItem.from_row(row) for rows in batch[WORK_COLUMN] for row in json.loads(str(rows))]
+        items = _row_items(batch)
+        counts = _carried(batch)
         with self._model:
             done0, failed0 = self.annotator.done, self.annotator.failed
             try:
@@ -1251,7 +1304,8 @@ class RayAnnotator:
             done, failed = self.annotator.done - done0, self.annotator.failed - failed0
         for write in writes:  # outside the lock: the next batch samples meanwhile
             write.result()
-        return {"done": np.array([done]), "failed": np.array([failed])}
+        return {"done": np.array([counts["done"] + done]), "failed": np.array([counts["failed"] + failed]),
+                "captioned": np.array([counts["captioned"]]), "captions_failed": np.array([counts["captions_failed"]])}
 
 
 @dataclass
@@ -1285,18 +1339,38 @@ class RayStage:
                               num_cpus=self.num_cpus, batch_format="numpy")
 
 
-def _caption_stages(cfg: AnnotateConfig, gpu: bool) -> list[RayStage]:
-    """The stages that run on the work rows before perception, each with its own actor pool and GPU share: where
-    captioning plugs in (a stage that writes each item's caption into its record and passes the rows on). None
-    yet."""
-    return []
-
-
-def _perception_stage(cfg: AnnotateConfig, gpu: bool, workers: int, gpus_per_worker: float) -> RayStage:
+def _stage_config(cfg: AnnotateConfig) -> dict:
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["domains"] = list(cfg.domains)
-    return RayStage("perception", RayAnnotator, {"cfg_dict": cfg_dict}, workers,
-                    num_gpus=gpus_per_worker if gpu else 0, num_cpus=0 if gpu else 1, concurrent_calls=2)
+    return cfg_dict
+
+
+def _caption_gpus(cfg: AnnotateConfig, gpus_per_worker: float) -> float:
+    """Each actor's GPU share when captions are on: both stages' pools share the GPUs (a caption actor and a
+    perception actor on each, as the two models share one GPU in one process), so each takes half the share;
+    captions only: the whole share."""
+    return gpus_per_worker if cfg.captions_only else gpus_per_worker / 2
+
+
+def _caption_stages(cfg: AnnotateConfig, gpu: bool, workers: int = 1, gpus_per_worker: float = 1.0,
+                    stamp: Optional[int] = None) -> list[RayStage]:
+    """The stages that run on the work rows before perception, each with its own actor pool and GPU share: with a
+    caption model, :class:`RayCaptioner` on ``workers`` actors, each with Janus (and ``_caption_gpus`` of a GPU),
+    which writes each item's caption into its record and passes the rows on; none without one."""
+    if not cfg.caption_model:
+        return []
+    return [RayStage("caption", RayCaptioner, {"cfg_dict": _stage_config(cfg), "stamp": stamp}, workers,
+                     num_gpus=_caption_gpus(cfg, gpus_per_worker) if gpu else 0, num_cpus=0 if gpu else 1)]
+
+
+def _perception_stage(cfg: AnnotateConfig, gpu: bool, workers: int, gpus_per_worker: float,
+                      stamp: Optional[int] = None) -> RayStage:
+    """The perception stage; its config has no caption model (the caption stage wrote the captions into the
+    records), so its actors never load Janus."""
+    share = gpus_per_worker if not cfg.caption_model else _caption_gpus(cfg, gpus_per_worker)
+    cfg = dataclasses.replace(cfg, caption_model=None, caption_name=None, captions_only=False)
+    return RayStage("perception", RayAnnotator, {"cfg_dict": _stage_config(cfg), "stamp": stamp}, workers,
+                    num_gpus=share if gpu else 0, num_cpus=0 if gpu else 1, concurrent_calls=2)
 
 
 def _start_local_ray(ray, num_cpus: int) -> None:
@@ -1316,11 +1390,14 @@ def _start_local_ray(ray, num_cpus: int) -> None:
 
 
 def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: Optional[int] = None, *,
-                  gpus_per_worker: float = 1.0) -> AnnotateSummary:
-    """Ray Data: the work rows (:func:`plan_batches`) stream through the caption stages (none yet) and the
-    perception stage, ``workers`` :class:`RayAnnotator` actors with a model each (default: one per
-    ``gpus_per_worker`` of the cluster's GPUs, or 1 on CPU). A Ray already started in this process, or the cluster
-    at ``address``, is used as it is; else a local Ray is started for the run. The driver merges at the end."""
+                  gpus_per_worker: float = 1.0, caption_workers: Optional[int] = None) -> AnnotateSummary:
+    """Ray Data: the work rows (:func:`plan_batches`) stream through the caption stage (with a caption model:
+    ``caption_workers`` :class:`RayCaptioner` actors with Janus each, default as many as perception actors) and the
+    perception stage, ``workers`` :class:`RayAnnotator` actors with a Jodi model each (default: one per
+    ``gpus_per_worker`` of the cluster's GPUs, or 1 on CPU; with captions both pools share the GPUs, each actor
+    taking half of ``gpus_per_worker``); ``captions_only``: the caption stage alone. A Ray already started in this
+    process, or the cluster at ``address``, is used as it is; else a local Ray is started for the run. The driver
+    merges at the end."""
     try:
         import ray
         import ray.data
@@ -1329,12 +1406,16 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: O
     if not (0 < gpus_per_worker <= 1 or (gpus_per_worker > 1 and gpus_per_worker == int(gpus_per_worker))):
         raise ValueError(f"gpus_per_worker must be a share of one GPU (0 < x <= 1) or a whole number, "
                          f"got {gpus_per_worker!r}.")
+    cfg.validate()  # the caption name, among others: plan_work needs it to see the captions already made
     t0 = time.perf_counter()
     out = Path(cfg.output)
     with _writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
     items, complete = plan_work(cfg)
     summary = AnnotateSummary(skipped=complete)
+    if cfg.captions and not cfg.captions_only and not any(it.caption for it in items):
+        cfg = dataclasses.replace(cfg, caption_model=None, caption_name=None)  # every caption exists: no Janus
+    maps = not cfg.captions_only
     if items:
         started_here = not ray.is_initialized()
         address = address or os.environ.get("RAY_ADDRESS") or None  # a running cluster: join it
@@ -1342,7 +1423,9 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: O
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                _start_local_ray(ray, max(workers or 1, 1))
+                slots = (max(workers or 1, 1) if maps else 0) + (max(caption_workers or workers or 1, 1)
+                                                                  if cfg.caption_model else 0)
+                _start_local_ray(ray, slots)
         context = ray.data.DataContext.get_current()
         quiet = {"enable_progress_bars": False, "print_on_execution_start": False}  # this draws its own bar
         saved = {k: getattr(context, k) for k in quiet if hasattr(context, k)}
@@ -1357,7 +1440,10 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: O
             cfg = dataclasses.replace(cfg, device="auto" if gpu else "cpu")
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("GPU", 0) / gpus_per_worker)) if gpu else 1
-            stages = _caption_stages(cfg, gpu) + [_perception_stage(cfg, gpu, max(workers, 1), gpus_per_worker)]
+            stamp = time.time_ns()  # one launch: the caption records sort before the maps records of the same image
+            stages = _caption_stages(cfg, gpu, max(caption_workers or workers, 1), gpus_per_worker, stamp)
+            if maps:
+                stages.append(_perception_stage(cfg, gpu, max(workers, 1), gpus_per_worker, stamp))
             ds = ray.data.from_items([{WORK_COLUMN: json.dumps([it.to_row() for it in batch])}
                                       for batch in plan_batches(items, cfg.batch_size)])
             for stage in stages:
@@ -1366,6 +1452,8 @@ def _annotate_ray(cfg: AnnotateConfig, address: Optional[str] = None, workers: O
             for row in ds.iter_rows():
                 summary.done += int(row["done"])
                 summary.failed += int(row["failed"])
+                summary.captioned += int(row["captioned"])
+                summary.captions_failed += int(row["captions_failed"])
                 bar(int(row["done"]) + int(row["failed"]))
             bar.close()
         finally:
@@ -1429,6 +1517,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model replicas, one GPU each on GPU clusters (default: every GPU of the cluster; 1 on CPU)")
     p.add_argument("--ray-gpus-per-worker", type=float, default=1.0,
                    help="GPUs per model replica on GPU clusters: a share such as 0.5 puts two on each GPU (default 1)")
+    p.add_argument("--ray-caption-workers", type=int,
+                   help="Janus replicas of the caption stage (default: as many as --ray-workers); with captions each "
+                        "caption and each perception replica takes half of --ray-gpus-per-worker")
     p.add_argument("--merge-only", action="store_true", help="only merge the part files into metadata.jsonl")
     return p
 
@@ -1462,7 +1553,8 @@ def main_annotate(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.engine == "ray":
             summary = _annotate_ray(cfg, args.ray_address, args.ray_workers,
-                                    gpus_per_worker=args.ray_gpus_per_worker)
+                                    gpus_per_worker=args.ray_gpus_per_worker,
+                                    caption_workers=args.ray_caption_workers)
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             summary = _annotate_torchrun(cfg)
         else:
