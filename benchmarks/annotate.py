@@ -8,11 +8,17 @@ time of the whole command (Python start, model load, Ray start and stop included
 summary line (from the start of the annotate call: Ray start included, Python start not), each as images/s and as a
 ratio to the single process of the same run.
 
+CPU with ``--captions``: every engine also captions every image with Janus (``--caption-model JANUS_FOLDER``, default
+a tiny random Janus written by tests/janus_tiny.py, ``--caption-max-tokens`` tokens each): in one process and each
+torchrun rank both models take turns per window; under Ray the captions are a stage of their own
+(``--ray-caption-workers`` Janus actors, default as many as the perception workers) before the perception stage.
+
 GPU (``--gpu``): the real 1.6B Jodi config (random bf16 weights) with the DC-AE f32c32, 512 px images, batch 8,
 all 7 labels, in-process on one device after a warm-up batch. Target on one H100: >= 4.5 images/s (the analytic
 floor, DiT steps plus decodes at the card's bf16 rate, is 6.1 images/s).
 
     python benchmarks/annotate.py [--images 24 96] [--steps 4] [--batch-size 4] [--repeat 1]
+    python benchmarks/annotate.py --captions [--caption-model JANUS_FOLDER] [--ray-caption-workers N] [--images 96]
     python benchmarks/annotate.py --gpu [--images 64] [--steps 20] [--batch-size 8]
     python benchmarks/annotate.py --gpu --tiny --size 64 --images 8 --steps 2     (CPU smoke run of the GPU path)
 """
@@ -35,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 _RATE = re.compile(r"(\d+) done, (\d+) skipped, (\d+) failed in ([\d.]+) s \(([\d.]+) images/s\)")
+_CAPTIONED = re.compile(r"(\d+) captioned, (\d+) captions failed")
 
 
 def make_scenes(folder: Path, n: int, size: int = 64) -> None:
@@ -62,8 +69,9 @@ def _timed(cmd: list[str]) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     m = _RATE.findall(proc.stdout + proc.stderr)
     done, _, failed, seconds, rate = m[-1]
+    captioned = _CAPTIONED.findall(proc.stdout + proc.stderr)
     return {"wall_s": wall, "done": int(done), "run_s": float(seconds), "run_images_per_s": float(rate),
-            "wall_images_per_s": int(done) / wall}
+            "wall_images_per_s": int(done) / wall, "captioned": int(captioned[-1][0]) if captioned else 0}
 
 
 ENGINES = {
@@ -74,10 +82,24 @@ ENGINES = {
 }
 
 
+def _caption_args(args, tmp: str) -> list[str]:
+    """The annotate options that add captions (``--captions``); a tiny random Janus when no model is given."""
+    if not args.captions:
+        return []
+    model = args.caption_model
+    if model is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from janus_tiny import write_tiny_janus
+
+        model = str(write_tiny_janus(Path(tmp) / "Janus-Tiny", layout="original", seed=0))
+    return ["--caption-model", str(model), "--caption-max-tokens", str(args.caption_max_tokens)]
+
+
 def bench_cpu(args) -> dict:
     results: dict = {}
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
+        captions = _caption_args(args, tmp)
         for n in args.images:
             src = Path(tmp) / f"in{n}"
             make_scenes(src, n)
@@ -87,15 +109,22 @@ def bench_cpu(args) -> dict:
                     out = Path(tmp) / f"{n}_{name.replace(' ', '_')}_{round_}"
                     cmd = head + ["annotate", str(src), str(out), "--steps", str(args.steps), "--batch-size",
                                   str(args.batch_size), "--threads", "1", "--no-progress", "--device", "cpu"]
+                    cmd += captions
                     if name.startswith("ray"):
                         cmd += ["--engine", "ray", "--ray-workers", "2"]
+                        if captions and args.ray_caption_workers:
+                            cmd += ["--ray-caption-workers", str(args.ray_caption_workers)]
                     r = _timed(cmd)
-                    assert r["done"] == n, (name, r)
+                    assert r["done"] == n and r["captioned"] == (n if captions else 0), (name, r)
                     runs[name].append(r)
             results[n] = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in runs.items()}
             load.append(os.getloadavg()[0])
-    print(f"CPU, demo model, {args.steps} steps, batch {args.batch_size}, 1 thread per process, {os.cpu_count()} "
-          f"cores, median of {args.repeat} round(s); 1-minute load average {' -> '.join(f'{x:.1f}' for x in load)}")
+    what = ""
+    if captions:
+        what = f" + captions ({args.caption_max_tokens} tokens, {args.caption_model or 'tiny random Janus'})"
+    print(f"CPU, demo model{what}, {args.steps} steps, batch {args.batch_size}, 1 thread per process, "
+          f"{os.cpu_count()} cores, median of {args.repeat} round(s); 1-minute load average "
+          f"{' -> '.join(f'{x:.1f}' for x in load)}")
     print(f"{'images':>6}  {'engine':<13}{'wall s':>8}{'img/s (wall)':>14}{'img/s (run)':>13}{'ratio (wall)':>14}"
           f"{'ratio (run)':>13}")
     for n, by_engine in results.items():
@@ -104,7 +133,8 @@ def bench_cpu(args) -> dict:
             print(f"{n:>6}  {name:<13}{r['wall_s']:8.1f}{r['wall_images_per_s']:14.2f}{r['run_images_per_s']:13.2f}"
                   f"{r['wall_images_per_s'] / base['wall_images_per_s']:14.2f}"
                   f"{r['run_images_per_s'] / base['run_images_per_s']:13.2f}")
-    return {"images": results, "load_average": load, "steps": args.steps, "batch_size": args.batch_size}
+    return {"images": results, "load_average": load, "steps": args.steps, "batch_size": args.batch_size,
+            "captions": bool(captions), "caption_max_tokens": args.caption_max_tokens if captions else None}
 
 
 def bench_gpu(args) -> dict:
@@ -184,8 +214,17 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="CPU: rounds of all engines, medians reported")
     p.add_argument("--size", type=int, default=512, help="GPU image size and bucket resolution")
     p.add_argument("--tiny", action="store_true", help="with --gpu: tiny random models on the CPU (smoke run)")
+    p.add_argument("--captions", action="store_true", help="CPU: every engine also captions with Janus")
+    p.add_argument("--caption-model", metavar="JANUS_FOLDER",
+                   help="with --captions: this Janus folder (default: a tiny random Janus from tests/janus_tiny.py)")
+    p.add_argument("--caption-max-tokens", type=int, default=16, help="with --captions: tokens per caption")
+    p.add_argument("--ray-caption-workers", type=int, help="with --captions: Janus actors of the Ray engine")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.caption_model and not args.captions:
+        p.error("--caption-model needs --captions")
+    if args.gpu and args.captions:
+        p.error("--captions is a CPU benchmark (leave out --gpu)")
     if args.gpu:
         args.images = (args.images or [64])[0]
     else:

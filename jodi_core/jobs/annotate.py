@@ -36,7 +36,8 @@ record gets ``"caption": {"<folder name>": "<text>"}`` beside the captions of ot
 whose caption under that name exists is done for captions; ``--captions-only`` fills in captions alone, without
 loading Jodi. A window of images is captioned first (each caption recorded at once), then labelled; a caption that
 fails goes to ``errors.jsonl`` (with ``caption_model``) and the image's maps are written all the same. On one GPU the
-two models stay loaded together when they fit, else take turns (:class:`ModelPlacement`).
+two models stay loaded together when they fit, else take turns (:class:`ModelPlacement`). Under Ray the captions are a
+stage of their own (:class:`RayCaptioner`, Janus actors) before the perception actors, which never load Janus.
 
 With several workers (torchrun ranks on several nodes, Ray workers on a cluster) OUTPUT must be one shared folder:
 every worker writes its own files and part file there.
