@@ -103,12 +103,13 @@ class JodiPipeline:
         imaging.check_size(height, width, self.compression)
         return height, width
 
-    def working_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool) -> int:
+    def working_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool, snap: bool = True) -> int:
         """Rough bytes of activations for one DiT step (hosts reserve this before loading the models): float32,
         about 12 live (rows, tokens, hidden) tensors in a block, for the domains that are not ignored in the first
-        row. ``roles``: user roles or a :class:`RolePlan`."""
+        row. ``roles``: user roles or a :class:`RolePlan`; ``snap``: as for :meth:`working_size` (False: the DiT
+        works at ``height x width`` itself)."""
         roles = plan_roles(roles).roles
-        work_h, work_w = self.working_size(height, width)
+        work_h, work_w = self.working_size(height, width, snap)
         active = int((roles[0] != Role.IGNORE).sum())
         tokens = active * (work_h // self.compression) * (work_w // self.compression) + 300
         hidden = int(getattr(getattr(self.transformer, "config", None), "hidden_size", 2240))
@@ -195,7 +196,7 @@ class JodiPipeline:
         if encode and plan.conditioned:  # encoding a condition image at the working size
             phase((vae_dev, self._dcae_activations(batch, work_h, work_w, False)), (host, latents))
         if self.transformer is not None:  # noise, the sampler's history and the model's output: a few latents
-            phase((dit_dev, self.working_memory(batch, plan, height, width, use_cfg) + 6 * latents),
+            phase((dit_dev, self.working_memory(batch, plan, height, width, use_cfg, snap) + 6 * latents),
                   (host, latents))
         if decoded is None:
             decoded = plan.active

@@ -48,6 +48,21 @@ def test_step_estimate_grows_with_size_batch_cfg_and_domains(pipe):
     assert _step(pipe, batch=2, cfg=True) > _step(pipe, batch=2) > _step(pipe)
 
 
+def test_step_estimate_follows_the_size_when_not_snapped(pipe):
+    """Without the aspect buckets (``snap=False``) the DiT works at the size asked for, and so does its estimate
+    (it used to stay at the 1024 px bucket: a 2048 px run was estimated at a quarter of its tokens)."""
+    plan = plan_roles(["generate"] * NUM_DOMAINS, 1)
+
+    def step(size):
+        return pipe.memory_needs(1, plan, size, size, False, decode=False, snap=False, dit_device=GPU,
+                                 vae_device=GPU)[GPU]
+
+    assert step(1024) == _step(pipe)
+    assert step(2048) > 3.5 * step(1024) and step(1024) > 3 * step(512)
+    assert pipe.working_memory(1, plan, 2048, 2048, False, snap=False) > 3.5 * pipe.working_memory(
+        1, plan, 2048, 2048, False)
+
+
 def test_decode_estimate_grows_with_size_and_maps_and_shrinks_with_tiles(pipe):
     base = _decode(pipe, size=1024)
     assert _decode(pipe, work=(2048, 2048)) > base * 3  # the decoder works at the latent's size
