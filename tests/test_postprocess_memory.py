@@ -1,7 +1,7 @@
 """Post-processing memory at 4096 x 4096: a few copies of the output image, not hundreds of bytes per pixel.
 
 Measured in a fresh process (torch's CPU allocations are invisible to tracemalloc): resident memory after the input
-exists, then the peak (``ru_maxrss``) after the pipeline's post-processing of decoded maps at the output size.
+exists, then the peak (``VmHWM``) after the pipeline's post-processing of decoded maps at the output size.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIDE = 4096
 
 _MEASURE = r"""
-import json, resource, sys
+import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from jodi_core.pipeline import JodiPipeline
@@ -39,9 +39,11 @@ class Decoded(torch.nn.Module):
         return self.image.clone()
 
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_kib(field):
+    # VmHWM is this address space's own peak. ru_maxrss is not: Linux carries it across exec, so a child of a
+    # large pytest process starts with its parent's resident size as its "peak".
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 roles = torch.zeros(1, 8, dtype=torch.long)
@@ -49,9 +51,9 @@ small = JodiPipeline(None, Decoded(torch.zeros(1, 3, 64, 64)))
 small.decode_latents(torch.zeros(1, 8, 4, 2, 2), roles, 64, 64, domains=domains)  # warm-up: palettes, threads
 image = torch.empty(1, 3, side, side).uniform_(-1, 1)  # in place: no temporary before the baseline
 pipe = JodiPipeline(None, Decoded(image))
-base = rss()
+base = status_kib("VmRSS")
 images, seg = pipe.decode_latents(torch.zeros(1, 8, 4, 2, 2), roles, side, side, domains=domains)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_kib("VmHWM")
 kept = sum(t.numel() * t.element_size() for t in images.values())
 kept += 0 if seg is None else seg.numel() * seg.element_size()
 print(json.dumps({"extra": peak - base, "kept": kept, "map": image.numel() * image.element_size()}))
@@ -64,21 +66,14 @@ print(json.dumps({"extra": peak - base, "kept": kept, "map": image.numel() * ima
 _ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 
 
-def _clean_environment() -> dict:
-    """A fresh process's environment: what earlier tests of the session set (threads, Ray's, Triton's) stays out,
-    so the suite measures what a lone run measures (CI saw 1491 MiB inside the suite where a lone run sees 512)."""
-    keep = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL")
-    return {**{k: os.environ[k] for k in keep if k in os.environ}, **_ALLOCATOR}
-
-
 def measure(domains: list[int], side: int = SIDE, repo: Path = REPO) -> dict:
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(repo), str(side), json.dumps(domains)],
-                         capture_output=True, text=True, timeout=600, env=_clean_environment())
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **_ALLOCATOR})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads resident memory from /proc (Linux)")
 @pytest.mark.parametrize("domains", [[6], list(range(8))], ids=["segmentation", "all-eight"])
 def test_postprocessing_at_4096_needs_a_few_copies_of_the_output(domains):
     m = measure(domains)
