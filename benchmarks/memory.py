@@ -11,9 +11,9 @@ Each row prints a measured peak next to one computed from shapes:
 - computed weights: parameter counts times bytes per dtype, on the meta model;
 - computed activations: the estimates the nodes give ComfyUI (``JodiPipeline.memory_needs`` for the DiT step and the
   decode, ``JanusModel.kv_cache_bytes`` for Janus), so the ratio column is the accuracy of those estimates;
-- fp8 cast: the compute-dtype copies of the largest fp8 weight that a cast-on-use layer makes while it runs (CastOps:
-  ``weight.to(dtype)`` and its product with the per-tensor scale, two copies at once); not part of the estimates
-  above, so listed on its own rows and added where the goals are checked.
+- fp8 cast: the compute-dtype copy of the largest fp8 weight that a cast-on-use layer makes while it runs (CastOps:
+  ``weight.to(dtype)``, scaled in place by the per-tensor scale); not part of the estimates above, so listed on its
+  own rows and added where the goals are checked.
 
 ``--device cuda`` measures everything at the real sizes with ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats`` (peak over what was allocated before: activations; weights: allocated after building).
@@ -203,14 +203,14 @@ def materialize(model: nn.Module, what: str, weight_dtype: str, device, filler: 
 def weight_table(model: nn.Module, what: str, weight_dtype: str) -> dict[str, tuple[int, int]]:
     """Parameter name -> (bytes stored, bytes of the compute-dtype copies an fp8 weight's layer makes while it runs).
 
-    A CastOps layer loaded in fp8 holds a per-tensor float32 scale and computes ``weight.to(dtype) * scale``: the
-    cast and the scaled product are two full compute-dtype copies alive at once."""
+    A CastOps layer loaded in fp8 holds a per-tensor float32 scale and computes ``weight.to(dtype).mul_(scale)``: one
+    full compute-dtype copy while it runs."""
     storage = ops.storage_dtype(weight_dtype)
     fp8_keys = set(fp8.fp8_layers(model, what)) if storage is not None else set()
     table = {}
     for name, p in model.named_parameters():
         if name in fp8_keys:  # model built with CastOps (fp8.operations_for), so every fp8 layer has a scale
-            table[name] = (p.numel() + 4, 2 * p.numel() * p.element_size())
+            table[name] = (p.numel() + 4, p.numel() * p.element_size())
         else:
             table[name] = (p.numel() * p.element_size(), 0)
     return table
@@ -623,9 +623,9 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
             weights_measured[(kind, wd)] = measured
             rep.row(names[kind], wd, measured, weights[(kind, wd)], how)
     for kind, prefix in (("dit", ""), ("dcae", "decoder"), ("janus", "language_model")):
-        rep.row(f"fp8 cast: largest fp8 weight of the {WHAT[kind]}{' ' + prefix if prefix else ''}, 2 x bf16", "fp8",
+        rep.row(f"fp8 cast: largest fp8 weight of the {WHAT[kind]}{' ' + prefix if prefix else ''}, 1 x bf16", "fp8",
                 None, largest_cast(tables[(kind, "fp8")], prefix),
-                "shapes: CastOps' transient weight.to(bf16) and its product with the scale")
+                "shapes: CastOps' transient weight.to(bf16), scaled in place")
 
     # ---- activations at the sizes measured on the CPU (a GPU measures at 1024 px: the rows below) ----
     for case in [] if cuda else _find(results, op="dit_step"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from jodi_core import fp8, ops
 from jodi_core.checkpoint import CheckpointError
@@ -403,6 +404,20 @@ def test_castops_is_a_layer_namespace():
     gn, conv = ops.CastOps.GroupNorm(2, 4), ops.CastOps.Conv2d(4, 6, 3, padding=1)
     img = torch.randn(1, 4, 5, 5)
     assert conv(gn(img)).shape == (1, 6, 5, 5)
+
+
+@pytest.mark.parametrize("stored_dtype", [torch.float8_e4m3fn, torch.float32], ids=["fp8", "same-as-input"])
+def test_scaled_weight_is_applied_without_touching_the_stored_weight(stored_dtype):
+    # The scale multiplies the cast copy in place; where no copy is made (stored in the input's dtype) it must not.
+    layer = ops.CastOps.Linear(8, 4)
+    layer.weight.data = layer.weight.data.to(stored_dtype)
+    layer.scale_weight = torch.tensor(0.5)
+    stored = layer.weight.detach().clone()
+    x = torch.randn(3, 8)
+    expected = F.linear(x, stored.float() * 0.5, layer.bias)
+    for _ in range(2):
+        assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.equal(layer.weight.float(), stored.float())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
