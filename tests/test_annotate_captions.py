@@ -398,6 +398,38 @@ def test_ray_stages_in_process_write_the_in_process_records(janus_folder, images
     assert tree(out) == tree(reference)
 
 
+def test_a_failed_caption_in_the_ray_caption_stage_goes_to_errors_and_the_maps_are_written(
+        janus_folder, images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = ann.AnnotateConfig(input=str(images), output=str(out), **FAST, caption_model=str(janus_folder),
+                             caption_max_tokens=TOKENS, domains=["depth"], device="cpu").validate()
+    real = Captioner.caption
+
+    def fails_for_p1(self, image, key):
+        if key == "image/p1.png":
+            raise RuntimeError("boom")
+        return real(self, image, key)
+
+    monkeypatch.setattr(Captioner, "caption", fails_for_p1)
+    [stage] = ann._caption_stages(cfg, False, 1, 1.0, 1)
+    captioner = stage.fn(**stage.kwargs)
+    maps = ann.RayAnnotator(**ann._perception_stage(cfg, False, 1, 1.0, 1).kwargs)
+    totals = dict.fromkeys(ann.COUNT_COLUMNS, 0)
+    for row in _stage_rows(cfg):
+        result = maps(captioner(row))
+        for c in totals:
+            totals[c] += int(result[c][0])
+    maps.annotator.close()
+    assert totals == {"done": 3, "failed": 0, "captioned": 2, "captions_failed": 1}
+    ann.merge_outputs(out)
+    recs = records(out)
+    assert "caption" not in recs["image/p1.png"] and (out / recs["image/p1.png"]["annotation_depth"]).is_file()
+    assert all(NAME in recs[f"image/p{i}.png"]["caption"] for i in (0, 2))
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and errors[0]["image"] == "image/p1.png" and errors[0]["caption_model"] == NAME
+    assert "RuntimeError: boom" in errors[0]["error"]
+
+
 @pytest.fixture(scope="module")
 def ray_spy(tmp_path_factory):
     """A local Ray (2 CPUs) whose workers record their model loads, sampler calls and captions (tests/ray_spy.py);
