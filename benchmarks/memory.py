@@ -12,8 +12,9 @@ Each row prints a measured peak next to one computed from shapes:
 - computed activations: the estimates the nodes give ComfyUI (``JodiPipeline.memory_needs`` for the DiT step and the
   decode, ``JanusModel.kv_cache_bytes`` for Janus), so the ratio column is the accuracy of those estimates;
 - fp8 cast: the compute-dtype copy of the largest fp8 weight that a cast-on-use layer makes while it runs (CastOps:
-  ``weight.to(dtype)``, scaled in place by the per-tensor scale); not part of the estimates above, so listed on its
-  own rows and added where the goals are checked.
+  ``weight.to(dtype)``, scaled in place by the per-tensor scale); the estimates above include it
+  (``jodi_core.ops.cast_workspace_bytes``, computed on a meta model whose fp8 weights are stored in fp8, as loaded);
+  listed on its own rows too.
 
 ``--device cuda`` measures everything at the real sizes with ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats`` (peak over what was allocated before: activations; weights: allocated after building).
@@ -36,7 +37,7 @@ On the CPU (default) it measures the resident set (RSS, /proc/self/status VmRSS/
 
 The issue's goals are checked at the end: Jodi at 1024 px with 8 domains (CFG) within 12 GB, Janus-Pro-7B in fp8
 within 12 GB, and both within 8 GB in low-VRAM mode (weights streamed one unit at a time: peak = the largest unit, a
-DiT block, a DC-AE block or a Janus layer/embedding/head, plus its fp8 cast, plus the activations). GB there means
+DiT block, a DC-AE block or a Janus layer/embedding/head, plus the activations with the fp8 cast). GB there means
 GiB (a "12 GB" card has 12 GiB); CUDA's own context (a few hundred MiB) is not counted by either method.
 """
 
@@ -251,41 +252,54 @@ def streaming_units(model: nn.Module, prefix: str = "") -> list[str]:
     return units
 
 
-def largest_unit(model: nn.Module, table: dict[str, tuple[int, int]], prefix: str = "", cast: bool = True
-                 ) -> tuple[str, int]:
-    """(name, bytes) of the streamed unit with the largest footprint on the device: its stored weights, plus (with
-    ``cast``) the compute-dtype copy of its largest fp8 weight (cast one layer at a time)."""
+def largest_unit(model: nn.Module, table: dict[str, tuple[int, int]], prefix: str = "") -> tuple[str, int]:
+    """(name, bytes) of the streamed unit with the largest stored weights (the estimates hold the fp8 cast copy)."""
     best = ("", 0)
     for unit in streaming_units(model, prefix):
-        need = total_bytes(table, unit) + cast * largest_cast(table, unit)
+        need = total_bytes(table, unit)
         if need > best[1]:
             best = (unit, need)
     return best
 
 
-def dit_step_estimate(cfg: JodiConfig, dtype: torch.dtype, size: int, use_cfg: bool = True) -> int:
+def stored_meta(kind: str, cfg, wd: str, dtype: torch.dtype) -> nn.Module:
+    """The meta model with the weights an fp8 ``wd`` stores in fp8 in that dtype, as the loaders leave it."""
+    key = (kind, repr(cfg), wd, dtype, "stored")
+    if key not in _META_CACHE:
+        model = build_meta(kind, cfg, WEIGHT_DTYPES[wd], dtype)
+        storage = ops.storage_dtype(WEIGHT_DTYPES[wd])
+        for name in fp8.fp8_layers(model, WHAT[kind]) if storage is not None else ():
+            p = model.get_parameter(name)
+            p.data = torch.empty(p.shape, dtype=storage, device="meta")
+        _META_CACHE[key] = model
+    return _META_CACHE[key]
+
+
+def dit_step_estimate(cfg: JodiConfig, wd: str, dtype: torch.dtype, size: int, use_cfg: bool = True) -> int:
     """``JodiPipeline.memory_needs`` for one joint-generation step (8 domains) at ``size`` px, on the DiT's device."""
     gpu = torch.device("cuda")  # a device name only: the DiT's share, apart from what the host keeps
-    pipe = JodiPipeline(meta_model("dit", cfg, "default", dtype), None)
+    pipe = JodiPipeline(stored_meta("dit", cfg, wd, dtype), None)
     plan = plan_roles(joint_roles(), 1, has_prompt=use_cfg, cfg_scale=4.5 if use_cfg else 1.0)
     return pipe.memory_needs(1, plan, size, size, use_cfg, decode=False, snap=False, dit_device=gpu,
                              vae_device=gpu)[gpu]
 
 
-def decode_estimate(cfg: DCAEConfig, dtype: torch.dtype, size: int, tile: Optional[int], maps: int) -> int:
+def decode_estimate(cfg: DCAEConfig, wd: str, dtype: torch.dtype, size: int, tile: Optional[int], maps: int) -> int:
     """``JodiPipeline.memory_needs`` of decoding ``maps`` domains of one sample at ``size`` px, on the DC-AE's device
     (one map at a time, as the pipeline and the nodes decode)."""
     gpu = torch.device("cuda")
-    pipe = JodiPipeline(None, meta_model("dcae", cfg, "default", dtype))
+    pipe = JodiPipeline(None, stored_meta("dcae", cfg, wd, dtype))
     plan = plan_roles(joint_roles(), 1)
     return pipe.memory_needs(1, plan, size, size, False, decode=True, encode=False, decode_rows=1,
                              decoded=list(range(maps)), vae_device=gpu, work_size=(size, size),
                              tiled_decode=tile is not None, tile_size=tile)[gpu]
 
 
-def janus_estimate(cfg: JanusConfig, dtype: torch.dtype, prompt: int, new: int) -> int:
-    """What the Janus nodes reserve for a run: ``JanusModel.kv_cache_bytes`` of batch 1 over prompt + new tokens."""
-    return meta_model("janus", cfg, "default", dtype).kv_cache_bytes(1, prompt + new)
+def janus_estimate(cfg: JanusConfig, wd: str, dtype: torch.dtype, prompt: int, new: int) -> int:
+    """What the Janus nodes reserve for a run (``nodes/janus._ready``): ``JanusModel.kv_cache_bytes`` of batch 1 over
+    prompt + new tokens, and the cast copy of the largest fp8 weight."""
+    model = stored_meta("janus", cfg, wd, dtype)
+    return model.kv_cache_bytes(1, prompt + new) + ops.cast_workspace_bytes(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -633,14 +647,14 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
         cfg = make_config("dit", quick)
         blocks = case["layers"] or cfg.depth
         extra = (cfg.depth - blocks) * res["caption_kv_per_block"]
-        est = dit_step_estimate(cfg, dtype, case["size"])
+        est = dit_step_estimate(cfg, case["wd"], dtype, case["size"])
         cut = f", {blocks} block(s) + caption K/V of {cfg.depth - blocks} more" if extra else ""
         rep.row(f"DiT step activations {case['size']} px, 8 domains, CFG{' (tiny)' if quick else ''}",
                 case["label"], res["activations"] + extra, est,
                 f"{where} of prepare + one forward{cut} | JodiPipeline.memory_needs (step)")
     for case in [] if cuda else _find(results, op="dcae_decode"):
         res, dtype = case["result"], DTYPES[case["dtype"]]
-        est = decode_estimate(make_config("dcae", quick), dtype, case["size"], case["tile"], case["maps"])
+        est = decode_estimate(make_config("dcae", quick), case["wd"], dtype, case["size"], case["tile"], case["maps"])
         tiles = "whole" if case["tile"] is None else f"tiles {case['tile']} px"
         what = (f"DC-AE decode activations {case['size']} px, {tiles}, "
                 f"{'8 maps' if case['maps'] == NUM_DOMAINS else '1 map'}{' (tiny)' if quick else ''}")
@@ -650,7 +664,7 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
     for case in [] if cuda else _find(results, op="janus_decode"):
         res, dtype = case["result"], DTYPES[case["dtype"]]
         cfg = make_config("janus", quick, case["layers"])
-        est = janus_estimate(cfg, dtype, case["prompt"], case["new"])
+        est = janus_estimate(cfg, case["wd"], dtype, case["prompt"], case["new"])
         layers = cfg.language.num_layers
         rep.row(f"Janus decode activations, {case['prompt']} + {case['new']} tokens, {layers} layer(s)"
                 f"{' (tiny)' if quick else ''}", case["label"], res["activations"], est,
@@ -666,17 +680,17 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
     acts = {}
     unmeasured = "measured with --device cuda"
     for wd in WEIGHT_DTYPES:
-        step = dit_step_estimate(real["dit"], bf16, 1024)
+        step = dit_step_estimate(real["dit"], wd, bf16, 1024)
         acts[("step", wd)] = (measured_at("dit", "dit_step", wd, size=1024), step)
         rep.row("DiT step activations 1024 px, 8 domains, CFG (batch 2)", wd, acts[("step", wd)][0], step,
                 f"{where if cuda else unmeasured} | JodiPipeline.memory_needs (step)")
         for tile in (None, 512, 256):
-            est = decode_estimate(real["dcae"], bf16, 1024, tile, NUM_DOMAINS)
+            est = decode_estimate(real["dcae"], wd, bf16, 1024, tile, NUM_DOMAINS)
             acts[("decode", wd, tile)] = (measured_at("dcae", "dcae_decode", wd, size=1024, tile=tile), est)
             rep.row(f"DC-AE decode activations 1024 px, 8 maps, {'whole' if tile is None else f'tiles {tile} px'}",
                     wd, acts[("decode", wd, tile)][0], est,
                     f"{where + ' of decode_latents' if cuda else unmeasured} | memory_needs (decode)")
-        kv = janus_estimate(real["janus"], bf16, JANUS_PROMPT, JANUS_NEW)
+        kv = janus_estimate(real["janus"], wd, bf16, JANUS_PROMPT, JANUS_NEW)
         acts[("janus", wd)] = (measured_at("janus", "janus_decode", wd), kv)
         rep.row(f"Janus-Pro-7B decode activations, {JANUS_PROMPT} + {JANUS_NEW} tokens", wd,
                 acts[("janus", wd)][0], kv,
@@ -691,27 +705,22 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
             w = weights if source == "computed" else weights_measured
             if None in (step, decode, kv, w[("dit", wd)], w[("dcae", wd)], w[("janus", wd)]):
                 continue
-            # Measured activations already hold the fp8 cast copies; computed ones get them added.
-            cast = source == "computed" and wd == "fp8"
-            plus = " + fp8 cast" if cast else ""
-            dit_cast = cast * largest_cast(tables[("dit", wd)])
-            vae_cast = cast * largest_cast(tables[("dcae", wd)], "decoder")
-            janus_cast = cast * largest_cast(tables[("janus", wd)], "language_model")
-            resident = w[("dit", wd)] + w[("dcae", wd)] + max(step + dit_cast, decode + vae_cast)
+            # Both the estimates and the measured activations hold the fp8 cast copy.
+            resident = w[("dit", wd)] + w[("dcae", wd)] + max(step, decode)
             rep.goal(f"Jodi 1024 px, 8 domains, CFG, {wd}, DiT + DC-AE resident ({source})", resident, GOAL_GIB,
-                     f"weights of both + max(step, whole decode) activations{plus}")
+                     "weights of both + max(step, whole decode) activations")
             rep.goal(f"Janus-Pro-7B, {wd}, {JANUS_PROMPT} + {JANUS_NEW} tokens ({source})",
-                     w[("janus", wd)] + kv + janus_cast, GOAL_GIB if wd == "fp8" else None,
-                     f"weights + KV cache{'' if source == 'computed' else ' and decode activations'}{plus}")
-            dit_unit = largest_unit(metas["dit"], tables[("dit", wd)], cast=cast)
-            vae_unit = largest_unit(metas["dcae"], tables[("dcae", wd)], "decoder", cast=cast)
-            janus_unit = largest_unit(metas["janus"], tables[("janus", wd)], "language_model", cast=cast)
+                     w[("janus", wd)] + kv, GOAL_GIB if wd == "fp8" else None,
+                     f"weights + KV cache{'' if source == 'computed' else ' and decode activations'}")
+            dit_unit = largest_unit(metas["dit"], tables[("dit", wd)])
+            vae_unit = largest_unit(metas["dcae"], tables[("dcae", wd)], "decoder")
+            janus_unit = largest_unit(metas["janus"], tables[("janus", wd)], "language_model")
             rep.goal(f"Jodi low-VRAM, {wd} ({source})", max(dit_unit[1] + step, vae_unit[1] + decode),
                      LOW_VRAM_GOAL_GIB,
                      f"max(largest DiT unit {dit_unit[0]} {dit_unit[1] / 2**20:.0f} MiB + step, largest decoder unit "
-                     f"{vae_unit[0]} {vae_unit[1] / 2**20:.0f} MiB + whole decode){plus}")
+                     f"{vae_unit[0]} {vae_unit[1] / 2**20:.0f} MiB + whole decode)")
             rep.goal(f"Janus-Pro-7B low-VRAM, {wd} ({source})", janus_unit[1] + kv, LOW_VRAM_GOAL_GIB,
-                     f"largest unit {janus_unit[0]} {janus_unit[1] / 2**20:.0f} MiB{plus} + KV cache")
+                     f"largest unit {janus_unit[0]} {janus_unit[1] / 2**20:.0f} MiB + KV cache")
     return rep
 
 

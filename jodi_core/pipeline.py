@@ -22,7 +22,7 @@ import torch
 from . import imaging, memory
 from .domains import DOMAINS, NUM_DOMAINS, Role, RolePlan, get_domain, plan_roles, postprocess_with_index
 from .memory import InsufficientMemoryError
-from .ops import compute_dtype
+from .ops import cast_workspace_bytes, compute_dtype
 from .sampling import Interrupted, StepCallback, cfg_velocity, flow_timesteps, get_sampler
 
 log = logging.getLogger(__name__)
@@ -106,20 +106,21 @@ class JodiPipeline:
     def working_memory(self, batch: int, roles, height: int, width: int, use_cfg: bool, snap: bool = True) -> int:
         """Rough bytes of activations for one DiT step (hosts reserve this before loading the models): float32,
         about 12 live (rows, tokens, hidden) tensors in a block, for the domains that are not ignored in the first
-        row. ``roles``: user roles or a :class:`RolePlan`; ``snap``: as for :meth:`working_size` (False: the DiT
-        works at ``height x width`` itself)."""
+        row, plus the compute-dtype copy of its largest fp8 weight, if any (:func:`ops.cast_workspace_bytes`).
+        ``roles``: user roles or a :class:`RolePlan`; ``snap``: as for :meth:`working_size` (False: the DiT works at
+        ``height x width`` itself)."""
         roles = plan_roles(roles).roles
         work_h, work_w = self.working_size(height, width, snap)
         active = int((roles[0] != Role.IGNORE).sum())
         tokens = active * (work_h // self.compression) * (work_w // self.compression) + 300
         hidden = int(getattr(getattr(self.transformer, "config", None), "hidden_size", 2240))
         rows = batch * (2 if use_cfg else 1)
-        return rows * tokens * hidden * 4 * 12
+        return rows * tokens * hidden * 4 * 12 + cast_workspace_bytes(self.transformer)
 
     def _dcae_activations(self, rows: int, height: int, width: int, tiled: bool,
                           tile_size: Optional[int] = None) -> int:
         """Rough peak bytes of one DC-AE pass over ``rows`` images of ``height x width`` pixels (``tile_size``: the
-        tiles' side, default the DC-AE's)."""
+        tiles' side, default the DC-AE's), with the cast copy of its largest fp8 weight."""
         cfg = getattr(self.vae, "config", None)
         first_width = int(getattr(cfg, "width_list", (128,))[0])
         try:
@@ -133,7 +134,7 @@ class JodiPipeline:
             tile = tile_size or DEFAULT_TILE_SIZE
             h, w = min(height, tile), min(width, tile)
         blend = rows * height * width * 4 * 4 if tiled and (h, w) != (height, width) else 0
-        return rows * h * w * first_width * elem * DCAE_ACTIVATION_FACTOR + blend
+        return rows * h * w * first_width * elem * DCAE_ACTIVATION_FACTOR + blend + cast_workspace_bytes(self.vae)
 
     @staticmethod
     def _device_of(module: Optional[torch.nn.Module], requested=None) -> torch.device:

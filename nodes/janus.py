@@ -108,14 +108,15 @@ def load_janus_patcher(model_name: str, dtype_choice: str, weight_dtype: str = "
 
 def _ready(model_patcher, working_memory=None):
     """The JanusModel behind a patcher, loaded on the patcher's device with room for ``working_memory(model)`` bytes
-    of activations and KV cache."""
+    of activations and KV cache, and for the cast copy of its largest fp8 weight (the 7B's text head: 0.8 GiB)."""
     from ..jodi_core.janus import JanusModel
+    from ..jodi_core.ops import cast_workspace_bytes
 
     common.check_patcher(model_patcher, "model", "Janus Loader")
     model = common.unwrap(model_patcher)
     if not isinstance(model, JanusModel):
         raise TypeError(f"model must come from Janus Loader, got a {type(model).__name__}.")
-    need = int(working_memory(model)) if working_memory is not None else 0
+    need = (int(working_memory(model)) if working_memory is not None else 0) + cast_workspace_bytes(model)
     common.load_models([model_patcher], need)
     # A CUDA graph replays the copies it captured; weights cast on use from the offload device are new tensors each
     # step, so decode eagerly unless every weight is resident.

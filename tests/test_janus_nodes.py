@@ -144,6 +144,18 @@ def test_caption_matches_the_engine_per_image(pack, reference):
     assert pack.events.progress[-1][:2] == (12, 12)
 
 
+
+def test_fp8_weights_reserve_room_for_their_cast_copy(pack):
+    fp8 = pack.nodes["JanusLoader"].execute("Janus-Tiny", "auto", "fp8_e4m3fn").result[0]
+    plain = _load(pack)
+    needs = []
+    for patcher in (plain, fp8):
+        pack.nodes["JanusCaption"].execute(patcher, _image(batch=1), "brief", 4)
+        needs.append(pack.events.loaded[-1][1])
+    model = fp8.model.module
+    largest = max(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    assert needs[1] - needs[0] == largest * 4  # a float32 copy (auto dtype on the CPU), kv caches alike
+
 def test_caption_presets_differ_and_fold_to_one_line(pack, reference):
     patcher = _load(pack)
     image = _image(batch=1, seed=3)

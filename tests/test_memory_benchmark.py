@@ -72,8 +72,15 @@ def test_estimates_grow_with_size_and_shrink_with_tiles(report):
                              for t in ("whole", "tiles 512", "tiles 256"))
         assert whole > t512 > t256 > 0
         kv = _one(report, "Janus-Pro-7B decode activations", dtype)["computed_gib"]
-        assert math.isclose(kv, 2 * 30 * (640 + 512) * 4096 * 2 / GiB, rel_tol=1e-3)  # K and V, 30 layers, bf16
-
+        cache = 2 * 30 * (640 + 512) * 4096 * 2  # K and V, 30 layers, bf16
+        cast = 102400 * 4096 * 2 if dtype == "fp8" else 0  # the fp8 text head's bf16 copy
+        assert math.isclose(kv, (cache + cast) / GiB, rel_tol=1e-3)
+    # Every fp8 estimate holds its model's cast copy: more than bf16's by at least the "fp8 cast" row.
+    for what, cast in (("DiT step activations 1024 px", "Jodi DiT,"),
+                       ("DC-AE decode activations 1024 px, 8 maps, whole", "DC-AE decoder")):
+        gap = _one(report, what, "fp8")["computed_gib"] - _one(report, what, "bf16")["computed_gib"]
+        copy = _one(report, f"fp8 cast: largest fp8 weight of the {cast}", "fp8")["computed_gib"]
+        assert 0 < copy - 1e-3 <= gap, (what, gap, copy)
 
 def test_goals_are_checked(report):
     goals = {g["what"]: g for g in report["goals"]}

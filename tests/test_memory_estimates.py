@@ -89,3 +89,23 @@ def test_decode_alone_leaves_out_the_step_and_the_encoding(pipe):
     small = JodiPipeline(None, pipe.vae).memory_needs(1, plan, 1024, 1024, False, encode=False,
                                                       work_size=(256, 256), **kwargs)[GPU]
     assert small < decode_only
+
+
+def test_fp8_weights_add_the_cast_copy_of_their_largest_weight(pipe):
+    """Cast on use makes a compute-dtype copy of an fp8 weight while its layer runs: the step and the decode
+    reserve room for the largest one (the released DiT: its 2240 x 8960 feed-forward weights in bf16)."""
+    from jodi_core import fp8
+    from jodi_core.dit.model import JodiTransformer
+
+    with torch.device("meta"):
+        stored = JodiPipeline(JodiTransformer(dtype=torch.bfloat16), DCAE(dtype=torch.bfloat16))
+    largest = {}
+    for name, module, what in (("dit", stored.transformer, "Jodi DiT"), ("vae", stored.vae, "DC-AE")):
+        for key in fp8.fp8_layers(module, what):
+            p = module.get_parameter(key)
+            p.data = torch.empty(p.shape, dtype=torch.float8_e4m3fn, device="meta")
+        largest[name] = max(p.numel() for p in module.parameters() if p.dtype == torch.float8_e4m3fn) * 2
+    assert _step(stored) - _step(pipe) == largest["dit"]
+    assert _decode(stored) - _decode(pipe) == largest["vae"]
+    assert _decode(stored, tile=256) - _decode(pipe, tile=256) == largest["vae"]
+    assert 2 ** 20 < largest["vae"] < largest["dit"] < 2 ** 27
