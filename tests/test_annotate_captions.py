@@ -298,9 +298,8 @@ def test_captions_only_does_not_load_jodi_and_leaves_the_maps(janus_folder, imag
         assert list(rec["caption"]) == [NAME]
 
 
-def test_a_failed_caption_goes_to_errors_and_the_maps_are_written(janus, janus_folder, images, tmp_path,
-                                                                  monkeypatch):
-    out = tmp_path / "out"
+def _caption_fails_for_p1(monkeypatch):
+    """Captioner.caption raises for image/p1.png only; returns the real method."""
     real = Captioner.caption
 
     def fails_for_p1(self, image, key):
@@ -309,6 +308,13 @@ def test_a_failed_caption_goes_to_errors_and_the_maps_are_written(janus, janus_f
         return real(self, image, key)
 
     monkeypatch.setattr(Captioner, "caption", fails_for_p1)
+    return real
+
+
+def test_a_failed_caption_goes_to_errors_and_the_maps_are_written(janus, janus_folder, images, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "out"
+    real = _caption_fails_for_p1(monkeypatch)
     summary = run(images, out, janus_folder, domains=["depth"])
     assert (summary.done, summary.failed, summary.captioned, summary.captions_failed) == (3, 0, 2, 1)
     recs = records(out)
@@ -403,14 +409,7 @@ def test_a_failed_caption_in_the_ray_caption_stage_goes_to_errors_and_the_maps_a
     out = tmp_path / "out"
     cfg = ann.AnnotateConfig(input=str(images), output=str(out), **FAST, caption_model=str(janus_folder),
                              caption_max_tokens=TOKENS, domains=["depth"], device="cpu").validate()
-    real = Captioner.caption
-
-    def fails_for_p1(self, image, key):
-        if key == "image/p1.png":
-            raise RuntimeError("boom")
-        return real(self, image, key)
-
-    monkeypatch.setattr(Captioner, "caption", fails_for_p1)
+    _caption_fails_for_p1(monkeypatch)
     [stage] = ann._caption_stages(cfg, False, 1, 1.0, 1)
     captioner = stage.fn(**stage.kwargs)
     maps = ann.RayAnnotator(**ann._perception_stage(cfg, False, 1, 1.0, 1).kwargs)
