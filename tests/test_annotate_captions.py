@@ -645,6 +645,20 @@ def test_caption_key_on_the_command_line_and_in_config_files(tmp_path):
     assert cli.build_parser().parse_args(["--caption-key", NAME]).caption_key == NAME
 
 
+def test_a_caption_key_without_captions_in_training_is_named(tmp_path, caplog):
+    """caption_dropout 1 (the command line's only choice) never shows a caption: a caption key is then a mistake."""
+    from jodi_core.jobs.train.trainer import Trainer
+    from test_train import _config
+
+    with caplog.at_level(logging.WARNING, logger="jodi_core.jobs.train.trainer"):
+        Trainer(_config(tmp_path, caption_key=NAME))
+    assert f"caption_key '{NAME}' has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jodi_core.jobs.train.trainer"):
+        Trainer(_config(tmp_path / "other"))
+    assert "caption_key" not in caplog.text
+
+
 def test_dataset_caption_choice():
     from jodi_core.data.joint_dataset import JointDataset
 

@@ -21,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--data-root", help="train on a Joint-1.6M layout folder instead of the synthetic world")
     p.add_argument("--caption-key", metavar="KEY",
-                   help="override caption_key: train on this captioner's captions (e.g. the Janus folder name "
-                        "annotate --caption-model wrote); default: one of each record's captions at random")
+                   help="override caption_key: this captioner's captions (e.g. the Janus folder name annotate "
+                        "--caption-model wrote) for the text encoder of train() in Python; this command has none and "
+                        "trains with the null caption")
     p.add_argument("--dcae-steps", type=int)
     p.add_argument("--dit-steps", type=int)
     p.add_argument("--max-minutes", type=float,

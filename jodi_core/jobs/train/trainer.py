@@ -99,6 +99,11 @@ class Trainer:
         if cfg.caption_dropout < 1 and caption_encoder is None:
             raise ValueError("caption_dropout < 1 needs a caption_encoder (captions -> (y, mask)); "
                              "use caption_dropout = 1 to train with the null caption only.")
+        if cfg.caption_key is not None and cfg.caption_dropout >= 1:
+            logger.warning("caption_key %r has no effect: caption_dropout is 1, so every step trains with the null "
+                           "caption (the command line has no text encoder). To train on the captions, call "
+                           "jodi_core.jobs.train.train(cfg, caption_encoder) with caption_dropout < 1.",
+                           cfg.caption_key)
         self.caption_encoder = caption_encoder
         self.out = Path(cfg.output_dir)
         if self.dist.is_main:
