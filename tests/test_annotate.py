@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import EXAMPLE_DATA_DIR
 from jodi_core.jobs import annotate as ann
+from jodi_core.jobs.annotate import annotator
 from jodi_core.domains import DOMAINS, LABEL_NAMES, seg_palette
 
 FAST = dict(steps=2, batch_size=1, threads=1, progress=False)
@@ -336,7 +337,7 @@ def test_bad_images_go_to_errors_and_the_rest_is_done(tmp_path):
 
 
 def test_a_failed_write_stops_the_run_and_records_nothing_for_that_image(inputs, reference, tmp_path, monkeypatch):
-    real = ann._encode_image
+    real = annotator._encode_image
     calls = []
 
     def failing(x, fmt, gray, quality):
@@ -345,7 +346,7 @@ def test_a_failed_write_stops_the_run_and_records_nothing_for_that_image(inputs,
             raise OSError("No space left on device")
         return real(x, fmt, gray, quality)
 
-    monkeypatch.setattr(ann, "_encode_image", failing)
+    monkeypatch.setattr(annotator, "_encode_image", failing)
     with pytest.raises(OSError, match="No space left"):
         run(inputs, tmp_path)  # written on the background thread, raised in the caller
     # Writes already queued behind the failed one may finish (each is complete on its own); the failed image has
@@ -354,7 +355,7 @@ def test_a_failed_write_stops_the_run_and_records_nothing_for_that_image(inputs,
                 for x in p.read_text().splitlines()}
     third = sorted(json.loads(x)["image"] for x in (reference / "metadata.jsonl").read_text().splitlines())[2]
     assert 2 <= len(recorded) and third not in recorded
-    monkeypatch.setattr(ann, "_encode_image", real)
+    monkeypatch.setattr(annotator, "_encode_image", real)
     assert run(inputs, tmp_path).skipped == len(recorded)
     assert tree(tmp_path) == tree(reference)
 

@@ -23,6 +23,7 @@ from janus_tiny import write_tiny_janus
 from jodi_core import captioning
 from jodi_core.captioning import CAPTION_PRESETS, Captioner
 from jodi_core.jobs import annotate as ann
+from jodi_core.jobs.annotate import annotator, ray_engine
 
 FAST = dict(steps=2, batch_size=1, threads=1, progress=False)
 NAME = "Janus-Tiny"
@@ -288,7 +289,7 @@ def test_captions_only_does_not_load_jodi_and_leaves_the_maps(janus_folder, imag
     def no_jodi(*a, **k):
         raise AssertionError("captions-only loaded the Jodi models")
 
-    monkeypatch.setattr(ann, "load_models", no_jodi)
+    monkeypatch.setattr(annotator, "load_models", no_jodi)
     monkeypatch.setattr("jodi_core.pipeline.JodiPipeline.__init__", no_jodi)
     summary = run(images, out, janus_folder, captions_only=True)
     assert (summary.done, summary.captioned, summary.failed) == (3, 3, 0)
@@ -380,13 +381,13 @@ def test_ray_stages_in_process_write_the_in_process_records(janus_folder, images
     cfg = ann.AnnotateConfig(input=str(images), output=str(out), **FAST, caption_model=str(janus_folder),
                              caption_max_tokens=TOKENS, domains=["depth"], device="cpu").validate()
     stamp = 1
-    perception = ann._perception_stage(cfg, False, 1, 1.0, stamp)
+    perception = ray_engine._perception_stage(cfg, False, 1, 1.0, stamp)
     assert perception.kwargs["cfg_dict"]["caption_model"] is None
-    real_load = ann.load_caption_model
-    monkeypatch.setattr(ann, "load_caption_model", lambda *a: pytest.fail("the perception stage loaded Janus"))
+    real_load = annotator.load_caption_model
+    monkeypatch.setattr(annotator, "load_caption_model", lambda *a: pytest.fail("the perception stage loaded Janus"))
     maps = ann.RayAnnotator(**perception.kwargs)  # made first: its part file is older than the caption stage's
-    monkeypatch.setattr(ann, "load_caption_model", real_load)
-    [stage] = ann._caption_stages(cfg, False, 1, 1.0, stamp)
+    monkeypatch.setattr(annotator, "load_caption_model", real_load)
+    [stage] = ray_engine._caption_stages(cfg, False, 1, 1.0, stamp)
     captioner = stage.fn(**stage.kwargs)
     totals = dict.fromkeys(ann.COUNT_COLUMNS, 0)
     for row in _stage_rows(cfg):
@@ -410,9 +411,9 @@ def test_a_failed_caption_in_the_ray_caption_stage_goes_to_errors_and_the_maps_a
     cfg = ann.AnnotateConfig(input=str(images), output=str(out), **FAST, caption_model=str(janus_folder),
                              caption_max_tokens=TOKENS, domains=["depth"], device="cpu").validate()
     _caption_fails_for_p1(monkeypatch)
-    [stage] = ann._caption_stages(cfg, False, 1, 1.0, 1)
+    [stage] = ray_engine._caption_stages(cfg, False, 1, 1.0, 1)
     captioner = stage.fn(**stage.kwargs)
-    maps = ann.RayAnnotator(**ann._perception_stage(cfg, False, 1, 1.0, 1).kwargs)
+    maps = ann.RayAnnotator(**ray_engine._perception_stage(cfg, False, 1, 1.0, 1).kwargs)
     totals = dict.fromkeys(ann.COUNT_COLUMNS, 0)
     for row in _stage_rows(cfg):
         result = maps(captioner(row))
@@ -470,7 +471,7 @@ def test_ray_caption_and_perception_stages(janus_folder, images, tmp_path, ray_s
 
     def ray_run(out, **kw):
         cfg = ann.AnnotateConfig(input=str(images), output=str(out), **{**FAST, **caption, **kw})
-        return ann._annotate_ray(cfg, None, 1)
+        return ray_engine._annotate_ray(cfg, None, 1)
 
     _events(ray_spy)
     out = tmp_path / "ray"

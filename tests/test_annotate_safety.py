@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jodi_core import imaging
 from jodi_core.jobs import annotate as ann
+from jodi_core.jobs.annotate import annotator, output
 from test_annotate import FAST, tree
 
 DEPTH = dict(domains=["depth"])
@@ -229,7 +231,7 @@ def test_oversized_images_go_to_errors_and_the_rest_is_done(tmp_path):
         assert set(errs) == {"image/bomb.png", "image/big.png"}
         assert "too large" in errs["image/bomb.png"] or "MP" in errs["image/bomb.png"]
         assert "81 MP" in errs["image/big.png"] and "67 MP" in errs["image/big.png"]
-    assert ann.imaging.MAX_IMAGE_PIXELS == 8192 * 8192
+    assert imaging.MAX_IMAGE_PIXELS == 8192 * 8192
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def test_unwritable_output_gives_one_line_and_resumes(tmp_path, monkeypatch, cap
     src, out = tmp_path / "in", tmp_path / "out"
     for i in range(3):
         write_image(src / f"{i}.png", colour=(60 * i, 0, 0))
-    real = ann.write_atomic
+    real = annotator.write_atomic
     calls = []
 
     def failing(path, data):
@@ -285,7 +287,8 @@ def test_unwritable_output_gives_one_line_and_resumes(tmp_path, monkeypatch, cap
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(ann, "write_atomic", failing)
+    for module in (annotator, output):
+        monkeypatch.setattr(module, "write_atomic", failing)
     caplog.set_level(logging.INFO, logger="jodi_core.jobs.annotate")
     argv = [str(src), str(out), "--steps", "2", "--batch-size", "1", "--threads", "1", "--no-progress",
             "--domains", "depth"]
@@ -297,7 +300,8 @@ def test_unwritable_output_gives_one_line_and_resumes(tmp_path, monkeypatch, cap
     with pytest.raises(ann.OutputError, match="cannot write to the output folder"):  # what the node shows
         calls.clear()
         run(src, out)
-    monkeypatch.setattr(ann, "write_atomic", real)
+    for module in (annotator, output):
+        monkeypatch.setattr(module, "write_atomic", real)
     summary = run(src, out)
     assert summary.done + summary.skipped == 3 and summary.skipped >= 1 and summary.failed == 0
     assert set(records(out)) == {f"image/{i}.png" for i in range(3)}

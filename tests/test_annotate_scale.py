@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jodi_core.jobs import annotate as ann
+from jodi_core.jobs.annotate import annotator, ray_engine
 from test_annotate import BATCH_TOLERANCE_LEVELS, FAST, make_inputs, pixels, tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,19 +154,19 @@ def test_ray_worker_samples_full_batches_keeps_one_writer_pool_and_records_each_
     when the call returns (a killed actor loses at most the batch in flight), and the writer pool is made once."""
     pools = []
 
-    class CountingPool(ann.ThreadPoolExecutor):
+    class CountingPool(annotator.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(kwargs.get("thread_name_prefix"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(ann, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(annotator, "ThreadPoolExecutor", CountingPool)
     src, out = tmp_path / "in", tmp_path / "out"
     _two_buckets(src)
     cfg = ann.AnnotateConfig(input=str(src), output=str(out), **{**FAST, "batch_size": 4, "device": "cpu"})
     items, _ = ann.plan_work(cfg)
     rows = [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 4)]
     pools.clear()  # planning reads the headers on a pool of its own
-    worker = ann.RayAnnotator(**ann._perception_stage(cfg, False, 1, 1.0).kwargs)
+    worker = ann.RayAnnotator(**ray_engine._perception_stage(cfg, False, 1, 1.0).kwargs)
     sampled = []
     pipe_class = type(worker.annotator.pipe)
     pipe_call = pipe_class.__call__
@@ -199,7 +200,7 @@ def test_ray_worker_two_calls_at_once_take_the_model_in_turn(tmp_path, monkeypat
     cfg = ann.AnnotateConfig(input=str(src), output=str(out), **{**FAST, "batch_size": 4, "device": "cpu"})
     items, _ = ann.plan_work(cfg)
     rows = [{ann.WORK_COLUMN: np.array([json.dumps([it.to_row() for it in b])])} for b in ann.plan_batches(items, 4)]
-    stage = ann._perception_stage(cfg, False, 1, 1.0)
+    stage = ray_engine._perception_stage(cfg, False, 1, 1.0)
     assert stage.concurrent_calls == 2
     worker = ann.RayAnnotator(**stage.kwargs)
     pipe_class = type(worker.annotator.pipe)
@@ -248,7 +249,7 @@ def test_ray_full_sampler_batches_and_one_writer_pool_per_worker(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "ray_spy.install", "env_vars": env})
     try:
-        summary = ann._annotate_ray(ann.AnnotateConfig(input=str(src), output=str(tmp_path / "out"), **cfg), None, 2)
+        summary = ray_engine._annotate_ray(ann.AnnotateConfig(input=str(src), output=str(tmp_path / "out"), **cfg), None, 2)
     finally:
         ray.shutdown()
     assert (summary.done, summary.failed) == (10, 0)
