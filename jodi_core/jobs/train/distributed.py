@@ -4,6 +4,7 @@ logged values over ranks."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -64,3 +65,4 @@ class Distributed:
     def teardown(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            gc.collect()  # as annotate: free the group before interpreter shutdown, where gloo's threads may abort
