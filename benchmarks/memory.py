@@ -201,28 +201,14 @@ def materialize(model: nn.Module, what: str, weight_dtype: str, device, filler: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def weight_table(model: nn.Module, what: str, weight_dtype: str) -> dict[str, tuple[int, int]]:
-    """Parameter name -> (bytes stored, bytes of the compute-dtype copies an fp8 weight's layer makes while it runs).
-
-    A CastOps layer loaded in fp8 holds a per-tensor float32 scale and computes ``weight.to(dtype).mul_(scale)``: one
-    full compute-dtype copy while it runs."""
-    storage = ops.storage_dtype(weight_dtype)
-    fp8_keys = set(fp8.fp8_layers(model, what)) if storage is not None else set()
-    table = {}
-    for name, p in model.named_parameters():
-        if name in fp8_keys:  # model built with CastOps (fp8.operations_for), so every fp8 layer has a scale
-            table[name] = (p.numel() + 4, p.numel() * p.element_size())
-        else:
-            table[name] = (p.numel() * p.element_size(), 0)
-    return table
+def weight_table(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> bytes stored, on a :func:`stored_meta` model: an fp8 weight takes a byte per value plus its
+    CastOps layer's per-tensor float32 scale."""
+    return {name: p.numel() * p.element_size() + 4 * ops.is_fp8(p.dtype) for name, p in model.named_parameters()}
 
 
-def total_bytes(table: dict[str, tuple[int, int]], prefix: str = "") -> int:
-    return sum(v[0] for k, v in table.items() if _under(k, prefix))
-
-
-def largest_cast(table: dict[str, tuple[int, int]], prefix: str = "") -> int:
-    return max((v[1] for k, v in table.items() if _under(k, prefix)), default=0)
+def total_bytes(table: dict[str, int], prefix: str = "") -> int:
+    return sum(v for k, v in table.items() if _under(k, prefix))
 
 
 def _under(key: str, prefix: str) -> bool:
@@ -252,7 +238,7 @@ def streaming_units(model: nn.Module, prefix: str = "") -> list[str]:
     return units
 
 
-def largest_unit(model: nn.Module, table: dict[str, tuple[int, int]], prefix: str = "") -> tuple[str, int]:
+def largest_unit(model: nn.Module, table: dict[str, int], prefix: str = "") -> tuple[str, int]:
     """(name, bytes) of the streamed unit with the largest stored weights (the estimates hold the fp8 cast copy)."""
     best = ("", 0)
     for unit in streaming_units(model, prefix):
@@ -603,8 +589,7 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
     where = "CUDA max_memory_allocated" if cuda else "CPU RSS"
     real = {k: REAL[k] for k in REAL}
     bf16 = torch.bfloat16
-    tables = {(k, wd): weight_table(meta_model(k, real[k], WEIGHT_DTYPES[wd], bf16), WHAT[k], WEIGHT_DTYPES[wd])
-              for k in real for wd in WEIGHT_DTYPES}
+    tables = {(k, wd): weight_table(stored_meta(k, real[k], wd, bf16)) for k in real for wd in WEIGHT_DTYPES}
     metas = {k: meta_model(k, real[k], "default", bf16) for k in real}
     names = {"dit": "DiT weights (1.6 B, 20 blocks)", "dcae": "DC-AE weights (f32c32, encoder + decoder)",
              "janus": "Janus-Pro-7B weights (30 layers)"}
@@ -630,15 +615,15 @@ def build_report(results: list[dict], device: str, quick: bool) -> Report:
                        f"{slope / GiB:.3f} to {layers} | {shapes}")
             if quick:  # measured on the tiny config: compare with its shapes, then the real config computed alone
                 if measured is not None:
-                    tiny = total_bytes(weight_table(meta_model(kind, make_config(kind, True), WEIGHT_DTYPES[wd], bf16),
-                                                    WHAT[kind], WEIGHT_DTYPES[wd]))
+                    tiny = total_bytes(weight_table(stored_meta(kind, make_config(kind, True), wd, bf16)))
                     rep.row(f"{WHAT[kind]} weights, tiny config", wd, measured, tiny, how)
                 measured, how = None, shapes
             weights_measured[(kind, wd)] = measured
             rep.row(names[kind], wd, measured, weights[(kind, wd)], how)
     for kind, prefix in (("dit", ""), ("dcae", "decoder"), ("janus", "language_model")):
+        stored = stored_meta(kind, real[kind], "fp8", bf16)
         rep.row(f"fp8 cast: largest fp8 weight of the {WHAT[kind]}{' ' + prefix if prefix else ''}, 1 x bf16", "fp8",
-                None, largest_cast(tables[(kind, "fp8")], prefix),
+                None, ops.cast_workspace_bytes(stored.get_submodule(prefix) if prefix else stored),
                 "shapes: CastOps' transient weight.to(bf16), scaled in place")
 
     # ---- activations at the sizes measured on the CPU (a GPU measures at 1024 px: the rows below) ----

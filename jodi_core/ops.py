@@ -72,12 +72,12 @@ def compute_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> to
     return default
 
 
-def cast_workspace_bytes(module: Optional[nn.Module], dtype: Optional[torch.dtype] = None) -> int:
+def cast_workspace_bytes(module: Optional[nn.Module]) -> int:
     """Bytes of the compute-dtype copy that the layer with the largest fp8 weight makes of it while it runs (cast on
     use, scaled in place): what a host reserves beside the activations. 0 where no weight is stored in fp8."""
     if module is None:
         return 0
-    size = torch.finfo(dtype or compute_dtype(module)).bits // 8
+    size = torch.finfo(compute_dtype(module)).bits // 8
     return max((p.numel() * size for p in module.parameters() if is_fp8(p.dtype)), default=0)
 
 
