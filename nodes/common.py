@@ -264,7 +264,7 @@ def _loose_weights_to_device(patcher, device_to, lowvram_model_memory=0, force_p
         return
     device_to = torch.device(device_to)
 
-    def elsewhere(t: torch.Tensor) -> bool:  # "cuda" means the current card, as torch.device("cuda") does
+    def elsewhere(t: torch.Tensor) -> bool:  # a device without an index means the current one, as in torch
         return t.device.type != device_to.type or (device_to.index is not None and t.device.index != device_to.index)
 
     moved = 0

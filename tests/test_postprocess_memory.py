@@ -61,8 +61,8 @@ print(json.dumps({"extra": peak - base, "kept": kept, "map": image.numel() * ima
 
 
 # glibc's dynamic mmap threshold lets freed temporaries of up to 32 MiB stay in per-thread heaps, so the peak RSS
-# then depends on the machine's thread count and history (CI once saw 87 bytes per pixel where a workstation saw 37).
-# A fixed threshold returns every large temporary at once: the peak is what the code holds, not what malloc keeps.
+# then depends on the machine's thread count and history. A fixed threshold returns every large temporary at once:
+# the peak is what the code holds, not what malloc keeps.
 _ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 
 
